@@ -1,0 +1,39 @@
+# The README's quick start is `make run` and `make test`; both install what is missing.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+RUN_DIR ?= $(CURDIR)/.run
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test test-quick proto bench bench-quick image clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	scripts/install.sh system-test
+	scripts/install.sh venv $(VENV) dev
+	touch $@
+
+## run: start the driver locally (all services, embedded fusefs) on unix://$(RUN_DIR)/csi.sock
+run: $(STAMP)
+	mkdir -p $(RUN_DIR)/data
+	$(VENV)/bin/fusepath-csi --mode=all --fusefs=embedded \
+	    --endpoint=unix://$(RUN_DIR)/csi.sock --data-dir=$(RUN_DIR)/data \
+	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=127.0.0.1:9808 --log-format=text
+
+## test: the whole suite; privileged tests run when root (FUSEPATH_REQUIRE_PRIVILEGED=1 makes a skip fail)
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## proto: regenerate the committed gRPC stubs from proto/*.proto
+proto: $(STAMP)
+	$(PY) -m csi_driver.protogen
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run.py --quick
+
+image:
+	docker build -t fusepath:dev .
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache

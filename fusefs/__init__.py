@@ -1,0 +1,1 @@
+"""fusefs: the FUSE filesystem and daemon that serve every fusepath volume."""
