@@ -1,0 +1,53 @@
+"""Shared fixtures.
+
+Privileged tests (real mounts, loop devices, FUSE) are marked
+``@pytest.mark.privileged``. They skip when the machine cannot run them, but
+with ``FUSEPATH_REQUIRE_PRIVILEGED=1`` (set by ``.ci/run``) such a skip becomes a
+failure, so CI can never pass by silently not testing the kernel paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REQUIRE_PRIVILEGED = os.environ.get("FUSEPATH_REQUIRE_PRIVILEGED") == "1"
+
+
+def privileged_unavailable_reason() -> str | None:
+    """Why privileged tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "not running as root"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if not os.path.exists("/dev/loop-control"):
+        return "/dev/loop-control is missing"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = privileged_unavailable_reason()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("privileged") is None:
+            continue
+        if REQUIRE_PRIVILEGED:
+            item.add_marker(pytest.mark.skip(reason=f"privileged: {reason}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_PRIVILEGED and report.skipped and item.get_closest_marker("privileged") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"privileged test skipped under FUSEPATH_REQUIRE_PRIVILEGED=1: {report.longrepr}"
+
+
+@pytest.fixture
+def tmp_root(tmp_path: Path) -> Path:
+    """A scratch directory that is also a private mount root for the test."""
+    return tmp_path
