@@ -34,8 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("privileged") is None:
             continue
-        if REQUIRE_PRIVILEGED:
-            item.add_marker(pytest.mark.skip(reason=f"privileged: {reason}"))
+        item.add_marker(pytest.mark.skip(reason=f"privileged: {reason}"))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -45,9 +44,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if REQUIRE_PRIVILEGED and report.skipped and item.get_closest_marker("privileged") is not None:
         report.outcome = "failed"
         report.longrepr = f"privileged test skipped under FUSEPATH_REQUIRE_PRIVILEGED=1: {report.longrepr}"
-
-
-@pytest.fixture
-def tmp_root(tmp_path: Path) -> Path:
-    """A scratch directory that is also a private mount root for the test."""
-    return tmp_path
