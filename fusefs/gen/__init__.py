@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/fusefs.proto (regenerate with `make proto`)."""
