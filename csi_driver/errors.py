@@ -56,3 +56,7 @@ def internal(message: str) -> CSIError:
 
 def unavailable(message: str) -> CSIError:
     return CSIError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def unimplemented(message: str) -> CSIError:
+    return CSIError(grpc.StatusCode.UNIMPLEMENTED, message)

@@ -1,0 +1,78 @@
+"""Wiring: build the shared context, repair state, open the socket, serve."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import grpc
+
+from csi_driver import metrics
+from csi_driver.config import Config
+from csi_driver.context import DriverContext
+from csi_driver.controller import ControllerService
+from csi_driver.fusefs_link import FuseFSLink
+from csi_driver.gen import csi_pb2_grpc
+from csi_driver.group_controller import GroupControllerService
+from csi_driver.identity import IdentityService
+from csi_driver.layout import Layout
+from csi_driver.locks import KeyedLocks
+from csi_driver.node import NodeService
+from csi_driver.reconcile import reconcile
+from csi_driver.server import build_server, listen_unix
+from csi_driver.state import Store
+
+log = logging.getLogger("fusepath")
+
+
+def build_context(config: Config) -> DriverContext:
+    layout = Layout(config.data_dir)
+    layout.create_dirs()
+    store = Store(layout.db)
+    fusefs = FuseFSLink(config.fusefs, config.data_dir, config.kubelet_dir) if config.runs_node else None
+    return DriverContext(config=config, layout=layout, store=store, locks=KeyedLocks(), fusefs=fusefs)
+
+
+def build_grpc(ctx: DriverContext) -> tuple[grpc.Server, IdentityService]:
+    server = build_server(ctx.config.workers)
+    identity = IdentityService(ctx)
+    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(ctx), server)
+    if ctx.config.runs_controller:
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(ctx), server)
+    if ctx.config.runs_node:
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(ctx), server)
+    return server, identity
+
+
+def run(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code."""
+    started = time.monotonic()
+    ctx = build_context(config)
+    if config.mode != "controller":
+        reconcile(ctx)
+    if ctx.fusefs is not None:
+        ctx.fusefs.start()
+    metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
+    server, identity = build_grpc(ctx)
+    listen_unix(server, config.socket_path)
+    server.start()
+    os.chmod(config.socket_path, 0o600)
+    http = metrics.serve(config.metrics_address, identity.ready)
+    log.info("serving", extra={"fields": {
+        "endpoint": config.endpoint, "mode": config.mode, "node_id": config.node_id,
+        "data_dir": str(config.data_dir), "startup_seconds": round(time.monotonic() - started, 3)}})
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: in-flight RPCs get 10s to finish; mounts are left alone")
+    server.stop(grace=10).wait()
+    if http is not None:
+        http.shutdown()
+    ctx.store.close()
+    return 0

@@ -1,0 +1,197 @@
+"""How a volume reaches a pod, one class per way:
+
+* ``FuseMounter`` (the default): the fusefs daemon mounts the volume at the
+  staging path with quota, freeze, read-only and I/O limits, and binds each
+  publish target from it (so it can re-bind them after its own restart).
+* ``BindMounter`` (StorageClass ``mounter: bind``): a plain bind mount of the
+  volume directory; native speed, no quota, no freeze.
+* ``BlockMounter`` (block access): a loop device over the volume's sparse
+  image, bind-mounted onto the target file; no FUSE at all.
+
+Every method is idempotent: the CO repeats calls, and a crash can leave any
+step half done.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver import block, errors, mounts, parameters
+from csi_driver.context import DriverContext
+from csi_driver.state.store import Volume
+
+FUSE_FSTYPE = "fuse.fusefs"
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes_total: int
+    bytes_used: int
+    bytes_available: int
+    inodes_total: int = 0
+    inodes_used: int = 0
+    inodes_available: int = 0
+    abnormal: bool = False
+    message: str = "healthy"
+
+
+def fuse_source(volume_id: str) -> str:
+    return f"fusepath:{volume_id}"
+
+
+class BindMounter:
+    name = "bind"
+
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+
+    def stage(self, vol: Volume, staging: Path, read_only: bool) -> str:
+        mounts.be_directory(staging)
+        mounts.be_bind_mounted(self.ctx.layout.volume_dir(vol.id), staging, read_only)
+        return ""
+
+    def owns(self, volume_id: str, path: Path) -> bool:
+        """True when the mount at ``path`` is this volume's directory."""
+        entry = mounts.top_mount(path)
+        return entry is not None and (entry.root.endswith(f"/volumes/{volume_id}") or
+                                      entry.root.endswith(f"/{volume_id}/{block.IMAGE_NAME}"))
+
+    def unstage(self, volume_id: str, staging: Path, loop_device: str = "") -> None:
+        if self.owns(volume_id, staging) or mounts.path_is_dead(staging):
+            mounts.be_unmounted(staging)
+
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+        mounts.be_directory(target)
+        mounts.be_bind_mounted(staging, target, read_only)
+
+    def unpublish(self, volume_id: str, target: Path) -> None:
+        if mounts.is_mounted(target):
+            mounts.be_unmounted(target)
+
+    def usage(self, vol: Volume, path: Path) -> Usage:
+        if mounts.path_is_dead(path):
+            return Usage(vol.capacity, 0, 0, abnormal=True, message=f"{path} is not reachable (stale mount)")
+        used, inodes = _scan(self.ctx.layout.volume_dir(vol.id))
+        st = os.statvfs(path)
+        return Usage(
+            bytes_total=vol.capacity, bytes_used=used,
+            bytes_available=max(0, min(vol.capacity - used, st.f_bavail * st.f_frsize)),
+            inodes_total=st.f_files, inodes_used=inodes, inodes_available=st.f_favail,
+            message="healthy (bind mount: capacity is not enforced)",
+        )
+
+    def expand(self, vol: Volume, capacity: int, loop_device: str) -> None:
+        """Nothing to do: a bind mount has no quota to raise."""
+
+
+class FuseMounter(BindMounter):
+    name = "fusefs"
+
+    def _client(self):  # type: ignore[no-untyped-def]
+        if self.ctx.fusefs is None:
+            raise errors.unavailable("no fusefs daemon is configured on this node")
+        return self.ctx.fusefs.client()
+
+    def stage(self, vol: Volume, staging: Path, read_only: bool) -> str:
+        mounts.be_directory(staging)
+        bps, ops = parameters.io_limits({**vol.parameters, **vol.mutable_parameters})
+        self._client().mount(vol.id, str(staging), vol.capacity, read_only=read_only,
+                             io_bytes_per_second=bps, io_ops_per_second=ops)
+        entry = mounts.top_mount(staging)
+        if entry is None or entry.fs_type != FUSE_FSTYPE or entry.source != fuse_source(vol.id):
+            found = f"{entry.fs_type} from {entry.source}" if entry else "nothing"
+            raise errors.internal(f"after mounting, {staging} holds {found}, not fusefs volume {vol.id}")
+        return ""
+
+    def owns(self, volume_id: str, path: Path) -> bool:
+        entry = mounts.top_mount(path)
+        return entry is not None and entry.source == fuse_source(volume_id)
+
+    def unstage(self, volume_id: str, staging: Path, loop_device: str = "") -> None:
+        self._client().unmount(volume_id)
+        if self.owns(volume_id, staging):  # the daemon lost track of it (e.g. its state was wiped)
+            mounts.be_unmounted(staging)
+
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+        mounts.be_directory(target)
+        self._client().publish(volume_id, str(target), read_only)
+
+    def unpublish(self, volume_id: str, target: Path) -> None:
+        self._client().unpublish(volume_id, str(target))
+        if mounts.is_mounted(target):
+            mounts.be_unmounted(target)
+
+    def usage(self, vol: Volume, path: Path) -> Usage:
+        stats = self._client().stats(vol.id)
+        dead = mounts.path_is_dead(path)
+        healthy = bool(getattr(stats, "healthy", True)) and not dead
+        message = getattr(stats, "message", "") or "healthy"
+        if dead:
+            message = (f"{path} answers ENOTCONN: the FUSE session behind it is gone. "
+                       "fusefs re-mounts the volume; pods without HostToContainer propagation must restart")
+        capacity = int(getattr(stats, "capacity_bytes", vol.capacity) or vol.capacity)
+        used = int(getattr(stats, "used_bytes", 0))
+        inodes_total = int(getattr(stats, "total_inodes", 0))
+        inodes_used = int(getattr(stats, "used_inodes", 0))
+        return Usage(
+            bytes_total=capacity, bytes_used=used, bytes_available=max(0, capacity - used),
+            inodes_total=inodes_total, inodes_used=inodes_used, inodes_available=max(0, inodes_total - inodes_used),
+            abnormal=not healthy, message=message,
+        )
+
+    def expand(self, vol: Volume, capacity: int, loop_device: str) -> None:
+        self._client().resize(vol.id, capacity)
+
+
+class BlockMounter(BindMounter):
+    name = "block"
+
+    def stage(self, vol: Volume, staging: Path, read_only: bool) -> str:
+        return block.be_attached(self.ctx.layout.volume_dir(vol.id))
+
+    def unstage(self, volume_id: str, staging: Path, loop_device: str = "") -> None:
+        block.be_detached(self.ctx.layout.volume_dir(volume_id))
+
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+        if not loop_device:
+            raise errors.failed_precondition(f"volume {volume_id} is not staged: no loop device")
+        if target.is_dir():
+            raise errors.invalid(f"target {target} of a block volume must be a file, not a directory")
+        mounts.be_file(target)
+        mounts.be_bind_mounted(Path(loop_device), target, read_only)
+
+    def usage(self, vol: Volume, path: Path) -> Usage:
+        return Usage(bytes_total=vol.capacity, bytes_used=0, bytes_available=0)
+
+    def expand(self, vol: Volume, capacity: int, loop_device: str) -> None:
+        if loop_device:
+            block.refresh_size(loop_device)
+
+
+def _scan(root: Path) -> tuple[int, int]:
+    """Allocated bytes and inode count under ``root`` (bind volumes keep no accounting)."""
+    used, inodes = 0, 0
+    stack = [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                used += st.st_blocks * 512
+                inodes += 1
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return used, inodes
+
+
+def mounter_for(ctx: DriverContext, vol: Volume) -> BindMounter:
+    if vol.access_type == "block":
+        return BlockMounter(ctx)
+    if vol.parameters.get(parameters.MOUNTER, "fusefs") == "bind":
+        return BindMounter(ctx)
+    return FuseMounter(ctx)
+
+
+def mounter_named(ctx: DriverContext, name: str) -> BindMounter:
+    return {"block": BlockMounter, "bind": BindMounter, "fusefs": FuseMounter}[name](ctx)
