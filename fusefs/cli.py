@@ -1,0 +1,87 @@
+"""The ``fusefs`` command: ``fusefs serve`` (the daemon) and ``fusefs mount`` (standalone).
+
+Every ``serve`` flag also reads an environment variable, ``FUSEFS_<FLAG>``
+(``--state-dir`` <- ``FUSEFS_STATE_DIR``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fusefs import jsonlog
+
+SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("endpoint", "unix:///run/fusepath/fusefs.sock", "gRPC endpoint, unix:///absolute/path"),
+    ("state-dir", "/var/lib/fusepath/fusefs", "the daemon's state file and session sockets"),
+    ("volumes-dir", "/var/lib/fusepath/volumes", "where volume data lives, one <volume-id> directory each"),
+    ("kubelet-dir", "/var/lib/kubelet", "staging and publish paths must be under this"),
+    ("metrics-address", "", "HOST:PORT for /metrics and /healthz; empty turns it off"),
+    ("node-id", "", "node name reported in Kubernetes Events (default: the hostname)"),
+    ("log-format", "json", "json or text"),
+    ("log-level", "info", "debug, info, warning or error"),
+)
+
+log = logging.getLogger("fusefs.cli")
+
+
+def env_name(flag: str) -> str:
+    return "FUSEFS_" + flag.upper().replace("-", "_")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusefs serve", description="Run the fusefs daemon.")
+    for flag, default, help_text in SERVE_FLAGS:
+        value = os.environ.get(env_name(flag), default)
+        parser.add_argument(f"--{flag}", default=value, help=f"{help_text} [env {env_name(flag)}] (default {default!r})")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    from fusefs.daemon import ServeOptions, serve
+
+    args = serve_parser().parse_args(argv)
+    if args.log_format not in ("json", "text"):
+        print(f"fusefs serve: --log-format must be json or text, not {args.log_format!r}", file=sys.stderr)
+        return 2
+    jsonlog.configure(args.log_format, args.log_level)
+    opts = ServeOptions(
+        endpoint=args.endpoint, state_dir=Path(args.state_dir), volumes_dir=Path(args.volumes_dir),
+        kubelet_dir=Path(args.kubelet_dir), metrics_address=args.metrics_address, node_id=args.node_id)
+    try:
+        return serve(opts)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.error("fusefs daemon cannot start: %s", exc)
+        return 1
+
+
+def mount_main(argv: list[str]) -> int:
+    from fusefs.standalone import mount_main as standalone_mount
+
+    return standalone_mount(argv)
+
+
+USAGE = """usage: fusefs serve [flags]          run the daemon (fusefs serve --help)
+       fusefs mount SOURCE MOUNTPOINT [--capacity BYTES] [--read-only] [--foreground]
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve_main(rest)
+    if command == "mount":
+        return mount_main(rest)
+    sys.stderr.write(USAGE)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

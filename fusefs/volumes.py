@@ -1,0 +1,738 @@
+"""The daemon's volume logic: what to serve where, and putting it back after a crash.
+
+``VolumeManager`` owns one ``Volume`` per staged volume: its record (the
+intent, persisted in the state file), its FUSE session process, and its
+health. It knows nothing about gRPC: methods take plain values and raise
+``RpcFailure`` with the code the daemon answers.
+
+Three things restart a session, all through ``_remount``:
+
+- start-up recovery: every volume in the state file is mounted again at its
+  staging path and every publication re-bound, in parallel, so the host side
+  is back within a couple of seconds;
+- the watcher: a session that exits without being asked to is re-mounted,
+  with backoff when that fails;
+- a Mount of a volume whose session is down.
+
+``_remount`` first makes sure the old session is dead, detaches the dead
+(ENOTCONN) staging mount, starts a new session, and then replaces each
+publication's stale bind with a fresh one. Because the kubelet directory is
+a shared mount, the detach and the new bind propagate into every mount
+namespace that holds a slave copy (containers with HostToContainer), so
+processes there see the volume again without doing anything.
+
+Locking: ``self._lock`` guards the table; each volume has its own RLock held
+for the whole of any change to it (mount, publish, remount...), so two
+requests for one volume are serialised while different volumes proceed in
+parallel. During start-up recovery a volume's ``settled`` event is clear and
+requests for it wait on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusefs import bindmount, mountinfo, rpcerrors, validate
+from fusefs.events import REASON_FAILED, REASON_RESTARTED, EventPoster
+from fusefs.metrics import DaemonMetrics
+from fusefs.rpcerrors import RpcFailure
+from fusefs.state import PodRef, Publication, StateFile, VolumeRecord
+from fusefs.supervisor import (
+    SessionError,
+    SessionProcess,
+    SessionSpec,
+    Spawner,
+    find_stale_sessions,
+    kill_and_wait,
+    prepare_socket_dir,
+    socket_dir_for,
+)
+
+log = logging.getLogger("fusefs.volumes")
+
+MOUNTED, RESTARTING, FAILED = "mounted", "restarting", "failed"
+#: Backoff between failed re-mount attempts.
+RETRY_MIN, RETRY_MAX = 1.0, 60.0
+#: How long a request waits for a volume that start-up recovery is restoring.
+SETTLE_TIMEOUT = 30.0
+#: A mount point that does not answer stat() within this is reported hung.
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Where things live; ``kubelet_dir`` is a realpath."""
+
+    state_dir: Path
+    volumes_dir: Path
+    kubelet_dir: str
+    node_id: str = ""
+    session_timeout: float = 20.0
+    watch_interval: float = 0.2
+
+
+@dataclass
+class Volume:
+    """A served volume: the persisted record plus what only lives in memory."""
+
+    record: VolumeRecord
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    settled: threading.Event = field(default_factory=threading.Event)
+    session: SessionProcess | None = None
+    state: str = RESTARTING
+    #: What is wrong right now (empty when mounted and fine).
+    problem: str = ""
+    restart_reason: str = ""
+    retry_at: float = 0.0
+    retry_delay: float = RETRY_MIN
+    restart_pending: bool = False
+    removed: bool = False
+    last_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def volume_id(self) -> str:
+        return self.record.volume_id
+
+
+def now_text() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """'' when ``stat(path)`` works; else what is wrong (ENOTCONN, hung...).
+
+    The stat runs in a throwaway thread because a hung FUSE server would
+    block it forever, and a health check must answer.
+    """
+    result: list[str] = []
+
+    def check() -> None:
+        try:
+            os.stat(path)
+            result.append("")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            result.append(f"{path}: {name} ({exc.strerror})")
+
+    thread = threading.Thread(target=check, name="probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"{path}: did not answer stat() within {timeout:.0f}s"
+
+
+class VolumeManager:
+    """Every volume this daemon serves."""
+
+    def __init__(self, config: DaemonConfig, events: EventPoster | None = None,
+                 metrics: DaemonMetrics | None = None) -> None:
+        self.config = config
+        self.events = events or EventPoster(config.node_id)
+        self.metrics = metrics or DaemonMetrics()
+        self.state = StateFile(config.state_dir)
+        self.socket_dir = socket_dir_for(config.state_dir)
+        self.ready = threading.Event()
+        self._spawner = Spawner()
+        self._lock = threading.Lock()
+        self._volumes: dict[str, Volume] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Begin recovery of every recorded volume and start the watcher.
+
+        Returns at once: volumes are restored in parallel threads, and each
+        one's ``settled`` event gates requests for it. ``ready`` is set when
+        all have been tried.
+        """
+        prepare_socket_dir(self.socket_dir)
+        records = self.state.load()
+        stale = find_stale_sessions(self.socket_dir)
+        if stale:
+            log.info("killing leftover FUSE sessions", extra={"fields": {"pids": stale}})
+            kill_and_wait(stale)
+        for record in records.values():
+            volume = Volume(record=record)
+            self._volumes[record.volume_id] = volume
+            self.metrics.remounts.set_floor(record.volume_id, value=record.remount_count)
+        workers = [threading.Thread(target=self._recover_one, args=(v,), name=f"recover-{v.volume_id[:12]}")
+                   for v in self._volumes.values()]
+        for worker in workers:
+            worker.start()
+        threading.Thread(target=self._finish_recovery, args=(workers,), name="recovery", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="fusefs-watcher", daemon=True)
+        self._watcher.start()
+
+    def _finish_recovery(self, workers: list[threading.Thread]) -> None:
+        started = time.monotonic()
+        for worker in workers:
+            worker.join()
+        self.ready.set()
+        log.info("recovery finished", extra={"fields": {
+            "volumes": len(workers), "duration_ms": round((time.monotonic() - started) * 1000)}})
+
+    def _recover_one(self, volume: Volume) -> None:
+        try:
+            with volume.lock:
+                self._remount(volume, "the fusefs daemon restarted")
+        except Exception as exc:  # noqa: BLE001 - recorded; the watcher retries
+            self._mark_failed(volume, "the fusefs daemon restarted", exc)
+        finally:
+            volume.settled.set()
+
+    def shutdown(self) -> None:
+        """Stop every session (each unmounts its staging path) and keep the state.
+
+        Publications are left in place: a pod without mount propagation is
+        better off with an ENOTCONN mount than with the empty directory
+        underneath, into which it would write onto the node's disk. The next
+        daemon re-mounts and re-binds everything from the state file.
+        """
+        self._stop.set()
+        for volume in list(self._volumes.values()):
+            session = volume.session
+            if session is not None:
+                session.stop(timeout=5.0)
+
+    # -------------------------------------------------------------- lookups
+
+    def _get(self, volume_id: str) -> Volume | None:
+        with self._lock:
+            return self._volumes.get(volume_id)
+
+    def _settled(self, volume: Volume) -> Volume:
+        if not volume.settled.wait(SETTLE_TIMEOUT):
+            raise rpcerrors.unavailable(f"volume {volume.volume_id} is still being recovered")
+        return volume
+
+    def _mounted(self, volume_id: str) -> Volume:
+        """A volume this daemon serves, or NOT_FOUND."""
+        volume = self._get(validate.volume_id(volume_id))
+        if volume is None:
+            raise rpcerrors.not_found(f"volume {volume_id} is not mounted by this daemon")
+        return self._settled(volume)
+
+    def _save(self) -> None:
+        with self._lock:
+            records = {vid: v.record for vid, v in self._volumes.items() if not v.removed}
+        self.state.save(records)
+
+    # ---------------------------------------------------------------- Mount
+
+    def mount(self, volume_id: str, staging_path: str, capacity_bytes: int = 0, read_only: bool = False,
+              bytes_per_second: int = 0, ops_per_second: int = 0, pod: PodRef | None = None) -> Volume:
+        """Serve ``volume_id`` at ``staging_path``; idempotent.
+
+        An existing mount at the same path converges to the requested
+        capacity, limits and pod. The same volume at another path is
+        FAILED_PRECONDITION (unmount it first); the same path with a different
+        read-only mode is ALREADY_EXISTS (incompatible, as in CSI).
+        """
+        volume_id = validate.volume_id(volume_id)
+        staging_path = validate.kubelet_path(staging_path, "staging_path", self.config.kubelet_dir)
+        pod = pod or PodRef()
+        validate.volume_source(self.config.volumes_dir, volume_id)
+        with self._lock:
+            volume = self._volumes.get(volume_id)
+            if volume is None:
+                self._check_path_free(staging_path, volume_id)
+                volume = Volume(record=VolumeRecord(
+                    volume_id=volume_id, staging_path=staging_path, capacity_bytes=capacity_bytes,
+                    read_only=read_only, bytes_per_second=bytes_per_second, ops_per_second=ops_per_second,
+                    pod=pod, generation=0))
+                volume.settled.set()
+                volume.lock.acquire()  # uncontended: nobody else can see it yet
+                self._volumes[volume_id] = volume
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            try:
+                self._first_mount(volume)
+            except BaseException:
+                with self._lock:
+                    volume.removed = True
+                    self._volumes.pop(volume_id, None)
+                raise
+            finally:
+                volume.lock.release()
+            return volume
+        self._settled(volume)
+        with volume.lock:
+            if volume.removed:
+                raise rpcerrors.unavailable(f"volume {volume_id} was unmounted concurrently; retry")
+            self._converge(volume, staging_path, capacity_bytes, read_only, bytes_per_second, ops_per_second, pod)
+        return volume
+
+    def _check_path_free(self, path: str, volume_id: str) -> None:
+        """No other volume may stage at, or publish to, ``path`` (caller holds _lock)."""
+        for other in self._volumes.values():
+            if other.volume_id == volume_id:
+                continue
+            if other.record.staging_path == path or path in other.record.publications:
+                raise rpcerrors.failed_precondition(f"{path} is in use by volume {other.volume_id}")
+
+    def _first_mount(self, volume: Volume) -> None:
+        record = volume.record
+        top = mountinfo.top_mount(record.staging_path)
+        if top is not None and not mountinfo.is_volume_mount(top, record.volume_id):
+            raise rpcerrors.failed_precondition(
+                f"{record.staging_path} already has a {top.fs_type} mount of {top.source}")
+        try:
+            self._remount(volume, "", first=True)
+        except SessionError as exc:
+            raise rpcerrors.internal(str(exc)) from exc
+
+    def _converge(self, volume: Volume, staging_path: str, capacity_bytes: int, read_only: bool,
+                  bytes_per_second: int, ops_per_second: int, pod: PodRef) -> None:
+        record = volume.record
+        if record.staging_path != staging_path:
+            raise rpcerrors.failed_precondition(
+                f"volume {record.volume_id} is already mounted at {record.staging_path}")
+        if record.read_only != read_only:
+            raise rpcerrors.already_exists(
+                f"volume {record.volume_id} is mounted {'read-only' if record.read_only else 'read-write'}")
+        if volume.state != MOUNTED or volume.session is None or volume.session.exit_code() is not None:
+            try:
+                self._remount(volume, volume.restart_reason or "a Mount request found the session down")
+            except (SessionError, OSError, RpcFailure) as exc:
+                self._mark_failed(volume, "a Mount request found the session down", exc)
+                raise rpcerrors.unavailable(f"volume {record.volume_id} cannot be re-mounted: {exc}") from exc
+        changed = False
+        if capacity_bytes != record.capacity_bytes:
+            self._call(volume, "resize", capacity_bytes)
+            record.capacity_bytes, changed = capacity_bytes, True
+        if (bytes_per_second, ops_per_second) != (record.bytes_per_second, record.ops_per_second):
+            self._call(volume, "set_limits", bytes_per_second, ops_per_second)
+            record.bytes_per_second, record.ops_per_second, changed = bytes_per_second, ops_per_second, True
+        if pod and pod != record.pod:
+            record.pod, changed = pod, True
+        if changed:
+            self._save()
+
+    # -------------------------------------------------------------- remount
+
+    def _remount(self, volume: Volume, reason: str, first: bool = False) -> None:
+        """Put ``volume`` back: fresh session at the staging path, fresh binds.
+
+        Caller holds ``volume.lock``. ``first`` is the initial Mount, which
+        is not a restart and binds nothing.
+        """
+        record = volume.record
+        old = volume.session
+        if old is not None:
+            old.kill()
+        volume.state = RESTARTING
+        bindmount.detach_all(record.staging_path)
+        os.makedirs(record.staging_path, mode=0o750, exist_ok=True)
+        volume.session = self._start_session(record)
+        record.pid = volume.session.pid
+        record.generation += 1
+        if not first:
+            record.remount_count += 1
+            record.last_restart = f"FUSE session restarted at {now_text()} after {reason}"
+            record.last_restart_at = time.time()
+        failures = [] if first else self._rebind_all(volume)
+        volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
+        self._save()
+        if first:
+            log.info("mounted volume", extra={"fields": {"volume_id": record.volume_id, "pid": record.pid}})
+            return
+        self.metrics.remounts.inc(record.volume_id)
+        log.warning("re-mounted volume", extra={"fields": {
+            "volume_id": record.volume_id, "reason": reason, "remount_count": record.remount_count,
+            "publications": len(record.publications), "rebind_failures": failures}})
+        self._post_events(volume, REASON_RESTARTED, self._restart_message(record))
+
+    def _start_session(self, record: VolumeRecord) -> SessionProcess:
+        source = validate.volume_source(self.config.volumes_dir, record.volume_id)
+        spec = SessionSpec(
+            volume_id=record.volume_id, source=str(source), mountpoint=record.staging_path,
+            control_socket=str(self.socket_dir / f"{record.volume_id}.sock"),
+            capacity_bytes=record.capacity_bytes, read_only=record.read_only,
+            bytes_per_second=record.bytes_per_second, ops_per_second=record.ops_per_second)
+        session = SessionProcess.start(self._spawner, spec)
+        try:
+            session.wait_ready(self.config.session_timeout)
+        except BaseException:
+            session.kill()
+            bindmount.detach_all(record.staging_path)
+            raise
+        return session
+
+    def _rebind_all(self, volume: Volume) -> list[str]:
+        """Replace every publication's stale bind; returns the targets that failed."""
+        failures = []
+        for pub in list(volume.record.publications.values()):
+            try:
+                self._rebind(volume, pub)
+            except (OSError, RpcFailure) as exc:
+                failures.append(pub.target_path)
+                log.error("re-binding a publication failed", extra={"fields": {
+                    "volume_id": volume.volume_id, "target_path": pub.target_path, "error": str(exc)}})
+        return failures
+
+    def _rebind(self, volume: Volume, pub: Publication) -> None:
+        """Detach whatever is stale at the target and bind the live staging mount.
+
+        A target whose parent directory is gone belongs to a pod that was
+        deleted meanwhile; it is left for Unpublish rather than recreated.
+        """
+        target = validate.kubelet_path(pub.target_path, "target_path", self.config.kubelet_dir)
+        bindmount.detach_all(target)
+        if not os.path.isdir(os.path.dirname(target)):
+            raise OSError(errno.ENOENT, f"parent of {target} is gone")
+        if not os.path.isdir(target):
+            os.mkdir(target, 0o750)
+        bindmount.bind(volume.record.staging_path, target, pub.read_only or volume.record.read_only)
+
+    def _mark_failed(self, volume: Volume, reason: str, exc: BaseException) -> None:
+        volume.state = FAILED
+        volume.restart_reason = reason
+        volume.problem = f"{reason}; re-mounting failed at {now_text()}: {exc}"
+        volume.retry_at = time.monotonic() + volume.retry_delay
+        volume.retry_delay = min(volume.retry_delay * 2, RETRY_MAX)
+        log.error("re-mounting volume failed", extra={"fields": {
+            "volume_id": volume.volume_id, "reason": reason, "error": str(exc)}})
+        self._post_events(volume, REASON_FAILED, f"fusefs could not re-mount volume {volume.volume_id}: "
+                          f"{volume.problem}")
+
+    @staticmethod
+    def _restart_message(record: VolumeRecord) -> str:
+        return (f"{record.last_restart}. fusefs re-mounted volume {record.volume_id} and re-bound its "
+                "targets; containers that mount it without HostToContainer mount propagation see ENOTCONN "
+                "until they restart.")
+
+    def _post_events(self, volume: Volume, reason: str, message: str) -> None:
+        pods = {(p.namespace, p.name): p for p in [volume.record.pod] + [
+            pub.pod for pub in volume.record.publications.values()] if p}
+        for pod in pods.values():
+            self.events.post(pod, reason, message)
+
+    # -------------------------------------------------------------- watcher
+
+    def _watch(self) -> None:
+        """Notice sessions that exit on their own, and retry failed re-mounts."""
+        while not self._stop.wait(self.config.watch_interval):
+            for volume in list(self._volumes.values()):
+                reason = self._needs_restart(volume)
+                if reason:
+                    volume.restart_pending = True
+                    threading.Thread(target=self._restart_async, args=(volume, reason),
+                                     name=f"restart-{volume.volume_id[:12]}", daemon=True).start()
+
+    def _needs_restart(self, volume: Volume) -> str:
+        if volume.removed or volume.restart_pending or not volume.settled.is_set():
+            return ""
+        session = volume.session
+        if volume.state == MOUNTED and session is not None and not session.stopping \
+                and session.exit_code() is not None:
+            reason = f"the session exited ({session.describe_exit()})"
+            volume.state, volume.problem = RESTARTING, f"FUSE session down since {now_text()}: {reason}"
+            return reason
+        if volume.state == FAILED and time.monotonic() >= volume.retry_at:
+            return volume.restart_reason
+        return ""
+
+    def _restart_async(self, volume: Volume, reason: str) -> None:
+        try:
+            with volume.lock:
+                if volume.removed or volume.state == MOUNTED:
+                    return
+                self._remount(volume, reason)
+        except Exception as exc:  # noqa: BLE001 - recorded and retried with backoff
+            self._mark_failed(volume, reason, exc)
+        finally:
+            volume.restart_pending = False
+
+    # -------------------------------------------------------------- Unmount
+
+    def unmount(self, volume_id: str, force: bool = False) -> None:
+        """Stop serving ``volume_id``; OK when it is not served."""
+        volume = self._get(validate.volume_id(volume_id))
+        if volume is None:
+            return
+        self._settled(volume)
+        with volume.lock:
+            if volume.removed:
+                return
+            record = volume.record
+            live = [t for t in record.publications if mountinfo.mounts_at(t)]
+            if live and not force:
+                raise rpcerrors.failed_precondition(f"volume {volume_id} is still published at {', '.join(live)}")
+            for target in list(record.publications):
+                self._unbind(record.volume_id, target)
+            if volume.session is not None:
+                volume.session.stop()
+            bindmount.detach_all(record.staging_path)
+            _rmdir_quietly(record.staging_path)
+            with self._lock:
+                volume.removed = True
+                self._volumes.pop(volume_id, None)
+            self.metrics.remounts.remove(volume_id)
+            self._save()
+        log.info("unmounted volume", extra={"fields": {"volume_id": volume_id}})
+
+    # ------------------------------------------------------ Publish/Unpublish
+
+    def publish(self, volume_id: str, target_path: str, read_only: bool, pod: PodRef | None = None) -> None:
+        """Bind the staging mount at ``target_path``; idempotent.
+
+        The same target with another read-only mode is ALREADY_EXISTS; a
+        target that another volume uses is FAILED_PRECONDITION.
+        """
+        target = validate.kubelet_path(target_path, "target_path", self.config.kubelet_dir)
+        volume = self._mounted(volume_id)
+        pod = pod or PodRef()
+        with self._lock:
+            self._check_path_free(target, volume.volume_id)
+        with volume.lock:
+            if volume.removed:
+                raise rpcerrors.not_found(f"volume {volume_id} is not mounted by this daemon")
+            record = volume.record
+            if target == record.staging_path:
+                raise rpcerrors.invalid("target_path is the staging path")
+            if volume.state != MOUNTED:
+                raise rpcerrors.unavailable(f"volume {volume_id} is {volume.state}: {volume.problem}")
+            pub = record.publications.get(target)
+            if pub is not None and pub.read_only != read_only:
+                raise rpcerrors.already_exists(
+                    f"{target} is already published {'read-only' if pub.read_only else 'read-write'}")
+            effective_ro = read_only or record.read_only
+            top = mountinfo.top_mount(target)
+            if top is not None and not mountinfo.is_volume_mount(top, volume_id):
+                raise rpcerrors.already_exists(f"{target} already has a {top.fs_type} mount of {top.source}")
+            bound = top is not None and top.read_only == effective_ro and not probe_path(target)
+            if not bound:
+                bindmount.detach_all(target)
+                os.makedirs(target, mode=0o750, exist_ok=True)
+                bindmount.bind(record.staging_path, target, effective_ro)
+            if pub is None:
+                record.publications[target] = Publication(target, read_only, pod, generation=record.generation)
+            elif pod:
+                pub.pod = pod
+            self._save()
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        """Remove the bind at ``target_path`` and the directory; OK when already gone."""
+        volume_id = validate.volume_id(volume_id)
+        target = validate.kubelet_path(target_path, "target_path", self.config.kubelet_dir)
+        volume = self._get(volume_id)
+        if volume is None:
+            self._unbind(volume_id, target)
+            return
+        self._settled(volume)
+        with volume.lock:
+            self._unbind(volume_id, target)
+            if volume.record.publications.pop(target, None) is not None:
+                self._save()
+
+    @staticmethod
+    def _unbind(volume_id: str, target: str) -> None:
+        """Detach this volume's mounts at ``target`` (never someone else's) and rmdir it."""
+        while mountinfo.is_volume_mount(mountinfo.top_mount(target), volume_id):
+            bindmount.detach(target)
+        if not mountinfo.mounts_at(target):
+            _rmdir_quietly(target)
+
+    # ------------------------------------------- Resize, limits, freeze, thaw
+
+    def _call(self, volume: Volume, method: str, *args: Any) -> Any:
+        """Call the session's control API, mapping failures to gRPC codes."""
+        session = volume.session
+        if volume.state != MOUNTED or session is None:
+            raise rpcerrors.unavailable(f"volume {volume.volume_id} is {volume.state}: {volume.problem}")
+        try:
+            return getattr(session.client(), method)(*args)
+        except RpcFailure:
+            raise
+        except ValueError as exc:
+            raise rpcerrors.invalid(f"{method}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the session's error becomes the status text
+            raise rpcerrors.internal(f"{method} on volume {volume.volume_id}: {exc}") from exc
+
+    def resize(self, volume_id: str, capacity_bytes: int) -> int:
+        if capacity_bytes <= 0:
+            raise rpcerrors.invalid("capacity_bytes must be positive")
+        volume = self._mounted(volume_id)
+        with volume.lock:
+            if volume.record.capacity_bytes != capacity_bytes:
+                self._call(volume, "resize", capacity_bytes)
+                volume.record.capacity_bytes = capacity_bytes
+                self._save()
+            return capacity_bytes
+
+    def set_limits(self, volume_id: str, bytes_per_second: int, ops_per_second: int) -> None:
+        volume = self._mounted(volume_id)
+        with volume.lock:
+            self._call(volume, "set_limits", bytes_per_second, ops_per_second)
+            record = volume.record
+            if (record.bytes_per_second, record.ops_per_second) != (bytes_per_second, ops_per_second):
+                record.bytes_per_second, record.ops_per_second = bytes_per_second, ops_per_second
+                self._save()
+
+    def freeze(self, volume_ids: list[str], timeout_seconds: int) -> None:
+        """Freeze every volume or none: on any failure the frozen ones are thawed."""
+        ids = validate.volume_ids(volume_ids)
+        timeout = validate.freeze_timeout(timeout_seconds)
+        volumes = [self._mounted(vid) for vid in ids]
+        frozen: list[Volume] = []
+        try:
+            for volume in volumes:
+                self._call(volume, "freeze", timeout)
+                frozen.append(volume)
+        except RpcFailure:
+            for volume in frozen:
+                try:
+                    self._call(volume, "thaw")
+                except RpcFailure as exc:
+                    log.error("thaw after a failed group freeze failed", extra={"fields": {
+                        "volume_id": volume.volume_id, "error": str(exc)}})
+            raise
+
+    def thaw(self, volume_ids: list[str]) -> None:
+        """Thaw every listed volume that is served; try all, then report failures."""
+        errors = []
+        for vid in validate.volume_ids(volume_ids):
+            volume = self._get(vid)
+            if volume is None or volume.session is None or volume.state != MOUNTED:
+                continue  # a session that is not running holds no freeze
+            try:
+                self._call(volume, "thaw")
+            except RpcFailure as exc:
+                errors.append(str(exc))
+        if errors:
+            raise rpcerrors.internal("; ".join(errors))
+
+    # ------------------------------------------------------------ Stats/List
+
+    def stats(self, volume_id: str, target_path: str = "") -> dict[str, Any]:
+        """Usage from the session's quota accounting, plus health."""
+        volume = self._mounted(volume_id)
+        if target_path:
+            target_path = validate.kubelet_path(target_path, "target_path", self.config.kubelet_dir)
+        numbers = dict(volume.last_stats)
+        if volume.state == MOUNTED and volume.session is not None:
+            try:
+                numbers = dict(volume.session.client().stats())
+                volume.last_stats = numbers
+            except Exception as exc:  # noqa: BLE001 - reported as health, with the last numbers
+                log.warning("session stats failed", extra={"fields": {"volume_id": volume_id, "error": str(exc)}})
+        healthy, message = self.health(volume, target_path)
+        return self._usage(volume, numbers) | {"healthy": healthy, "message": message}
+
+    def _usage(self, volume: Volume, numbers: dict[str, Any]) -> dict[str, Any]:
+        record = volume.record
+        capacity = int(numbers.get("capacity") or record.capacity_bytes or 0)
+        used = int(numbers.get("used_bytes") or 0)
+        total = capacity
+        if not total:
+            fs = os.statvfs(self.config.volumes_dir)
+            total = fs.f_blocks * fs.f_frsize
+        used_inodes = int(numbers.get("used_inodes") or 0)
+        total_inodes = int(numbers.get("total_inodes") or 0)
+        limits = numbers.get("limits") or {}
+        return {
+            "volume_id": record.volume_id,
+            "capacity_bytes": capacity,
+            "used_bytes": used,
+            "total_bytes": total,
+            "available_bytes": max(total - used, 0),
+            "used_inodes": used_inodes,
+            "total_inodes": total_inodes,
+            "available_inodes": max(total_inodes - used_inodes, 0),
+            "frozen": bool(numbers.get("frozen", False)),
+            "read_only": bool(numbers.get("read_only", record.read_only)),
+            "bytes_per_second": int(limits.get("bytes_per_second", record.bytes_per_second) or 0),
+            "ops_per_second": int(limits.get("ops_per_second", record.ops_per_second) or 0),
+            "remount_count": record.remount_count,
+        }
+
+    def health(self, volume: Volume, target_path: str = "") -> tuple[bool, str]:
+        """(healthy, message) for the volume, or for one of its publications.
+
+        Unhealthy when the session is not serving, when the staging mount (or
+        the target) answers ENOTCONN or not at all, and when a publication
+        predates the last session restart: pods that mounted it without
+        HostToContainer propagation still hold the dead mount.
+        """
+        record = volume.record
+        if volume.state != MOUNTED:
+            return False, volume.problem or f"FUSE session is {volume.state}"
+        top = mountinfo.top_mount(record.staging_path)
+        if not mountinfo.is_volume_mount(top, record.volume_id):
+            return False, f"no fusefs mount of {record.volume_id} at {record.staging_path}"
+        for path in [record.staging_path] + ([target_path] if target_path else []):
+            problem = probe_path(path)
+            if problem:
+                return False, problem
+        pubs = [record.publications[target_path]] if target_path in record.publications else (
+            [] if target_path else list(record.publications.values()))
+        stale = [p.target_path for p in pubs if p.generation < record.generation]
+        if stale:
+            return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it may show "
+                           "ENOTCONN in containers without HostToContainer mount propagation until they restart")
+        return True, record.last_restart
+
+    def describe(self, volume: Volume) -> dict[str, Any]:
+        """A volume for List/Mount answers."""
+        record = volume.record
+        healthy = volume.state == MOUNTED and not any(
+            p.generation < record.generation for p in record.publications.values())
+        message = volume.problem if volume.state != MOUNTED else record.last_restart
+        return {
+            "record": record,
+            "state": volume.state,
+            "healthy": healthy,
+            "message": message,
+            "pid": volume.session.pid if volume.session and volume.session.exit_code() is None else 0,
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            volumes = sorted(self._volumes.values(), key=lambda v: v.volume_id)
+        return [self.describe(v) for v in volumes if not v.removed]
+
+    def counts(self) -> tuple[int, int]:
+        """(volumes, unhealthy volumes), cheaply: for Probe."""
+        described = self.list()
+        return len(described), sum(1 for d in described if not d["healthy"])
+
+    def metrics_sources(self) -> list[tuple[str, str]]:
+        """Each live session's Prometheus text, tagged with its volume ID."""
+        out = []
+        with self._lock:
+            volumes = list(self._volumes.values())
+        for volume in volumes:
+            session = volume.session
+            if volume.state != MOUNTED or session is None:
+                continue
+            try:
+                out.append((volume.volume_id, session.client().metrics()))
+            except Exception as exc:  # noqa: BLE001 - one bad session must not break the scrape
+                log.warning("session metrics failed", extra={"fields": {
+                    "volume_id": volume.volume_id, "error": str(exc)}})
+        return out
+
+    def volume_gauges(self) -> list[tuple[str, bool, str]]:
+        """(volume_id, up, state) for every volume."""
+        with self._lock:
+            volumes = list(self._volumes.values())
+        return [(v.volume_id, v.state == MOUNTED, v.state) for v in volumes if not v.removed]
+
+
+def _rmdir_quietly(path: str) -> None:
+    """Remove an empty directory; anything else (gone, not empty, busy) is left."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
