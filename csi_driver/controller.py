@@ -9,6 +9,7 @@ csi-sanity expect (arguments first, then existence, then compatibility).
 from __future__ import annotations
 
 import logging
+import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import Int64Value
@@ -25,6 +26,7 @@ log = logging.getLogger("fusepath.controller")
 Cap = csi_pb2.ControllerServiceCapability.RPC
 BLOCK_ALIGN = 512
 DEFAULT_PAGE = 1000
+_TOKEN_RE = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() accepts "９"
 
 
 def _rpc_cap(kind: int) -> csi_pb2.ControllerServiceCapability:
@@ -413,7 +415,7 @@ def _page(token: str, max_entries: int) -> tuple[int, int]:
         raise errors.invalid("max_entries must not be negative")
     after = 0
     if token:
-        if not token.isdigit() or len(token) > 18:
+        if not _TOKEN_RE.fullmatch(token):
             raise errors.aborted(f"starting_token {token!r} is not valid; start again without one")
         after = int(token)
     return after, max_entries or DEFAULT_PAGE

@@ -70,8 +70,14 @@ def _redact(message: Message, data: dict[str, Any]) -> dict[str, Any]:
                 k: REDACTED for k in data[field.name]
             }
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.label == field.LABEL_REPEATED:
+            if _repeated(field):
                 data[field.name] = [_redact(m, d) for m, d in zip(value, data[field.name])]
             else:
                 data[field.name] = _redact(value, data[field.name])
     return data
+
+
+def _repeated(field) -> bool:  # type: ignore[no-untyped-def]
+    """protobuf 7 dropped ``label`` in favour of ``is_repeated``."""
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED

@@ -71,7 +71,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     level = logging.DEBUG
                 log.log(level, "rpc", extra={"fields": fields})
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("request", extra={"fields": {"request_id": request_id, "body": redacted(request)}})
+                    _log_body(request_id, request)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=handler.request_deserializer,
@@ -104,3 +104,11 @@ def listen_unix(server: grpc.Server, socket_path: Path) -> None:
             raise OSError(f"cannot listen on {socket_path}")
     finally:
         os.umask(old_umask)
+
+
+def _log_body(request_id: str, request: Any) -> None:
+    """Debug-level request bodies, secrets masked; a logging bug never fails an RPC."""
+    try:
+        log.debug("request", extra={"fields": {"request_id": request_id, "body": redacted(request)}})
+    except Exception:  # noqa: BLE001
+        log.exception("could not log the request body")

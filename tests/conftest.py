@@ -44,3 +44,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if REQUIRE_PRIVILEGED and report.skipped and item.get_closest_marker("privileged") is not None:
         report.outcome = "failed"
         report.longrepr = f"privileged test skipped under FUSEPATH_REQUIRE_PRIVILEGED=1: {report.longrepr}"
+
+
+@pytest.fixture
+def driver(tmp_path: Path):
+    """A fresh driver process for one test (mount-heavy tests are privileged)."""
+    from tests.harness import Driver
+
+    d = Driver(tmp_path, "--enable-attach", "--max-volumes-per-node=4")
+    d.start()
+    yield d
+    d.teardown()
+
+
+@pytest.fixture(scope="module")
+def shared_driver(tmp_path_factory: pytest.TempPathFactory):
+    """One driver for a whole module of read-mostly tests; names must be unique per test."""
+    from tests.harness import Driver
+
+    d = Driver(tmp_path_factory.mktemp("driver"), "--enable-attach", "--max-volumes-per-node=4")
+    d.start()
+    yield d
+    d.teardown()

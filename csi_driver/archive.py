@@ -1,0 +1,1066 @@
+"""Snapshot archives: a snapshot is a tar of a volume directory's contents.
+
+Creating
+    GNU ``tar`` walks the volume and writes a POSIX (pax) archive. Compression
+    is ``none``, ``gzip`` or ``zstd`` (a VolumeSnapshotClass parameter). The
+    archive goes to a temp file in ``tmp_dir``, is fsynced, renamed onto
+    ``dest`` and the directory is fsynced, so ``dest`` either holds a complete,
+    durable archive or does not exist.
+
+    Why GNU tar and not :mod:`tarfile`: on the reference tree (10,004 files,
+    521 MiB: 10k small text files and 4 x 100 MiB random files, 2 cores, warm
+    cache, fsync included) ``tar --create`` straight into the temp file took
+    1.07 s (median of 3), Python's tarfile 2.6 s (GNU format) to 3.8 s (pax),
+    and tar piped through Python into the file 2.0 s. So for ``none`` tar
+    writes directly into the temp file and Python never touches the bytes.
+
+    Compression runs next to tar, never inside it (``--use-compress-program``
+    would go through ``sh``):
+
+    * ``zstd``: ``tar | zstd -3 -T0`` (the zstd CLI, streaming through a pipe).
+      1.9 s on the tree above.
+    * ``gzip``: tar's output is cut into 4 MiB chunks, each compressed at
+      level 6 by :mod:`zlib` on a thread pool (zlib drops the GIL), and the
+      chunks are written as consecutive gzip members. RFC 1952 allows a file
+      to hold several members; ``gzip -d``, ``tar xz`` and Python's gzip all
+      read it as one stream. Measured on the same tar stream: ``gzip -6``
+      21 s, one-thread zlib 17 s, so two threads ~9 s (pigz is not in the
+      image).
+
+    What tar is asked to archive is checked first (a ``scandir`` walk, tens of
+    milliseconds per 10k files):
+
+    * FIFOs, sockets and device nodes are left out (``--exclude`` per path,
+      logged). Restore refuses device nodes and FIFOs and tar cannot archive
+      sockets, so including them would give a ``ready_to_use`` snapshot that
+      can never be restored.
+    * A symlink that restore would refuse (absolute target, or a target that
+      resolves outside the volume) makes the snapshot fail with
+      :class:`ArchiveError` that names it. Failing at CreateSnapshot time is
+      better than a snapshot that looks good and fails at restore.
+      :func:`symlink_target_problem` is the one place that policy lives.
+
+Extracting
+    Compression comes from the magic bytes. ``gzip -d`` or ``zstd -d`` runs
+    as a child process and its output is parsed with :mod:`tarfile` as a
+    stream. An uncompressed archive is read in place and member data is copied
+    in the kernel with ``copy_file_range``.
+
+    tarfile only parses here. Files, directories and links are made by this
+    module through directory file descriptors: every parent is opened with
+    ``O_NOFOLLOW | O_DIRECTORY`` starting from ``dest_dir``, files are created
+    with ``O_CREAT | O_EXCL | O_NOFOLLOW``, and ``linkat`` never follows a
+    symlink. The kernel therefore stops a write that would go through a symlink
+    no matter what the archive holds. Before anything is made for a member it
+    is checked, and the check raises :class:`UnsafeArchiveError` for:
+    absolute names, ``..``, device nodes, FIFOs and unknown member types,
+    symlinks whose target is absolute or climbs out of the volume, hard links
+    whose target is outside or was not already extracted as a file or symlink,
+    and members placed below a symlink. After the last member every symlink is
+    resolved once more against the final tree, because a chain of symlinks
+    (``s -> .``, then ``t -> s/..``) can escape when each link looked safe on
+    its own.
+
+    What is kept: permission bits *including setuid, setgid and sticky* (GNU
+    tar keeps them too when run as root). This is the user's own volume
+    restored for the same user, and Kubernetes ``fsGroup`` relies on setgid
+    directories, so dropping them would break a restored volume. Also kept:
+    numeric uid/gid, mtimes to the nanosecond (pax), and the ``user.*`` and
+    ``security.capability`` xattrs (``security.capability`` is kept for the
+    same reason as setuid). Symlinks, hard links, empty dirs and sparse files
+    (holes stay holes) are kept too, and the attributes of the volume root
+    (the ``./`` member) go onto ``dest_dir``. Directory attributes are set
+    last, deepest first, so creating their contents does not change them.
+    Not kept: atime, POSIX ACLs and SELinux labels (``trusted.*`` and
+    ``security.selinux`` belong to the host, not to the user).
+
+    Only when running as root are files chowned. Otherwise (a developer
+    workstation) chown is skipped and setuid/setgid are dropped, as GNU tar
+    does for non-root users.
+
+Progress
+    ``progress(n)`` gets ``n`` = bytes of the *uncompressed* tar stream
+    produced (create) or consumed (extract) so far. It is called at most
+    about twice a second, and once at the end with the total. That total is
+    roughly the volume's used bytes, so a caller can turn it into a
+    percentage.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import decimal
+import errno
+import fcntl
+import logging
+import os
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+__all__ = [
+    "COMPRESSIONS",
+    "ArchiveError",
+    "UnsafeArchiveError",
+    "archive_suffix",
+    "create_archive",
+    "extract_archive",
+    "symlink_target_problem",
+]
+
+_log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "gzip", "zstd")
+_SUFFIXES = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
+
+ProgressFn = Callable[[int], None]
+
+_PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
+_GZIP_CHUNK = 4 << 20  # bytes per independently compressed gzip member
+_GZIP_LEVEL = 6  # gzip's own default; level 1 saved only ~10% here (random data dominates)
+_ZSTD_LEVEL = 3  # zstd's default; -1 was not faster on 2 cores (2.1 s vs 1.9 s)
+_COPY_CHUNK = 8 << 20  # bytes per copy_file_range / read call when extracting
+_PIPE_SIZE = 1 << 20  # larger pipes mean fewer wakeups between tar and its consumer
+_STDERR_TAIL = 2000  # characters of a tool's stderr quoted in an error
+_MAX_EXCLUDE_ARGV = 1 << 20  # bytes of --exclude arguments we are willing to pass
+_DIR_FD_CACHE = 64  # open directory fds kept while extracting
+_RESTORED_XATTR_PREFIXES = ("user.", "security.capability")
+
+# Member types we refuse outright, with the reason shown to the user.
+_REFUSED_TYPES = {
+    tarfile.CHRTYPE: "character device node",
+    tarfile.BLKTYPE: "block device node",
+    tarfile.FIFOTYPE: "FIFO",
+}
+
+
+class ArchiveError(Exception):
+    """The archive is corrupt or unreadable, or a tool or the filesystem failed.
+
+    ``errno`` is set when the cause is known to be an OS error (for example
+    ``errno.ENOSPC``), so that the caller can choose the gRPC code.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class UnsafeArchiveError(Exception):
+    """An archive member would escape the destination or create something
+    a restored volume must not hold. The message names the member and why."""
+
+
+def archive_suffix(compression: str) -> str:
+    """File suffix for an archive with this compression (".tar", ".tar.gz", ".tar.zst")."""
+    try:
+        return _SUFFIXES[compression]
+    except KeyError:
+        raise ValueError(
+            f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------
+# Shared helpers
+
+
+class _Progress:
+    """Rate-limits progress callbacks so a hot loop can report freely."""
+
+    def __init__(self, callback: ProgressFn | None) -> None:
+        self._callback = callback
+        self._next = time.monotonic() + _PROGRESS_INTERVAL
+
+    def update(self, done: int) -> None:
+        if self._callback is None:
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + _PROGRESS_INTERVAL
+            self._callback(done)
+
+    def final(self, done: int) -> None:
+        if self._callback is not None:
+            self._callback(done)
+
+
+def _stderr_tail(handle: IO[bytes]) -> str:
+    """The end of a child's captured stderr, for error messages."""
+    handle.seek(0)
+    text = handle.read().decode("utf-8", "replace").strip()
+    return text[-_STDERR_TAIL:]
+
+
+def _errno_from_text(text: str) -> int | None:
+    """Recognise the OS errors a tool reports in words (tar: 'No space left on device')."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.ENOENT):
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
+def _tool_error(what: str, returncode: int, stderr: IO[bytes]) -> ArchiveError:
+    tail = _stderr_tail(stderr)
+    how = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+    return ArchiveError(f"{what} failed ({how}): {tail or 'no error output'}", _errno_from_text(tail))
+
+
+def _tool_env() -> dict[str, str]:
+    """Environment for child tools: C locale so their messages are stable."""
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    return env
+
+
+def _grow_pipe(handle: IO[bytes]) -> None:
+    """Ask for a bigger pipe buffer; purely an optimisation, so failures are ignored."""
+    try:
+        fcntl.fcntl(handle.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    """Write all of ``data`` (at ``offset`` when given); os.write may write less."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reap(procs: list[subprocess.Popen]) -> None:
+    """Kill and wait for our own children (by their Popen handles) after a failure."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def symlink_target_problem(link_parts: tuple[str, ...], target: str) -> str | None:
+    """Why a symlink at ``link_parts`` (path components below the volume root)
+    pointing at ``target`` may not be in a volume, or None when it may.
+
+    Absolute targets are refused: inside the pod they name the pod's own
+    files, but anything on the host that follows them would leave the volume.
+    Relative targets are resolved as text from the link's directory and must
+    never climb above the root. This check alone cannot see through chains of
+    links, so extraction also resolves every link against the final tree.
+    """
+    if not target:
+        return "symlink has an empty target"
+    if target.startswith("/"):
+        return f"symlink target {target!r} is absolute"
+    depth = len(link_parts) - 1
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            return f"symlink target {target!r} points outside the volume"
+    return None
+
+
+def _inside(root_real: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip("/") + "/")
+
+
+# --------------------------------------------------------------------------
+# Creating
+
+
+def create_archive(
+    source_dir: Path,
+    dest: Path,
+    compression: str,
+    tmp_dir: Path,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Archive the contents of ``source_dir`` into ``dest`` and return its size.
+
+    The archive is written to a temp file in ``tmp_dir`` (which must be on the
+    same filesystem as ``dest``), fsynced, renamed onto ``dest`` (replacing
+    any file already there), and ``dest``'s directory is fsynced. On any
+    failure, including an exception from ``progress``, the temp file is
+    removed and nothing is left at ``dest``. Raises :class:`ArchiveError`,
+    or ValueError for an unknown compression.
+    """
+    suffix = archive_suffix(compression)
+    source_dir, dest = Path(source_dir), Path(dest)
+    excludes = _scan_source(source_dir)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".snapshot-", suffix=suffix + ".tmp")
+    tmp = Path(tmp_name)
+    renamed = False
+    try:
+        tracker = _Progress(progress)
+        total = _write_archive(source_dir, excludes, compression, fd, tracker)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, dest)
+        renamed = True
+        _fsync_dir(dest.parent)
+        tracker.final(total)
+        return size
+    except OSError as exc:
+        raise ArchiveError(f"cannot write snapshot archive {dest}: {exc}", exc.errno) from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not renamed:
+            tmp.unlink(missing_ok=True)
+        elif "size" not in locals():
+            # Renamed but the directory fsync (or progress) failed: do not leave
+            # an archive whose durability we cannot vouch for.
+            dest.unlink(missing_ok=True)
+
+
+def _scan_source(source_dir: Path) -> list[str]:
+    """Walk the volume before tar does: return the special files to exclude,
+    and raise ArchiveError for a symlink that restore would refuse."""
+    if not source_dir.is_dir():
+        raise ArchiveError(f"snapshot source {source_dir} is not a directory")
+    root_real = os.path.realpath(source_dir)
+    excluded: list[str] = []
+    for entry, parts in _walk(source_dir):
+        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            continue
+        rel = "/".join(parts)
+        if entry.is_symlink():
+            target = os.readlink(entry.path)
+            problem = symlink_target_problem(parts, target)
+            if problem is None and not _inside(root_real, entry.path):
+                problem = f"symlink target {target!r} resolves outside the volume"
+            if problem is not None:
+                raise ArchiveError(
+                    f"cannot snapshot: {rel!r}: {problem}; restore refuses such links, "
+                    "so this snapshot could never be restored"
+                )
+            continue
+        excluded.append(rel)
+    if excluded:
+        _log.warning(
+            "snapshot of %s leaves out %d special file(s) (FIFOs, sockets, device nodes), e.g. %s",
+            source_dir, len(excluded), ", ".join(repr(p) for p in excluded[:5]),
+        )
+    return excluded
+
+
+def _walk(root: Path) -> Iterator[tuple[os.DirEntry, tuple[str, ...]]]:
+    """Every entry below ``root`` with its path components; never follows symlinks."""
+    stack: list[tuple[str, tuple[str, ...]]] = [(os.fspath(root), ())]
+    while stack:
+        path, parts = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise ArchiveError(f"cannot read {path}: {exc}", exc.errno) from exc
+        for entry in entries:
+            entry_parts = (*parts, entry.name)
+            yield entry, entry_parts
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, entry_parts))
+
+
+def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
+    """GNU tar arguments: pax format (nanosecond mtimes, xattrs, long names,
+    big uids), numeric ids (host user names mean nothing to the volume),
+    holes kept, atime/ctime left out (not restored, and they would make every
+    header bigger). --anchored/--no-wildcards must come before the excludes
+    so each one matches exactly one path, whatever characters it holds."""
+    argv = [
+        "tar", "--create", "--file=-", f"--directory={source_dir}",
+        "--format=posix", "--numeric-owner", "--xattrs", "--sparse",
+        "--pax-option=delete=atime,delete=ctime",
+        "--anchored", "--no-wildcards",
+    ]
+    exclude_args = [f"--exclude=./{rel}" for rel in excludes]
+    if sum(len(a) + 1 for a in exclude_args) > _MAX_EXCLUDE_ARGV:
+        raise ArchiveError(
+            f"cannot snapshot: the volume holds {len(excludes)} special files (FIFOs, sockets, "
+            "device nodes), too many to leave out"
+        )
+    return argv + exclude_args + ["."]
+
+
+def _write_archive(
+    source_dir: Path, excludes: list[str], compression: str, out_fd: int, tracker: _Progress
+) -> int:
+    """Run tar (and the compressor) into ``out_fd``; return the uncompressed tar size."""
+    argv = _tar_create_argv(source_dir, excludes)
+    with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
+        if compression == "none":
+            tar = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=tar_err,
+                                   env=_tool_env())
+            return _wait_tar(tar, tar_err, [tar], tracker, None)
+        tar = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=tar_err, env=_tool_env())
+        procs = [tar]
+        try:
+            _grow_pipe(tar.stdout)
+            if compression == "zstd":
+                zstd = subprocess.Popen(
+                    ["zstd", f"-{_ZSTD_LEVEL}", "-T0", "--quiet", "--no-progress", "--stdout"],
+                    stdin=tar.stdout, stdout=out_fd, stderr=zstd_err, env=_tool_env(),
+                )
+                procs.append(zstd)
+                tar.stdout.close()  # zstd holds the read end; tar gets SIGPIPE if zstd dies
+                return _wait_tar(tar, tar_err, procs, tracker, (zstd, zstd_err))
+            total = _gzip_stream(tar.stdout, out_fd, tracker)
+            return _wait_tar(tar, tar_err, procs, tracker, None, total)
+        except BaseException:
+            _reap(procs)
+            raise
+
+
+def _wait_tar(
+    tar: subprocess.Popen,
+    tar_err: IO[bytes],
+    procs: list[subprocess.Popen],
+    tracker: _Progress,
+    compressor: tuple[subprocess.Popen, IO[bytes]] | None,
+    total: int | None = None,
+) -> int:
+    """Wait for the pipeline, reporting progress; raise ArchiveError naming
+    the tool that failed first (a compressor's death makes tar die of SIGPIPE)."""
+    try:
+        while True:
+            try:
+                tar.wait(timeout=_PROGRESS_INTERVAL)
+                break
+            except subprocess.TimeoutExpired:
+                tracker.update(_bytes_written(tar.pid))
+        written = total if total is not None else _bytes_written(tar.pid, tar)
+        if compressor is not None:
+            proc, err = compressor
+            if proc.wait() != 0:
+                raise _tool_error("zstd", proc.returncode, err)
+        if tar.returncode != 0:
+            raise _tool_error("tar", tar.returncode, tar_err)
+        return written
+    except BaseException:
+        _reap(procs)
+        raise
+
+
+_io_written: dict[int, int] = {}
+
+
+def _bytes_written(pid: int, finished: subprocess.Popen | None = None) -> int:
+    """How many bytes tar has written, from /proc/<pid>/io (our own child).
+
+    The last value read while it ran is remembered, because once tar has been
+    reaped /proc no longer has it; the archive-size fallback is only used when
+    /proc is unavailable."""
+    if finished is not None:
+        return _io_written.pop(pid, 0)
+    try:
+        with open(f"/proc/{pid}/io", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"wchar:"):
+                    _io_written[pid] = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    return _io_written.get(pid, 0)
+
+
+def _gzip_member(chunk: bytes) -> bytes:
+    """One complete gzip member (header, deflate data, CRC and size trailer)."""
+    compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+    return compressor.compress(chunk) + compressor.flush()
+
+
+def _gzip_stream(source: IO[bytes], out_fd: int, tracker: _Progress) -> int:
+    """Compress ``source`` into ``out_fd`` as consecutive gzip members, on
+    every core, keeping output in input order. Returns the input byte count."""
+    workers = max(1, os.cpu_count() or 1)
+    pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+    total = 0
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gzip") as pool:
+        while chunk := source.read(_GZIP_CHUNK):
+            total += len(chunk)
+            pending.append(pool.submit(_gzip_member, chunk))
+            while len(pending) > 2 * workers:
+                _write_all(out_fd, pending.popleft().result())
+            tracker.update(total)
+        while pending:
+            _write_all(out_fd, pending.popleft().result())
+    return total
+
+
+# --------------------------------------------------------------------------
+# Extracting
+
+
+def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None = None) -> None:
+    """Extract ``archive`` into the existing, empty directory ``dest_dir``.
+
+    Raises :class:`UnsafeArchiveError` before making anything unsafe, or
+    :class:`ArchiveError` for a corrupt archive, a failing decompressor or a
+    failing filesystem (``.errno`` set, e.g. ENOSPC). Either way, nothing
+    outside ``dest_dir`` was touched; the caller removes ``dest_dir``.
+    """
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    tracker = _Progress(progress)
+    try:
+        compression = _detect_compression(archive)
+        with open(archive, "rb") as raw, _Extractor(dest_dir) as extractor:
+            if compression == "none":
+                total = _extract_plain(raw, extractor, tracker)
+            else:
+                total = _extract_compressed(raw, compression, extractor, tracker)
+    except OSError as exc:
+        raise ArchiveError(f"cannot extract {archive}: {exc}", exc.errno) from exc
+    tracker.final(total)
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _detect_compression(archive: Path) -> str:
+    """Compression from the first bytes of the file; the name is not trusted."""
+    with open(archive, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC) or (
+        len(head) >= 4 and int.from_bytes(head[:4], "little") & 0xFFFFFFF0 == 0x184D2A50
+    ):
+        return "zstd"  # a zstd frame, or a skippable frame in front of one
+    if head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00"):
+        raise ArchiveError(f"{archive}: bzip2/xz archives are not supported")
+    if not head:
+        raise ArchiveError(f"{archive}: empty file")
+    return "none"
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped reading: tarfile ends the member list
+    silently on a bad or truncated header, which must not pass as success."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as exc:
+            tf._fusepath_stop = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _open_tar(fileobj: IO[bytes]) -> tarfile.TarFile:
+    return tarfile.TarFile(fileobj=fileobj, mode="r", tarinfo=_TarInfo,
+                           encoding="utf-8", errors="surrogateescape")
+
+
+def _extract_plain(raw: IO[bytes], extractor: "_Extractor", tracker: _Progress) -> int:
+    """An uncompressed archive: parse in place, copy data with copy_file_range."""
+    try:
+        tf = _open_tar(raw)
+        return _extract_members(tf, _FileSource(raw.fileno(), tracker), extractor, tracker)
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"corrupt archive: {exc}") from exc
+
+
+def _extract_compressed(
+    raw: IO[bytes], compression: str, extractor: "_Extractor", tracker: _Progress
+) -> int:
+    """Decompress in a child process and parse its output as it streams by."""
+    argv = ["zstd", "-d", "--quiet", "--no-progress", "--stdout"] if compression == "zstd" \
+        else ["gzip", "-d", "--stdout"]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=raw, stdout=subprocess.PIPE, stderr=err,
+                                env=_tool_env(), bufsize=0)
+        try:
+            _grow_pipe(proc.stdout)
+            stream = _ForwardReader(proc.stdout.fileno())
+            try:
+                tf = _open_tar(stream)
+                total = _extract_members(tf, _StreamSource(stream, tracker), extractor, tracker)
+                stream.drain()
+            except (tarfile.TarError, ArchiveError) as exc:
+                # A corrupt stream usually shows first as bad tar data; the
+                # decompressor's own verdict is the better message.
+                if proc.poll() is None:
+                    proc.kill()
+                if proc.wait() > 0:
+                    raise _tool_error(f"{argv[0]} -d", proc.returncode, err) from exc
+                raise ArchiveError(f"corrupt archive: {exc}") from exc
+            if proc.wait() != 0:
+                raise _tool_error(f"{argv[0]} -d", proc.returncode, err)
+            return total
+        finally:
+            _reap([proc])
+
+
+class _ForwardReader:
+    """A read-only file over a pipe that tarfile can use in its seekable mode.
+
+    tarfile's own stream mode (``r|``) re-copies its whole buffer on every
+    512-byte header read; this class only needs tell() and forward seeks,
+    which is all tarfile asks for when members are read in order."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self._start = 0  # index in _buf of the next unread byte
+        self._pos = 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _fill(self, want: int) -> None:
+        if self._start > (1 << 20):
+            del self._buf[: self._start]
+            self._start = 0
+        while len(self._buf) - self._start < want:
+            data = os.read(self._fd, max(_COPY_CHUNK, want))
+            if not data:
+                return
+            self._buf += data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise ValueError("unbounded read on an archive stream")
+        if len(self._buf) - self._start < size:
+            self._fill(size)
+        end = min(len(self._buf), self._start + size)
+        data = bytes(self._buf[self._start:end])
+        self._start = end
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        elif whence != 0:
+            raise OSError(errno.ESPIPE, "cannot seek from the end of an archive stream")
+        if offset < self._pos:
+            raise ArchiveError("archive stream asked to seek backwards")
+        while self._pos < offset:
+            if not self.read(min(offset - self._pos, _COPY_CHUNK)):
+                break  # tarfile's own checks then see the truncation
+        return self._pos
+
+    def drain(self) -> None:
+        """Read to the end so the decompressor can check its trailer."""
+        self._buf.clear()
+        self._start = 0
+        while os.read(self._fd, _COPY_CHUNK):
+            pass
+
+
+class _FileSource:
+    """Member data from an uncompressed archive file, copied in the kernel."""
+
+    def __init__(self, fd: int, tracker: _Progress) -> None:
+        self._fd = fd
+        self._tracker = tracker
+        self._kernel_copy = True
+
+    def copy(self, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
+        while length > 0:
+            step = min(length, _COPY_CHUNK)
+            n = self._copy_step(dst_fd, src_off, dst_off, step)
+            if n == 0:
+                raise ArchiveError("archive is truncated: member data ends early")
+            src_off += n
+            dst_off += n
+            length -= n
+            self._tracker.update(src_off)
+
+    def _copy_step(self, dst_fd: int, src_off: int, dst_off: int, length: int) -> int:
+        if self._kernel_copy:
+            try:
+                return os.copy_file_range(self._fd, dst_fd, length, src_off, dst_off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._kernel_copy = False  # e.g. across filesystems on an old kernel
+        data = os.pread(self._fd, length, src_off)
+        _write_all(dst_fd, data, dst_off)
+        return len(data)
+
+
+class _StreamSource:
+    """Member data from a decompressor's output, read in order."""
+
+    def __init__(self, stream: _ForwardReader, tracker: _Progress) -> None:
+        self._stream = stream
+        self._tracker = tracker
+
+    def copy(self, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
+        self._stream.seek(src_off)
+        if self._stream.tell() != src_off:
+            raise ArchiveError("archive is truncated: member data ends early")
+        while length > 0:
+            data = self._stream.read(min(length, _COPY_CHUNK))
+            if not data:
+                raise ArchiveError("archive is truncated: member data ends early")
+            _write_all(dst_fd, data, dst_off)
+            dst_off += len(data)
+            length -= len(data)
+            self._tracker.update(self._stream.tell())
+
+
+def _extract_members(
+    tf: tarfile.TarFile, source: _FileSource | _StreamSource, extractor: "_Extractor",
+    tracker: _Progress,
+) -> int:
+    """Extract every member in archive order; return the tar stream size read."""
+    while (member := tf.next()) is not None:
+        tf.members.clear()  # tarfile caches every member; a million files would stay in memory
+        extractor.add(member, source)
+        tracker.update(tf.offset)
+    stop = getattr(tf, "_fusepath_stop", None)
+    if not isinstance(stop, tarfile.EOFHeaderError):
+        why = stop if stop is not None else "no end-of-archive marker"
+        raise ArchiveError(f"archive is truncated or corrupt at byte {tf.offset}: {why}")
+    extractor.finish()
+    return tf.offset
+
+
+@dataclass(frozen=True, slots=True)
+class _Attrs:
+    """What gets restored on an inode besides its contents."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    xattrs: tuple[tuple[str, bytes], ...]
+
+
+def _attrs_of(member: tarfile.TarInfo) -> _Attrs:
+    xattrs = tuple(
+        (key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
+        for key, value in member.pax_headers.items()
+        if key.startswith("SCHILY.xattr.")
+        and key[len("SCHILY.xattr."):].startswith(_RESTORED_XATTR_PREFIXES)
+    )
+    return _Attrs(stat.S_IMODE(member.mode), member.uid, member.gid, _mtime_ns(member), xattrs)
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The mtime in nanoseconds, exact from the pax record when there is one
+    (tarfile turns it into a float, which loses the last digits)."""
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(decimal.Decimal(text).scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
+        except decimal.DecimalException:
+            pass
+    return int(member.mtime) * 1_000_000_000
+
+
+def _member_parts(name: str, what: str = "member") -> tuple[str, ...]:
+    """Path components of a member name below the destination, refusing
+    absolute names and '..' (never resolved, even when it would stay inside)."""
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"unsafe archive {what} {name!r}: absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafeArchiveError(f"unsafe archive {what} {name!r}: path contains '..'")
+    return parts
+
+
+class _DirFds:
+    """Open directory fds below the destination, found without following symlinks.
+
+    A small LRU: members arrive grouped by directory, so the parent is nearly
+    always cached. Entries stay valid because extraction never removes or
+    renames a directory."""
+
+    def __init__(self, root_fd: int) -> None:
+        self._root = root_fd
+        self._cache: collections.OrderedDict[tuple[str, ...], int] = collections.OrderedDict()
+
+    def get(self, parts: tuple[str, ...], member: str) -> int:
+        """fd of the directory ``parts``, creating missing ones (mode 0755)."""
+        if not parts:
+            return self._root
+        fd = self._cache.get(parts)
+        if fd is not None:
+            self._cache.move_to_end(parts)
+            return fd
+        depth = len(parts) - 1
+        while depth > 0 and parts[:depth] not in self._cache:
+            depth -= 1
+        fd = self._cache[parts[:depth]] if depth else self._root
+        for i in range(depth, len(parts)):
+            fd = self._open_child(fd, parts[: i + 1], member)
+        return fd
+
+    def _open_child(self, parent_fd: int, parts: tuple[str, ...], member: str) -> int:
+        name = parts[-1]
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=parent_fd)
+        except FileNotFoundError:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+            except FileExistsError:
+                pass  # a dangling symlink: the open below reports it
+            fd = self._open_existing(parent_fd, parts, member, flags)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            fd = self._open_existing(parent_fd, parts, member, flags)
+        self._cache[parts] = fd
+        if len(self._cache) > _DIR_FD_CACHE:
+            os.close(self._cache.popitem(last=False)[1])
+        return fd
+
+    @staticmethod
+    def _open_existing(parent_fd: int, parts: tuple[str, ...], member: str, flags: int) -> int:
+        try:
+            return os.open(parts[-1], flags, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
+            where = "/".join(parts)
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchiveError(
+                    f"unsafe archive member {member!r}: it would be written through the "
+                    f"symlink {where!r} placed earlier in the archive"
+                ) from None
+            raise ArchiveError(
+                f"archive member {member!r}: {where!r} is not a directory", errno.ENOTDIR
+            ) from None
+
+    def close(self) -> None:
+        while self._cache:
+            os.close(self._cache.popitem()[1])
+
+
+class _Extractor:
+    """Makes members inside ``dest_dir`` only, through directory fds."""
+
+    def __init__(self, dest_dir: Path) -> None:
+        self._root_fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(self._root_fd) as it:
+                if next(it, None) is not None:
+                    raise ValueError(f"extraction target {dest_dir} is not empty")
+        except BaseException:
+            os.close(self._root_fd)
+            raise
+        self._root_real = os.path.realpath(dest_dir)
+        self._dest = dest_dir
+        self._dirs = _DirFds(self._root_fd)
+        self._dir_attrs: dict[tuple[str, ...], _Attrs] = {}
+        self._symlinks: list[tuple[str, ...]] = []
+        self._is_root = os.geteuid() == 0
+
+    def __enter__(self) -> "_Extractor":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._dirs.close()
+        os.close(self._root_fd)
+
+    # -- per member
+
+    def add(self, member: tarfile.TarInfo, source: _FileSource | _StreamSource) -> None:
+        """Check one member, then make it. Every check comes before any write."""
+        parts = _member_parts(member.name)
+        name = member.name
+        if member.type in _REFUSED_TYPES:
+            raise UnsafeArchiveError(
+                f"unsafe archive member {name!r}: {_REFUSED_TYPES[member.type]} "
+                "(restored volumes may not contain device nodes or FIFOs)"
+            )
+        if member.isdir():
+            self._make_dir(parts, member)
+        elif not parts:
+            raise UnsafeArchiveError(f"unsafe archive member {name!r}: names the volume root "
+                                     "but is not a directory")
+        elif member.issym():
+            problem = symlink_target_problem(parts, member.linkname)
+            if problem is not None:
+                raise UnsafeArchiveError(f"unsafe archive member {name!r}: {problem}")
+            self._make_symlink(parts, member)
+        elif member.islnk():
+            self._make_hardlink(parts, member)
+        elif member.isreg():
+            self._make_file(parts, member, source)
+        else:
+            raise UnsafeArchiveError(
+                f"unsafe archive member {name!r}: unsupported member type {member.type!r}"
+            )
+
+    def _make_dir(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        if parts:
+            parent = self._dirs.get(parts[:-1], member.name)
+            try:
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            except FileExistsError:
+                st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):  # a later entry replaces an earlier non-dir
+                    os.unlink(parts[-1], dir_fd=parent)
+                    os.mkdir(parts[-1], 0o700, dir_fd=parent)
+        self._dir_attrs[parts] = _attrs_of(member)
+
+    def _make_file(self, parts: tuple[str, ...], member: tarfile.TarInfo,
+                   source: _FileSource | _StreamSource) -> None:
+        _check_sparse_map(member)
+        parent = self._dirs.get(parts[:-1], member.name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._replace(parent, parts, member)
+            fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
+        try:
+            _copy_member_data(member, source, fd)
+            self._apply_attrs_fd(fd, _attrs_of(member))
+        finally:
+            os.close(fd)
+
+    def _make_symlink(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        parent = self._dirs.get(parts[:-1], member.name)
+        try:
+            os.symlink(member.linkname, parts[-1], dir_fd=parent)
+        except FileExistsError:
+            self._replace(parent, parts, member)
+            os.symlink(member.linkname, parts[-1], dir_fd=parent)
+        self._symlinks.append(parts)
+        if self._is_root:
+            os.chown(parts[-1], member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+        mtime = _mtime_ns(member)
+        os.utime(parts[-1], ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
+
+    def _make_hardlink(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        name = member.name
+        target = _member_parts(member.linkname, "hard link target")
+        if not target or target == parts:
+            raise UnsafeArchiveError(
+                f"unsafe archive member {name!r}: hard link to {member.linkname!r}, "
+                "which is not a file extracted before it"
+            )
+        # dup: looking up the second parent may evict the first from the LRU.
+        src_parent = os.dup(self._dirs.get(target[:-1], name))
+        try:
+            self._check_link_target(src_parent, parts, target, member)
+            parent = self._dirs.get(parts[:-1], name)
+            try:
+                os.link(target[-1], parts[-1], src_dir_fd=src_parent, dst_dir_fd=parent,
+                        follow_symlinks=False)
+            except FileExistsError:
+                self._replace(parent, parts, member)
+                os.link(target[-1], parts[-1], src_dir_fd=src_parent, dst_dir_fd=parent,
+                        follow_symlinks=False)
+        finally:
+            os.close(src_parent)
+
+    def _check_link_target(self, src_parent: int, parts: tuple[str, ...],
+                           target: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        """A hard link may only name a file or symlink already extracted (the
+        destination started empty, so whatever is there came from us). A
+        hard-linked symlink is a second symlink with the same text, which must
+        be safe from its own directory too."""
+        name = member.name
+        try:
+            st = os.stat(target[-1], dir_fd=src_parent, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            what = "nothing extracted before it" if st is None else "not a regular file"
+            raise UnsafeArchiveError(
+                f"unsafe archive member {name!r}: hard link to {member.linkname!r}, which is {what}"
+            )
+        if stat.S_ISLNK(st.st_mode):
+            problem = symlink_target_problem(parts, os.readlink(target[-1], dir_fd=src_parent))
+            if problem is not None:
+                raise UnsafeArchiveError(f"unsafe archive member {name!r}: hard link to a {problem}")
+            self._symlinks.append(parts)
+
+    @staticmethod
+    def _replace(parent: int, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        """A later entry with the same name replaces a non-directory, as GNU tar does."""
+        st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(
+                f"archive member {member.name!r}: a directory of that name was already extracted",
+                errno.EISDIR,
+            )
+        os.unlink(parts[-1], dir_fd=parent)
+
+    def _apply_attrs_fd(self, fd: int, attrs: _Attrs) -> None:
+        """Owner, then mode (chown clears setuid), then xattrs (chown clears
+        security.capability), then mtime (every other step touches ctime only)."""
+        mode = attrs.mode
+        if self._is_root:
+            os.fchown(fd, attrs.uid, attrs.gid)
+        else:
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        os.fchmod(fd, mode)
+        for key, value in attrs.xattrs:
+            try:
+                os.setxattr(fd, key, value)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+        os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+
+    # -- after the last member
+
+    def finish(self) -> None:
+        """Check symlinks against the final tree, then set directory attributes,
+        deepest first so nothing later changes a directory's mtime."""
+        for parts in self._symlinks:
+            if not _inside(self._root_real, os.path.join(self._root_real, *parts)):
+                target = os.readlink(os.path.join(self._root_real, *parts))
+                raise UnsafeArchiveError(
+                    f"unsafe archive member {'/'.join(parts)!r}: symlink target {target!r} "
+                    "resolves outside the volume through other symlinks"
+                )
+        for parts in sorted(self._dir_attrs, key=len, reverse=True):
+            self._apply_attrs_fd(self._dirs.get(parts, "/".join(parts) or "."),
+                                 self._dir_attrs[parts])
+
+
+def _check_sparse_map(member: tarfile.TarInfo) -> None:
+    if member.sparse is None:
+        return
+    for offset, size in member.sparse:
+        if offset < 0 or size < 0 or offset + size > member.size:
+            raise ArchiveError(f"archive member {member.name!r}: corrupt sparse map")
+
+
+def _copy_member_data(member: tarfile.TarInfo, source: _FileSource | _StreamSource,
+                      fd: int) -> None:
+    """Copy a regular member's data; a sparse member's holes stay holes."""
+    if member.sparse is None:
+        source.copy(fd, member.offset_data, 0, member.size)
+        return
+    position = member.offset_data
+    for offset, size in member.sparse:
+        source.copy(fd, position, offset, size)
+        position += size
+    os.ftruncate(fd, member.size)
