@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fusefs import rpcerrors
 
-VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{32}$")
+VOLUME_ID_RE = re.compile(r"vol-[0-9a-f]{32}")
 #: PATH_MAX; a longer path cannot be mounted anyway.
 MAX_PATH_BYTES = 4096
 #: CSI's limit on strings, applied to the pod fields we keep.
@@ -34,7 +34,7 @@ MAX_FREEZE_VOLUMES = 1024
 
 def volume_id(value: str) -> str:
     """A ``vol-<32 lowercase hex>`` ID, or INVALID_ARGUMENT; never a path."""
-    if not isinstance(value, str) or not VOLUME_ID_RE.match(value):
+    if not isinstance(value, str) or not VOLUME_ID_RE.fullmatch(value):
         shown = value[:80] if isinstance(value, str) else type(value).__name__
         raise rpcerrors.invalid(f"volume_id {shown!r} is not of the form vol-<32 lowercase hex>")
     return value
