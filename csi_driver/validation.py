@@ -21,13 +21,13 @@ VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
 GROUP_SNAPSHOT_PREFIX = "group-"
 
-_ID_RE = re.compile(r"^(vol|snap|group)-[0-9a-f]{32}$")
+_ID_RE = re.compile(r"(vol|snap|group)-[0-9a-f]{32}")  # always fullmatch: "$" allows a trailing newline
 
 # CSI "Size Limits": strings up to 128 bytes, maps up to 4 KiB in total.
 MAX_STRING_BYTES = 128
 MAX_MAP_BYTES = 4096
 # Kubelet-chosen IDs (ephemeral inline volumes) are names, not paths.
-_FOREIGN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FOREIGN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def new_id(prefix: str) -> str:
@@ -37,7 +37,7 @@ def new_id(prefix: str) -> str:
 
 def is_id(value: str, prefix: str) -> bool:
     """True when ``value`` is an ID this driver could have generated with ``prefix``."""
-    return value.startswith(prefix) and _ID_RE.match(value) is not None
+    return value.startswith(prefix) and _ID_RE.fullmatch(value) is not None
 
 
 def require_field(value: str, field: str) -> str:
@@ -67,7 +67,7 @@ def require_volume_id(value: str) -> str:
 
 def check_foreign_id(value: str, field: str) -> str:
     """An ID the CO chose (an ephemeral volume handle): a plain name, never a path."""
-    if not _FOREIGN_ID_RE.match(value):
+    if not _FOREIGN_ID_RE.fullmatch(value) or value in (".", ".."):
         raise errors.invalid(f"{field} {value!r} must be 1-128 characters of [A-Za-z0-9._-]")
     return value
 
