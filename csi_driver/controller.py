@@ -47,8 +47,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             kinds = [
                 Cap.CREATE_DELETE_VOLUME, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.LIST_VOLUMES,
                 Cap.GET_CAPACITY, Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION,
-                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME, Cap.GET_SNAPSHOT,
+                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME,
             ]
+            # GetSnapshot is served, but its capability (alpha in CSI 1.12) is
+            # not advertised: csi-sanity v5.4 rejects it as unknown, and no
+            # released sidecar asks for it yet.
             if self.ctx.config.enable_attach:
                 kinds += [Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY, Cap.LIST_VOLUMES_PUBLISHED_NODES]
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[_rpc_cap(k) for k in kinds])
