@@ -55,6 +55,9 @@ class RpcInterceptor(grpc.ServerInterceptor):
             except CSIError as exc:
                 code, message = exc.code, exc.message
                 context.abort(exc.code, exc.message)
+            except grpc.RpcError as exc:  # from the fusefs daemon: say so, keep meaningful codes
+                code, message = _downstream_code(exc), f"fusefs daemon: {exc.details()}"
+                context.abort(code, message)
             except Exception as exc:  # noqa: BLE001 - every failure still answers
                 code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
                 log.exception("unexpected error in %s", method, extra={"fields": {"request_id": request_id}})
@@ -77,6 +80,16 @@ class RpcInterceptor(grpc.ServerInterceptor):
             wrapped, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+
+
+def _downstream_code(exc: grpc.RpcError) -> grpc.StatusCode:
+    """A daemon's NOT_FOUND is not the CO's NOT_FOUND: only unambiguous codes pass through."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.INTERNAL
+    return code if code in _PASS_THROUGH else grpc.StatusCode.INTERNAL
 
 
 def build_server(workers: int) -> grpc.Server:
