@@ -198,10 +198,12 @@ class VolumeManager:
         daemon re-mounts and re-binds everything from the state file.
         """
         self._stop.set()
-        for volume in list(self._volumes.values()):
-            session = volume.session
-            if session is not None:
-                session.stop(timeout=5.0)
+        stoppers = [threading.Thread(target=v.session.stop, kwargs={"timeout": 5.0}, daemon=True)
+                    for v in list(self._volumes.values()) if v.session is not None]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join(10.0)
 
     # -------------------------------------------------------------- lookups
 
@@ -328,6 +330,7 @@ class VolumeManager:
         is not a restart and binds nothing.
         """
         record = volume.record
+        validate.kubelet_path(record.staging_path, "staging_path", self.config.kubelet_dir)
         old = volume.session
         if old is not None:
             old.kill()
