@@ -560,7 +560,11 @@ class VolumeManager:
             raise
         except ValueError as exc:
             raise rpcerrors.invalid(f"{method}: {exc}") from exc
+        except OSError as exc:
+            raise rpcerrors.unavailable(f"{method}: session of {volume.volume_id} does not answer: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - the session's error becomes the status text
+            if getattr(exc, "kind", "") == "busy":  # e.g. a freeze that could not drain in time
+                raise rpcerrors.unavailable(f"{method} on volume {volume.volume_id}: {exc}") from exc
             raise rpcerrors.internal(f"{method} on volume {volume.volume_id}: {exc}") from exc
 
     def resize(self, volume_id: str, capacity_bytes: int) -> int:
