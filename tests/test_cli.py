@@ -1,0 +1,47 @@
+"""The command line: flags from the environment, and the JSON client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from csi_driver import config
+
+
+def client(driver, *args: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "csi_driver", "client", f"--endpoint={driver.endpoint}", *args],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_client_drives_the_driver_by_hand(shared_driver):
+    code, info = client(shared_driver, "get-plugin-info")
+    assert code == 0 and info["name"] == "fusepath.csi.io"
+    code, created = client(shared_driver, "create-volume", "cli-vol", "--capacity", "2Mi", "--param", "mounter=bind")
+    assert code == 0 and created["volume"]["capacity_bytes"] == str(2 << 20)
+    volume_id = created["volume"]["volume_id"]
+    code, listed = client(shared_driver, "list-volumes")
+    assert volume_id in [e["volume"]["volume_id"] for e in listed["entries"]]
+    code, generic = client(shared_driver, "call", "Controller.ControllerGetVolume", json.dumps({"volume_id": volume_id}))
+    assert code == 0 and generic["volume"]["volume_id"] == volume_id
+    code, error = client(shared_driver, "get-volume", "vol-" + "0" * 32)
+    assert code == 1 and error["error"]["code"] == "NOT_FOUND"
+    assert client(shared_driver, "delete-volume", volume_id)[0] == 0
+
+
+def test_flags_read_environment_and_command_line_wins(monkeypatch):
+    monkeypatch.setenv("FUSEPATH_DATA_DIR", "/srv/fusepath")
+    monkeypatch.setenv("FUSEPATH_MAX_VOLUMES_PER_NODE", "7")
+    monkeypatch.setenv("FUSEPATH_ENABLE_ATTACH", "true")
+    monkeypatch.setenv("CSI_ENDPOINT", "unix:///tmp/from-env.sock")
+    cfg = config.from_args(config.build_parser().parse_args(["--max-volumes-per-node=9", "--reserve=1Gi"]))
+    assert str(cfg.data_dir) == "/srv/fusepath"
+    assert cfg.max_volumes_per_node == 9 and cfg.enable_attach and cfg.reserve == 1 << 30
+    assert cfg.endpoint == "unix:///tmp/from-env.sock"
+
+
+def test_sizes():
+    assert config.parse_size("1Gi") == 1 << 30
+    assert config.parse_size("10G") == 10 * 10**9
+    assert config.parse_size("4096") == 4096
