@@ -1,0 +1,763 @@
+"""The fusefs filesystem: a passthrough over one volume directory.
+
+Every operation is relative to a directory file descriptor on the source
+(``*at`` system calls), never to a path string built from the mountpoint, so
+the volume keeps working if its directory is renamed on the host and a path
+can never leave it through a symlink in the final component (symlinks are
+never followed: the kernel resolves them itself before asking us).
+
+Methods take libfuse's raw arguments (see :mod:`fusefs.binding`): byte paths
+that start with ``/`` (or ``None`` for handle-based calls, because the
+session runs with ``nullpath_ok``), and ctypes pointers for buffers and
+``struct fuse_file_info``. A method returns 0, a byte count, or a negative
+errno, or raises OSError. File handles are the backing file descriptors.
+
+Permissions are the kernel's job (``default_permissions``): when a request
+reaches us it has already passed the checks against the caller's uid and
+gid, and the daemon (root) just performs it. Because the daemon is root, a
+new inode would belong to root; :meth:`_give_to_caller` hands it to the
+caller, keeping the group of a set-group-ID parent directory as the kernel
+would.
+
+Mutating operations pass three checks, in this order: read-only (EROFS),
+the freeze gate (blocks while frozen), and the quota (ENOSPC). Data
+operations also pass the I/O limits. Each check is one attribute test when
+it has nothing to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fusefs import binding
+from fusefs.binding import (
+    AT_SYMLINK_NOFOLLOW,
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    RENAME_EXCHANGE,
+    errno_result,
+    fuse_get_context,
+)
+from fusefs.freeze import FreezeGate
+from fusefs.limits import IOLimits
+from fusefs.opstats import OpStats
+from fusefs.quota import InodeState, Quota
+
+log = logging.getLogger("fusefs.operations")
+
+_ERR_ROFS = -errno.EROFS
+_ERR_NOSPC = -errno.ENOSPC
+_ERR_NODATA = -errno.ENODATA
+#: Open flags that must not reach the backing file: the kernel already did
+#: what they ask (append offsets, O_TRUNC handled here for the quota), or
+#: they would break the pass-through (O_DIRECT needs aligned buffers).
+_STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOCTTY
+_OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
+#: Stat block size reported by statfs.
+STATFS_BLOCK = 4096
+#: uid_t/gid_t -1 as libfuse passes it ("do not change").
+_ID_UNCHANGED = 0xFFFFFFFF
+
+
+@dataclass
+class FsOptions:
+    """Caching behaviour negotiated with the kernel; see docs/fusefs.md."""
+
+    #: Keep a file's page cache across opens (FOPEN_KEEP_CACHE). Safe because
+    #: only fusefs writes the backing directory.
+    keep_cache: bool = True
+    #: Let the kernel buffer writes and send them back later (libfuse's
+    #: FUSE_CAP_WRITEBACK_CACHE). Faster small writes, but ENOSPC and freeze
+    #: then apply at write-back time, not at write(2); off by default.
+    writeback_cache: bool = False
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    negative_timeout: float = 1.0
+    max_write: int = 1 << 20
+    max_readahead: int = 1 << 20
+    max_background: int = 64
+
+
+class _Handle:
+    """An open file: its backing descriptor and the inode it is on."""
+
+    __slots__ = ("fd", "state", "writable")
+
+    def __init__(self, fd: int, state: InodeState, writable: bool) -> None:
+        self.fd = fd
+        self.state = state
+        self.writable = writable
+
+
+def _rel(path: bytes) -> bytes:
+    """A request path (``b"/a/b"``) relative to the source directory."""
+    return path[1:] or b"."
+
+
+def _parent(rel: bytes) -> bytes:
+    head, sep, _ = rel.rpartition(b"/")
+    return head if sep else b"."
+
+
+class FusefsOperations(binding.Operations):
+    """Passthrough filesystem with quota, freeze, read-only and I/O limits."""
+
+    use_ns = True  # silence mfusepy's float-time deprecation warning
+
+    def __init__(self, source: str, *, quota: Quota, gate: FreezeGate | None = None,
+                 limits: IOLimits | None = None, stats: OpStats | None = None,
+                 read_only: bool = False, options: FsOptions | None = None,
+                 xattr_names: Iterable[bytes] = ()) -> None:
+        self.source = os.path.realpath(source)
+        self._root_b = os.fsencode(self.source)
+        self._root = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.quota = quota
+        self.gate = gate or FreezeGate()
+        self.limits = limits or IOLimits()
+        self.stats = stats or OpStats()
+        self.read_only = read_only
+        self.options = options or FsOptions()
+        #: xattr names present anywhere on the volume (from the mount scan,
+        #: grown by setxattr). A getxattr for any other name is answered
+        #: ENODATA without a system call: the kernel asks for
+        #: ``security.capability`` before every write(2).
+        self.xattr_names: set[bytes] = set(xattr_names)
+        self._handles: dict[int, _Handle] = {}
+        self._inodes: dict[int, InodeState] = {}
+        self._table = threading.Lock()
+        self.initialized = threading.Event()
+        #: What the kernel granted at INIT, for stats and the docs' claims.
+        self.negotiated: dict[str, Any] = {}
+        #: libfuse's session pointer, recorded in init() for a clean stop.
+        self.fuse_session: int | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def init(self, conn: Any, config: Any) -> None:
+        """Negotiate caching and sizes with the kernel (libfuse init()).
+
+        libfuse 3.14 rejects ``-o max_write`` and ``-o writeback_cache`` on the
+        command line, so they are set here, on the connection. ``kernel_cache``
+        is *not* set in the config because libfuse would then force
+        ``keep_cache`` onto every open; :meth:`open` sets it per file.
+        """
+        opts = self.options
+        cfg = config.contents
+        cfg.use_ino = 1          # real inode numbers: hard links look like hard links
+        cfg.hard_remove = 1      # unlink really unlinks (no .fuse_hidden files)
+        cfg.nullpath_ok = 1      # handle-based calls skip libfuse's path lookup
+        cfg.kernel_cache = 0
+        cfg.auto_cache = 0
+        cfg.direct_io = 0
+        cfg.attr_timeout = opts.attr_timeout
+        cfg.entry_timeout = opts.entry_timeout
+        cfg.negative_timeout = opts.negative_timeout
+        cfg.ac_attr_timeout_set = 0
+        info = conn.contents
+        info.max_write = opts.max_write
+        # Must equal the max_read mount option, or libfuse refuses (EPROTO).
+        info.max_read = opts.max_write
+        info.max_readahead = min(info.max_readahead or opts.max_readahead, opts.max_readahead)
+        info.max_background = opts.max_background
+        info.congestion_threshold = max(1, opts.max_background * 3 // 4)
+        want = info.want
+        if opts.writeback_cache and info.capable & binding.FUSE_CAP_WRITEBACK_CACHE:
+            want |= binding.FUSE_CAP_WRITEBACK_CACHE
+        else:
+            want &= ~binding.FUSE_CAP_WRITEBACK_CACHE
+        if info.capable & binding.FUSE_CAP_CACHE_SYMLINKS:
+            want |= binding.FUSE_CAP_CACHE_SYMLINKS
+        # Our readdir returns names and types only; READDIRPLUS would make the
+        # kernel ask for attributes it then does not get.
+        want &= ~(binding.FUSE_CAP_READDIRPLUS | binding.FUSE_CAP_READDIRPLUS_AUTO)
+        info.want = want
+        self.negotiated = {
+            "proto": f"{info.proto_major}.{info.proto_minor}",
+            "max_write": info.max_write,
+            "max_read": info.max_read,
+            "max_readahead": info.max_readahead,
+            "writeback_cache": bool(want & binding.FUSE_CAP_WRITEBACK_CACHE),
+            "keep_cache": opts.keep_cache,
+        }
+        self.fuse_session = binding.current_fuse_session()
+        self.initialized.set()
+
+    def destroy(self, private_data: Any) -> None:
+        pass  # the root descriptor dies with the process
+
+    # ------------------------------------------------------------ helpers
+
+    def _give_to_caller(self, rel: bytes, fd: int | None = None) -> None:
+        """Make a freshly created inode belong to the requesting uid/gid.
+
+        The group stays the parent's when the parent directory is set-group-ID
+        (the kernel already gave it that group, as it does for any creator).
+        """
+        uid, gid, _ = fuse_get_context()
+        if os.stat(_parent(rel), dir_fd=self._root, follow_symlinks=False).st_mode & stat.S_ISGID:
+            gid = -1
+        if uid == 0 and gid in (0, -1):
+            return  # root asked: it already is root's
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+
+    def _state_for(self, fd: int, st: os.stat_result) -> InodeState:
+        """The tracked state of the inode behind ``fd`` (caller holds _table)."""
+        state = self._inodes.get(st.st_ino)
+        if state is None:
+            state = InodeState(st.st_ino, st.st_size)
+            self._inodes[st.st_ino] = state
+        return state
+
+    def _register(self, fd: int, writable: bool) -> _Handle:
+        st = os.fstat(fd)
+        with self._table:
+            state = self._state_for(fd, st)
+            state.opens += 1
+            handle = _Handle(fd, state, writable)
+            self._handles[fd] = handle
+        return handle
+
+    def _link_removed(self, st: os.stat_result) -> None:
+        """Account for a name that is gone (unlink, rmdir, rename over)."""
+        if stat.S_ISDIR(st.st_mode):
+            self.quota.give_inode()
+            return
+        if st.st_nlink > 1:
+            return  # other names still hold the inode
+        with self._table:
+            state = self._inodes.get(st.st_ino)
+            if state is not None:
+                state.orphan = True  # still open: uncharge on the last close
+                return
+        self.quota.release_bytes(st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        self.quota.give_inode()
+
+    def _lstat(self, rel: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _fill_open(self, fip: Any, fd: int, writable: bool) -> None:
+        fi = fip.contents
+        fi.fh = fd
+        fi.keep_cache = 1 if self.options.keep_cache else 0
+        # A FLUSH on every close(2) buys nothing for a local passthrough (our
+        # writes are synchronous); the kernel ignores this with writeback.
+        fi.noflush = 1
+
+    # ------------------------------------------------------------ attributes
+
+    def getattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        if fip:
+            res = binding.fstat(fip.contents.fh, buf)
+        else:
+            res = binding.fstatat(self._root, path[1:] or b".", buf, AT_SYMLINK_NOFOLLOW)
+        return errno_result() if res else 0
+
+    def access(self, path: bytes, amode: int) -> int:
+        # With default_permissions the kernel decides; this only runs when
+        # someone mounts without it. Existence is all we check as root.
+        os.stat(_rel(path), dir_fd=self._root, follow_symlinks=False)
+        return 0
+
+    def readlink(self, path: bytes, buf: Any, bufsize: int) -> int:
+        target = os.readlink(_rel(path), dir_fd=self._root)
+        data = target[: bufsize - 1] + b"\0"
+        ctypes.memmove(buf, data, len(data))
+        return 0
+
+    def statfs(self, path: bytes, buf: Any) -> int:
+        sv = buf.contents
+        q = self.quota
+        sv.f_bsize = sv.f_frsize = STATFS_BLOCK
+        sv.f_namemax = 255
+        if q.capacity:
+            blocks = q.capacity // STATFS_BLOCK
+            used = -(-q.used_bytes // STATFS_BLOCK)
+            sv.f_blocks = blocks
+            sv.f_bfree = sv.f_bavail = max(0, blocks - used)
+        else:
+            host = os.statvfs(self._root)
+            scale = host.f_frsize / STATFS_BLOCK
+            sv.f_blocks = int(host.f_blocks * scale)
+            sv.f_bfree = int(host.f_bfree * scale)
+            sv.f_bavail = int(host.f_bavail * scale)
+        sv.f_files = q.inode_limit
+        sv.f_ffree = sv.f_favail = max(0, q.inode_limit - q.used_inodes)
+        return 0
+
+    # ------------------------------------------------------------ checks
+
+    def _begin_mutation(self) -> Any:
+        """EROFS or wait out a freeze; returns the gate flag to leave."""
+        if self.read_only:
+            raise OSError(errno.EROFS, "read-only volume")
+        return self.gate.enter()
+
+    # ------------------------------------------------------------ files
+
+    def open(self, path: bytes, fip: Any) -> int:
+        flags = fip.contents.flags
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and self.read_only:
+            return _ERR_ROFS
+        truncate = writable and flags & os.O_TRUNC
+        w = self.gate.enter() if truncate else None
+        try:
+            fd = os.open(_rel(path), (flags & ~_STRIP_OPEN) | _OPEN_ADD, dir_fd=self._root)
+            try:
+                handle = self._register(fd, writable)
+                if truncate:
+                    self._truncate_fd(fd, handle.state, 0)
+            except BaseException:
+                self._unregister(fd)
+                raise
+        finally:
+            if w is not None:
+                self.gate.leave(w)
+        self._fill_open(fip, fd, writable)
+        return 0
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        w = self._begin_mutation()
+        try:
+            flags = fip.contents.flags
+            rel = _rel(path)
+            self.quota.take_inode()
+            try:
+                fd = os.open(rel, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | _OPEN_ADD,
+                             mode & 0o7777, dir_fd=self._root)
+            except FileExistsError:
+                self.quota.give_inode()
+                if flags & os.O_EXCL:
+                    raise
+                w2, w = w, None
+                self.gate.leave(w2)
+                return self.open(path, fip)  # lost a race with another creator
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            try:
+                self._give_to_caller(rel, fd)
+                if mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.fchmod(fd, mode & 0o7777)  # chown cleared them
+                self._register(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            if w is not None:
+                self.gate.leave(w)
+        self._fill_open(fip, fd, True)
+        return 0
+
+    def _unregister(self, fd: int) -> None:
+        """Forget a handle and close it; uncharge or re-check its inode."""
+        with self._table:
+            handle = self._handles.pop(fd, None)
+            state = None
+            if handle is not None:
+                state = handle.state
+                state.opens -= 1
+                if state.opens > 0:
+                    state = None
+                else:
+                    del self._inodes[state.ino]
+        try:
+            if state is not None:
+                if state.orphan:
+                    self.quota.release_bytes(state.size)
+                    self.quota.give_inode()
+                else:
+                    actual = os.fstat(fd).st_size
+                    if actual != state.size:
+                        log.debug("size drift on close", extra={"fields": {
+                            "ino": state.ino, "tracked": state.size, "actual": actual}})
+                        self.quota.set_size(None, state.size, actual)
+        finally:
+            os.close(fd)
+
+    def release(self, path: bytes | None, fip: Any) -> int:
+        self._unregister(fip.contents.fh)
+        return 0
+
+    def flush(self, path: bytes | None, fip: Any) -> int:
+        return 0
+
+    def fsync(self, path: bytes | None, datasync: int, fip: Any) -> int:
+        fd = fip.contents.fh
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        return 0
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        if self.limits.active:
+            self.limits.throttle(size)
+        n = binding.pread(fip.contents.fh, buf, size, offset)
+        if n < 0:
+            return errno_result()
+        self.stats.shard().bytes_read += n
+        return n
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        if self.read_only:
+            return _ERR_ROFS
+        gate = self.gate
+        w = gate.enter()
+        try:
+            if self.limits.active:
+                self.limits.throttle(size)
+            fh = fip.contents.fh
+            state = self._handles[fh].state
+            end = offset + size
+            if end > state.size:
+                allowed = self.quota.extend(state, end)
+                if allowed <= offset:
+                    return _ERR_NOSPC
+                size = allowed - offset
+            n = binding.pwrite(fh, buf, size, offset)
+            if n < 0:
+                err = errno_result()
+                self._resync_size(fh, state)
+                return err
+            if n < size:
+                self._resync_size(fh, state)
+            self.stats.shard().bytes_written += n
+            return n
+        finally:
+            w.busy = False
+
+    def _resync_size(self, fd: int, state: InodeState) -> None:
+        """After a failed or short write, charge what the file really holds."""
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError:
+            return
+        self.quota.set_size(state, 0, actual)
+
+    def truncate(self, path: bytes | None, length: int, fip: Any) -> int:
+        w = self._begin_mutation()
+        try:
+            if fip:
+                fd = fip.contents.fh
+                self._truncate_fd(fd, self._handles[fd].state, length)
+                return 0
+            fd = os.open(_rel(path), os.O_WRONLY | _OPEN_ADD, dir_fd=self._root)
+            try:
+                handle = self._register(fd, True)
+                self._truncate_fd(fd, handle.state, length)
+            finally:
+                self._unregister(fd)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def _truncate_fd(self, fd: int, state: InodeState, length: int) -> None:
+        old = state.size
+        if length > old:
+            self.quota.reserve_exact(state, old, length)
+        try:
+            os.ftruncate(fd, length)
+        except BaseException:
+            if length > old:
+                self.quota.set_size(state, 0, old)
+            raise
+        if length < old:
+            self.quota.set_size(state, old, length)
+
+    def fallocate(self, path: bytes | None, mode: int, offset: int, length: int, fip: Any) -> int:
+        w = self._begin_mutation()
+        try:
+            fd = fip.contents.fh
+            state = self._handles[fd].state
+            size = state.size
+            if mode & FALLOC_FL_KEEP_SIZE:
+                if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > size:
+                    # Blocks past end of file would escape the byte quota.
+                    return -errno.EOPNOTSUPP
+                binding.check(binding.fallocate(fd, mode, offset, length))
+                return 0
+            if mode & FALLOC_FL_COLLAPSE_RANGE:
+                binding.check(binding.fallocate(fd, mode, offset, length))
+                self.quota.set_size(state, 0, os.fstat(fd).st_size)
+                return 0
+            new_size = size + length if mode & FALLOC_FL_INSERT_RANGE else max(size, offset + length)
+            self.quota.reserve_exact(state, size, new_size)
+            if binding.fallocate(fd, mode, offset, length) < 0:
+                err = errno_result()
+                self.quota.set_size(state, 0, os.fstat(fd).st_size)
+                return err
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    # ------------------------------------------------------------ namespace
+
+    def mknod(self, path: bytes, mode: int, dev: int) -> int:
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            return -errno.EPERM  # no device nodes in a volume
+        w = self._begin_mutation()
+        try:
+            rel = _rel(path)
+            self.quota.take_inode()
+            try:
+                os.mknod(rel, mode, 0, dir_fd=self._root)
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            self._give_to_caller(rel)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def mkdir(self, path: bytes, mode: int) -> int:
+        w = self._begin_mutation()
+        try:
+            rel = _rel(path)
+            self.quota.take_inode()
+            try:
+                os.mkdir(rel, mode & 0o7777, dir_fd=self._root)
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            self._give_to_caller(rel)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def symlink(self, target: bytes, path: bytes) -> int:
+        """``ln -s target path`` (libfuse passes the link's content first)."""
+        w = self._begin_mutation()
+        try:
+            rel = _rel(path)
+            self.quota.take_inode()
+            try:
+                os.symlink(target, rel, dir_fd=self._root)
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            self._give_to_caller(rel)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def link(self, existing: bytes, path: bytes) -> int:
+        """``ln existing path``: a new name, no new inode, no new bytes."""
+        w = self._begin_mutation()
+        try:
+            os.link(_rel(existing), _rel(path), src_dir_fd=self._root, dst_dir_fd=self._root,
+                    follow_symlinks=False)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def unlink(self, path: bytes) -> int:
+        w = self._begin_mutation()
+        try:
+            rel = _rel(path)
+            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+            os.unlink(rel, dir_fd=self._root)
+            self._link_removed(st)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def rmdir(self, path: bytes) -> int:
+        w = self._begin_mutation()
+        try:
+            os.rmdir(_rel(path), dir_fd=self._root)
+            self.quota.give_inode()
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def rename(self, old: bytes, new: bytes, flags: int) -> int:
+        """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        w = self._begin_mutation()
+        try:
+            src, dst = _rel(old), _rel(new)
+            replaced = None
+            if not flags & RENAME_EXCHANGE:
+                replaced = self._lstat(dst)
+                if replaced is not None:
+                    moved = os.stat(src, dir_fd=self._root, follow_symlinks=False)
+                    if (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev):
+                        replaced = None  # two names of one inode: rename is a no-op
+            if flags:
+                binding.check(binding.renameat2(self._root, src, self._root, dst, flags))
+            else:
+                os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
+            if replaced is not None:
+                self._link_removed(replaced)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def chmod(self, path: bytes | None, mode: int, fip: Any) -> int:
+        w = self._begin_mutation()
+        try:
+            if fip:
+                os.fchmod(fip.contents.fh, mode & 0o7777)
+            else:
+                os.chmod(_rel(path), mode & 0o7777, dir_fd=self._root, follow_symlinks=False)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def chown(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        uid = -1 if uid == _ID_UNCHANGED else uid
+        gid = -1 if gid == _ID_UNCHANGED else gid
+        w = self._begin_mutation()
+        try:
+            if fip:
+                os.fchown(fip.contents.fh, uid, gid)
+            else:
+                os.chown(_rel(path), uid, gid, dir_fd=self._root, follow_symlinks=False)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def utimens(self, path: bytes | None, times: Any, fip: Any) -> int:
+        """Pass the kernel's two timespecs through untouched, so UTIME_NOW and
+        UTIME_OMIT keep their meaning."""
+        w = self._begin_mutation()
+        try:
+            if fip:
+                res = binding.futimens(fip.contents.fh, times)
+            else:
+                res = binding.utimensat(self._root, _rel(path), times, AT_SYMLINK_NOFOLLOW)
+            return errno_result() if res else 0
+        finally:
+            self.gate.leave(w)
+
+    # ------------------------------------------------------------ directories
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        fd = os.open(_rel(path), os.O_RDONLY | os.O_DIRECTORY | _OPEN_ADD, dir_fd=self._root)
+        fip.contents.fh = fd
+        return 0
+
+    def readdir(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """List names and types (d_type) only; attributes come from lookups."""
+        st = binding.c_stat()
+        st.st_mode = stat.S_IFDIR
+        filler(buf, b".", st, 0, 0)
+        filler(buf, b"..", st, 0, 0)
+        fsencode = os.fsencode
+        with os.scandir(fip.contents.fh) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    st.st_mode = stat.S_IFDIR
+                elif entry.is_file(follow_symlinks=False):
+                    st.st_mode = stat.S_IFREG
+                elif entry.is_symlink():
+                    st.st_mode = stat.S_IFLNK
+                else:
+                    try:
+                        st.st_mode = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
+                    except OSError:
+                        continue  # vanished while listing
+                st.st_ino = entry.inode()
+                if filler(buf, fsencode(entry.name), st, 0, 0):
+                    break
+        return 0
+
+    def releasedir(self, path: bytes | None, fip: Any) -> int:
+        os.close(fip.contents.fh)
+        return 0
+
+    def fsyncdir(self, path: bytes | None, datasync: int, fip: Any) -> int:
+        os.fsync(fip.contents.fh)
+        return 0
+
+    # ------------------------------------------------------------ xattrs
+
+    def _abs(self, path: bytes) -> bytes:
+        # The xattr calls have no *at form; the source path is fixed and
+        # resolved at start-up, and follow_symlinks=False covers the last step.
+        return self._root_b + path if path != b"/" else self._root_b
+
+    def getxattr(self, path: bytes, name: bytes, value: Any, size: int) -> int:
+        if name not in self.xattr_names:
+            return _ERR_NODATA  # the hot path: security.capability on every write
+        data = os.getxattr(self._abs(path), name, follow_symlinks=False)
+        if not size:
+            return len(data)
+        if len(data) > size:
+            return -errno.ERANGE
+        ctypes.memmove(value, data, len(data))
+        return len(data)
+
+    def listxattr(self, path: bytes, namebuf: Any, size: int) -> int:
+        if not self.xattr_names:
+            return 0
+        names = os.listxattr(self._abs(path), follow_symlinks=False)
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if not size:
+            return len(data)
+        if len(data) > size:
+            return -errno.ERANGE
+        ctypes.memmove(namebuf, data, len(data))
+        return len(data)
+
+    def setxattr(self, path: bytes, name: bytes, value: Any, size: int, options: int) -> int:
+        if name.startswith(b"system.posix_acl_"):
+            # The kernel does not enforce ACLs on this mount (no FUSE_POSIX_ACL);
+            # storing them would promise access control that does not happen.
+            return -errno.EOPNOTSUPP
+        w = self._begin_mutation()
+        try:
+            data = ctypes.string_at(value, size)
+            self.xattr_names.add(name)  # before the call: a racing getxattr must look
+            os.setxattr(self._abs(path), name, data, options, follow_symlinks=False)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    def removexattr(self, path: bytes, name: bytes) -> int:
+        w = self._begin_mutation()
+        try:
+            if name not in self.xattr_names:
+                return _ERR_NODATA
+            os.removexattr(self._abs(path), name, follow_symlinks=False)
+            return 0
+        finally:
+            self.gate.leave(w)
+
+    # ------------------------------------------------------------ freeze support
+
+    def sync_open_files(self) -> int:
+        """fsync every open file (the last step of a freeze). Returns the count.
+
+        Descriptors are duplicated under the table lock so that a concurrent
+        release cannot close (and the number be reused) under our feet.
+        """
+        with self._table:
+            fds = [os.dup(h.fd) for h in self._handles.values() if h.writable]
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(self._root)
+        return len(fds)
+
+    def open_handles(self) -> int:
+        return len(self._handles)

@@ -1,0 +1,395 @@
+"""One volume's FUSE session: a process that mounts, serves and answers control.
+
+Command line (the daemon's contract; see docs/fusefs.md)::
+
+    python -m fusefs.session --volume-id ID --source DIR --mountpoint DIR
+        --control-socket PATH [--capacity BYTES] [--read-only]
+        [--io-bytes-per-second N] [--io-ops-per-second N] [--die-with-parent]
+
+- stdout stays empty; logs are JSON lines on stderr.
+- The control socket (0600) answers only once the mount shows in
+  ``/proc/self/mountinfo`` with fstype ``fuse.fusefs`` and source
+  ``fusepath:<ID>``: a successful ``ping`` means "mounted and serving".
+- SIGTERM (or SIGHUP) thaws the volume, lifts the I/O limits so no request
+  stays parked, stops the FUSE loop, unmounts (lazily) and exits 0.
+- ``--die-with-parent`` sets PR_SET_PDEATHSIG=SIGKILL; without it the
+  session outlives its parent.
+
+Threads: the main thread sits in libfuse's multithreaded loop (inside
+``fuse_main_real``); libfuse runs requests on its own worker threads; Python
+threads serve the control socket, wait for readiness, and handle signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from fusefs import binding
+from fusefs.control import Busy, ControlServer, InvalidRequest
+from fusefs.freeze import FreezeGate, FreezeTimeout
+from fusefs.limits import IOLimits
+from fusefs.operations import FsOptions, FusefsOperations
+from fusefs.opstats import OpStats, render_prometheus
+from fusefs.quota import Quota, scan
+
+log = logging.getLogger("fusefs.session")
+
+FSTYPE = "fuse.fusefs"
+VOLUME_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: How long the session waits for its own mount to appear before giving up.
+READY_TIMEOUT = 30.0
+MAX_FREEZE_SECONDS = 3600
+#: libfuse worker threads at most; they are created on demand.
+MAX_WORKERS = 128
+
+
+# ---------------------------------------------------------------- logging
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object per line, with the volume ID on every line."""
+
+    def __init__(self, volume_id: str) -> None:
+        super().__init__()
+        self.volume_id = volume_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "volume_id": self.volume_id,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(volume_id: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines(volume_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("fuse").setLevel(logging.WARNING)  # mfusepy's own logger
+
+
+# ---------------------------------------------------------------- mountinfo
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_is_live(mountpoint: str, volume_id: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether the topmost mount at ``mountpoint`` is this volume's fusefs mount."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, sep, right = line.rstrip("\n").partition(" - ")
+            fields, rfields = left.split(" "), right.split(" ")
+            if sep and len(fields) >= 5 and len(rfields) >= 2 and _unescape(fields[4]) == target:
+                found = (rfields[0], _unescape(rfields[1]))  # later lines stack on top
+    return found == (FSTYPE, f"fusepath:{volume_id}")
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session:
+    """Everything one volume's process owns, and the control commands."""
+
+    def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
+                 capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
+                 ops_per_second: int = 0, options: FsOptions | None = None) -> None:
+        if not VOLUME_ID_RE.match(volume_id):
+            raise ValueError(f"invalid volume id {volume_id!r}")
+        for what, path in (("source", source), ("mountpoint", mountpoint)):
+            if not os.path.isdir(path):
+                raise ValueError(f"{what} {path!r} is not a directory")
+        self.volume_id = volume_id
+        self.source = os.path.realpath(source)
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.control_socket = control_socket
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+
+        t0 = time.monotonic()
+        found = scan(self.source)
+        self.scan_info = {"seconds": round(time.monotonic() - t0, 3), "errors": found.errors,
+                          "xattr_names": len(found.xattr_names)}
+        log.info("scanned volume", extra={"fields": {
+            "used_bytes": found.used_bytes, "used_inodes": found.used_inodes, **self.scan_info}})
+        self.quota = Quota(capacity, found.used_bytes, found.used_inodes)
+        self.gate = FreezeGate()
+        self.limits = IOLimits(bytes_per_second, ops_per_second)
+        self.stats_ = OpStats()
+        self.ops = FusefsOperations(
+            self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
+            read_only=read_only, options=options, xattr_names=found.xattr_names)
+        self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
+
+    # ------------------------------------------------------------ commands
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "ping": lambda a: self.ping(),
+            "stats": lambda a: self.stats(),
+            "metrics": lambda a: {"text": self.metrics()},
+            "resize": lambda a: self.resize(_int_arg(a, "capacity")),
+            "freeze": lambda a: self.freeze(float(a.get("timeout_seconds", 60))),
+            "thaw": lambda a: self.thaw(),
+            "set_limits": lambda a: self.set_limits(_int_arg(a, "bytes_per_second", 0),
+                                                    _int_arg(a, "ops_per_second", 0)),
+            "set_read_only": lambda a: self.set_read_only(bool(a["read_only"])),
+        }
+
+    def ping(self) -> dict[str, Any]:
+        return {"ready": self.ready.is_set(), "volume_id": self.volume_id, "pid": os.getpid(),
+                "mountpoint": self.mountpoint}
+
+    def stats(self) -> dict[str, Any]:
+        q = self.quota.snapshot()
+        ops = self.stats_.snapshot()
+        return {
+            "volume_id": self.volume_id,
+            **q,
+            "available_bytes": max(0, q["capacity"] - q["used_bytes"]) if q["capacity"] else 0,
+            "available_inodes": max(0, q["total_inodes"] - q["used_inodes"]),
+            "frozen": self.gate.frozen,
+            "freeze": self.gate.status(),
+            "read_only": self.ops.read_only,
+            "limits": self.limits.as_dict(),
+            "throttled_seconds": round(self.limits.throttled_seconds, 3),
+            "open_files": self.ops.open_handles(),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "negotiated": self.ops.negotiated,
+            "scan": self.scan_info,
+            **ops,
+        }
+
+    def metrics(self) -> str:
+        return render_prometheus({self.volume_id: self.stats()})
+
+    def resize(self, capacity: int) -> dict[str, Any]:
+        if capacity < 0:
+            raise InvalidRequest("capacity must be >= 0")
+        old = self.quota.capacity
+        self.quota.resize(capacity)
+        log.info("resized", extra={"fields": {"old_capacity": old, "capacity": capacity}})
+        return {"capacity": capacity}
+
+    def freeze(self, timeout_seconds: float) -> dict[str, Any]:
+        if not 0 < timeout_seconds <= MAX_FREEZE_SECONDS:
+            raise InvalidRequest(f"timeout_seconds must be in (0, {MAX_FREEZE_SECONDS}]")
+        synced: list[int] = []
+        t0 = time.monotonic()
+        try:
+            self.gate.freeze(timeout_seconds, flush=lambda: synced.append(self.ops.sync_open_files()))
+        except FreezeTimeout as exc:
+            raise Busy(str(exc)) from exc
+        status = self.gate.status()
+        log.info("frozen", extra={"fields": {"timeout_seconds": timeout_seconds,
+                                              "synced_files": sum(synced),
+                                              "took_seconds": round(time.monotonic() - t0, 3)}})
+        return {"frozen": True, "synced_files": sum(synced),
+                "auto_thaw_in_seconds": status["auto_thaw_in_seconds"]}
+
+    def thaw(self) -> dict[str, Any]:
+        was = self.gate.thaw()
+        if was:
+            log.info("thawed")
+        return {"was_frozen": was}
+
+    def set_limits(self, bytes_per_second: int, ops_per_second: int) -> dict[str, Any]:
+        try:
+            self.limits.set(bytes_per_second, ops_per_second)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        log.info("limits set", extra={"fields": self.limits.as_dict()})
+        return {"limits": self.limits.as_dict()}
+
+    def set_read_only(self, read_only: bool) -> dict[str, Any]:
+        self.ops.read_only = read_only
+        log.info("read-only set", extra={"fields": {"read_only": read_only}})
+        return {"read_only": read_only}
+
+    # ------------------------------------------------------------ running
+
+    def run(self) -> int:
+        """Mount and serve until told to stop. Returns the exit code."""
+        os.umask(0)  # the kernel already applied the caller's umask to every mode
+        self._install_signals()
+        threading.Thread(target=self._become_ready, name="ready", daemon=True).start()
+        options = dict(
+            foreground=True,
+            fsname=f"fusepath:{self.volume_id}",
+            subtype="fusefs",
+            default_permissions=True,
+            allow_other=True,
+            max_read=self.ops.options.max_write,
+            # Enough workers that writers parked by a freeze or a limit never
+            # starve reads (libfuse 3.14 defaults to 10), and never reap idle
+            # ones (-1, which 3.14 also logs as "invalid").
+            max_threads=MAX_WORKERS,
+            max_idle_threads=100000,
+        )
+        log.info("mounting", extra={"fields": {"source": self.source, "mountpoint": self.mountpoint,
+                                                "capacity": self.quota.capacity}})
+        code = 0
+        try:
+            binding.FastFUSE(self.ops, self.mountpoint, **options)
+        except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
+            log.error("FUSE session failed", extra={"fields": {"error": str(exc)}})
+            code = 1
+        finally:
+            self.stopping.set()
+            if self.server is not None:
+                self.server.close()
+        if code == 0 and not self.ready.is_set():
+            code = 1  # the loop ended before the mount ever came up
+        log.info("unmounted; exiting", extra={"fields": {"code": code}})
+        return code
+
+    def _become_ready(self) -> None:
+        if not self.ops.initialized.wait(READY_TIMEOUT):
+            log.error("the kernel never initialised the mount")
+            return
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not mount_is_live(self.mountpoint, self.volume_id):
+            if time.monotonic() > deadline or self.stopping.is_set():
+                log.error("mount did not appear in mountinfo")
+                return
+            time.sleep(0.01)
+        if self.server is not None:
+            self.server.start()
+        self.ready.set()
+        log.info("ready", extra={"fields": {"negotiated": self.ops.negotiated}})
+
+    # ------------------------------------------------------------ stopping
+
+    def _install_signals(self) -> None:
+        """Own SIGTERM/SIGHUP so a stop can first release parked requests.
+
+        libfuse installs its exit handler only where the disposition is still
+        SIG_DFL; having ours in place keeps it out. A signal wakes the main
+        thread out of libfuse's sem_wait (EINTR) and, through the wakeup fd,
+        the stopper thread below, which does the work Python cannot do from a
+        signal handler while the main thread is inside C.
+        """
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: None)
+        threading.Thread(target=self._stopper, args=(r,), name="stopper", daemon=True).start()
+
+    def _stopper(self, rfd: int) -> None:
+        import select
+
+        while True:
+            select.select([rfd], [], [])
+            try:
+                data = os.read(rfd, 64)
+            except BlockingIOError:
+                continue
+            if any(b in (signal.SIGTERM, signal.SIGHUP) for b in data):
+                break
+        log.info("stop requested")
+        self.stopping.set()
+        self.gate.thaw()             # release writers parked by a freeze
+        self.limits.set(0, 0)        # and requests parked by a limit
+        main = threading.main_thread().ident
+        for _ in range(100):
+            if self.ops.fuse_session:
+                binding.session_exit(self.ops.fuse_session)
+            else:
+                # Not initialised yet: unmounting makes libfuse's read fail.
+                binding.lazy_unmount(self.mountpoint)
+            if main is not None:
+                try:
+                    signal.pthread_kill(main, signal.SIGTERM)  # interrupt sem_wait
+                except (ProcessLookupError, OSError):
+                    return
+            time.sleep(0.1)
+
+
+def _int_arg(args: dict[str, Any], key: str, default: int | None = None) -> int:
+    if key not in args:
+        if default is None:
+            raise InvalidRequest(f"missing argument {key!r}")
+        return default
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{key} must be an integer")
+    return value
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fusefs.session", description=__doc__.split("\n\n")[0])
+    p.add_argument("--volume-id", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--control-socket", required=True)
+    p.add_argument("--capacity", type=int, default=0, help="quota in bytes (0: none)")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--io-bytes-per-second", type=int, default=0)
+    p.add_argument("--io-ops-per-second", type=int, default=0)
+    p.add_argument("--die-with-parent", action="store_true")
+    p.add_argument("--writeback-cache", action="store_true",
+                   help="buffer writes in the kernel (faster small writes; ENOSPC at write-back)")
+    p.add_argument("--no-keep-cache", action="store_true", help="drop a file's page cache on every open")
+    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--entry-timeout", type=float, default=1.0)
+    p.add_argument("--log-level", default=os.environ.get("FUSEFS_LOG_LEVEL", "info"))
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> FsOptions:
+    return FsOptions(
+        keep_cache=not args.no_keep_cache,
+        writeback_cache=args.writeback_cache,
+        attr_timeout=args.attr_timeout,
+        entry_timeout=args.entry_timeout,
+        negative_timeout=args.entry_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.die_with_parent:
+        binding.prctl(binding.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    configure_logging(args.volume_id, args.log_level)
+    for name in ("capacity", "io_bytes_per_second", "io_ops_per_second"):
+        if getattr(args, name) < 0:
+            log.error("invalid argument", extra={"fields": {name: getattr(args, name)}})
+            return 2
+    try:
+        session = Session(
+            volume_id=args.volume_id, source=args.source, mountpoint=args.mountpoint,
+            control_socket=args.control_socket, capacity=args.capacity, read_only=args.read_only,
+            bytes_per_second=args.io_bytes_per_second, ops_per_second=args.io_ops_per_second,
+            options=options_from_args(args))
+    except (ValueError, OSError) as exc:
+        log.error("cannot start the session", extra={"fields": {"error": str(exc)}})
+        return 2
+    return session.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
