@@ -62,8 +62,9 @@ API_CLIENTS = {"fusepath-node": {"csi-driver", "fusefs", "csi-provisioner", "csi
 #: `fusepath-csi` flags beyond DESIGN §2's table (documented in `--help`).
 CSI_EXTRA_FLAGS = {"kubelet-dir", "enable-attach", "max-volumes-per-node", "reserve",
                    "overcommit-ratio", "default-capacity", "workers"}
-#: `fusefs serve` flags.
-FUSEFS_SERVE_FLAGS = {"endpoint", "state-dir", "volumes-dir", "kubelet-dir", "metrics-address", "node-id"}
+#: `fusefs serve` flags (DESIGN §2 and `fusefs serve --help`).
+FUSEFS_SERVE_FLAGS = {"endpoint", "state-dir", "volumes-dir", "kubelet-dir", "metrics-address", "node-id",
+                      "log-format", "log-level"}
 
 
 # --- rendering -----------------------------------------------------------------
@@ -417,12 +418,14 @@ def test_our_flags_are_documented() -> None:
 
 
 def test_our_flags_parse() -> None:
-    """The driver's own parser accepts what the manifests pass (values included)."""
+    """Our own parsers accept what the manifests pass, values included."""
     config = pytest.importorskip("csi_driver.config")
+    fusefs_cli = pytest.importorskip("fusefs.cli")
     for where, obj, c in our_containers():
         if c["command"] == ["fusepath-csi"]:
-            args = config.build_parser().parse_args(c["args"])
-            config.from_args(args)
+            config.from_args(config.build_parser().parse_args(c["args"]))
+        else:
+            fusefs_cli.serve_parser().parse_args(c["args"][1:])
 
 
 # --- security ----------------------------------------------------------------------
@@ -602,6 +605,21 @@ def test_no_port_is_taken_twice_in_a_pod() -> None:
                 for p in c.get("ports", []):
                     assert p["containerPort"] in served, \
                         f"{build}: {ident(obj)}/{c['name']}: nothing serves {p['containerPort']}"
+
+
+def test_snapshot_controller_kustomization() -> None:
+    """deploy/snapshot-controller pulls upstream files (network), so it is only
+    read here: pinned to our csi-snapshotter's release, with the flag and the
+    RBAC rule that distributed snapshotting needs."""
+    kust = yaml.safe_load((DEPLOY / "snapshot-controller" / "kustomization.yaml").read_text())
+    version = design_images()["csi-snapshotter"]
+    assert kust["resources"] and all(r.endswith(f"?ref={version}") for r in kust["resources"])
+    assert {i["name"]: i["newTag"] for i in kust["images"]} == \
+        {"registry.k8s.io/sig-storage/snapshot-controller": version}
+    patches = {p["target"]["kind"]: yaml.safe_load(p["patch"]) for p in kust["patches"]}
+    assert "--enable-distributed-snapshotting" in [op["value"] for op in patches["Deployment"]]
+    assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]} in \
+        [op["value"] for op in patches["ClusterRole"]]
 
 
 # --- the image ----------------------------------------------------------------------

@@ -523,9 +523,17 @@ class Scenario:
         return f"node {node}: no new volume, snapshot archive or mount"
 
     def step_undeploy(self) -> str:
-        self.stop_host_driver()
+        detail = f"deleted {MODES[self.opts.mode].relative_to(REPO)}"  # type: ignore[union-attr]
+        if self.host_driver is not None:
+            self.stop_host_driver()
+            # The embedded fusefs daemon outlives the driver by design; it
+            # serves nothing now that the volumes are gone.
+            from fusefs.embedded import stop_daemon
+
+            if stop_daemon(Path(self.opts.data_dir)):
+                detail += "; host driver and its fusefs daemon stopped"
         self.kubectl("delete", "--ignore-not-found", "--wait=true", "-f", "-", stdin=self.rendered_manifests())
-        return f"deleted {MODES[self.opts.mode].relative_to(REPO)}"  # type: ignore[union-attr]
+        return detail
 
     # -- objects --------------------------------------------------------------------
 
