@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 ## run: start the driver locally (all services, embedded fusefs) on unix://$(RUN_DIR)/csi.sock
 run: $(STAMP)
-	mkdir -p $(RUN_DIR)/data
+	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/kubelet
 	$(VENV)/bin/fusepath-csi --mode=all --fusefs=embedded \
 	    --endpoint=unix://$(RUN_DIR)/csi.sock --data-dir=$(RUN_DIR)/data \
 	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=127.0.0.1:9808 --log-format=text
