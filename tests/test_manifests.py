@@ -20,8 +20,11 @@ import functools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -620,6 +623,74 @@ def test_snapshot_controller_kustomization() -> None:
     assert "--enable-distributed-snapshotting" in [op["value"] for op in patches["Deployment"]]
     assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]} in \
         [op["value"] for op in patches["ClusterRole"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_node_pod_wiring(tmp_path: Path) -> None:
+    """csi-driver and fusefs, started with the DaemonSet's own args, find each
+    other through the pod's volumes: each volume becomes a directory under
+    tmp_path, each container path is mapped to it, and Probe must say ready."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "fusepath-csi").is_file() or not (bin_dir / "fusefs").is_file():
+        pytest.skip("fusepath is not installed in this venv")
+    node = find(render(BASE), "DaemonSet", "fusepath-node")
+    ports = {":9808": f"127.0.0.1:{free_port()}", ":9809": f"127.0.0.1:{free_port()}"}
+
+    def argv(name: str) -> list[str]:
+        c = container(node, name)
+        mounts = sorted(((m["mountPath"], tmp_path / m["name"]) for m in c["volumeMounts"]),
+                        key=lambda m: -len(m[0]))
+
+        def remap(value: str) -> str:
+            value = value.replace("$(NODE_NAME)", "node-1")
+            if value in ports:
+                return ports[value]
+            scheme = "unix://" if value.startswith("unix://") else ""
+            path = value.removeprefix(scheme)
+            for inside, outside in mounts:
+                if path == inside or path.startswith(inside + "/"):
+                    outside.mkdir(exist_ok=True)
+                    return scheme + str(outside) + path[len(inside):]
+            return value
+
+        args = [f"--{k}={remap(v)}" if v else f"--{k}" for k, v in flags(c["args"]).items()]
+        positionals = [a for a in c["args"] if not a.startswith("--")]
+        return [str(bin_dir / c["command"][0])] + positionals + args
+
+    procs = []
+    try:
+        for name in ("fusefs", "csi-driver"):
+            log = (tmp_path / f"{name}.log").open("wb")
+            procs.append(subprocess.Popen(argv(name), stdout=log, stderr=subprocess.STDOUT))
+        endpoint = [a for a in argv("csi-driver") if a.startswith("--endpoint=")][0].partition("=")[2]
+        deadline = time.monotonic() + 30
+        while True:
+            probe = subprocess.run([str(bin_dir / "fusepath-csi"), "client", "--endpoint", endpoint, "probe"],
+                                   capture_output=True, text=True, timeout=30)
+            if probe.returncode == 0 and json.loads(probe.stdout).get("ready"):
+                break
+            dead = [p.args[0] for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = "\n".join(f.read_text()[-2000:] for f in tmp_path.glob("*.log"))
+                pytest.fail(f"Probe never became ready (exited: {dead}): {probe.stderr}\n{logs}")
+            time.sleep(0.5)
+        for address in ports.values():
+            with urllib.request.urlopen(f"http://{address}/healthz", timeout=10) as reply:
+                assert reply.status == 200, address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 # --- the image ----------------------------------------------------------------------

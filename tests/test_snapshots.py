@@ -292,3 +292,22 @@ def test_group_snapshot_errors(shared_driver, call, req, code):
 def test_delete_unknown_group_is_ok(shared_driver):
     shared_driver.group.DeleteVolumeGroupSnapshot(
         csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="fake-vol-id"))
+
+
+def test_a_long_snapshot_does_not_block_unrelated_rpcs(shared_driver):
+    """While one volume is being archived (slowly, with gzip), other volumes are created and deleted."""
+    busy = shared_driver.create_volume(uniq("pvc"), size=512 * MiB)
+    with open(shared_driver.volume_dir(busy.volume_id) / "big.bin", "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(MiB))
+    order: list[str] = []
+    snapper = threading.Thread(target=lambda: (snapshot(shared_driver, busy.volume_id, compression="gzip"),
+                                                order.append("snapshot")))
+    snapper.start()
+    threading.Event().wait(0.3)  # let the cut start
+    other = shared_driver.create_volume(uniq("pvc"))
+    shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=other.volume_id))
+    shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=5))
+    order.append("others")
+    snapper.join()
+    assert order == ["others", "snapshot"]
