@@ -190,3 +190,25 @@ def session_exit(session: int) -> None:
 def lazy_unmount(mountpoint: str) -> int:
     """umount2(MNT_DETACH); returns 0 or -errno."""
     return 0 if umount2(os.fsencode(mountpoint), MNT_DETACH) == 0 else errno_result()
+
+
+# ----------------------------------------------------------------- cache invalidation
+
+_libfuse.fuse_invalidate_path.restype = c_int
+_libfuse.fuse_invalidate_path.argtypes = [c_void_p, c_char_p]
+
+
+def current_fuse() -> int | None:
+    """The ``struct fuse *`` of the calling FUSE worker thread (see above)."""
+    ctx = _libfuse.fuse_get_context()
+    if not ctx or not ctx.contents.fuse:
+        return None
+    return int(ctx.contents.fuse)
+
+
+def invalidate_path(fuse_handle: int, path: bytes) -> int:
+    """Drop the kernel's attribute and page cache of ``path``; 0 or -errno.
+
+    -ENOENT just means libfuse has no node for it: nothing is cached.
+    """
+    return _libfuse.fuse_invalidate_path(fuse_handle, path)

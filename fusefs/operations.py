@@ -49,6 +49,7 @@ from fusefs.binding import (
     fuse_get_context,
 )
 from fusefs.freeze import FreezeGate
+from fusefs.hardlinks import LinkTracker
 from fusefs.limits import IOLimits
 from fusefs.opstats import OpStats
 from fusefs.quota import InodeState, Quota
@@ -91,17 +92,28 @@ class FsOptions:
 class _Handle:
     """An open file: its backing descriptor and the inode it is on."""
 
-    __slots__ = ("fd", "state", "writable")
+    __slots__ = ("fd", "state", "writable", "path")
 
-    def __init__(self, fd: int, state: InodeState, writable: bool) -> None:
+    def __init__(self, fd: int, state: InodeState, writable: bool, path: bytes) -> None:
         self.fd = fd
         self.state = state
         self.writable = writable
+        #: The name it was opened by (kept up to date across renames), so a
+        #: write can tell the name it came through from a hard link's others.
+        self.path = path
 
 
 def _rel(path: bytes) -> bytes:
     """A request path (``b"/a/b"``) relative to the source directory."""
     return path[1:] or b"."
+
+
+def _renamed_path(path: bytes, old: bytes, new: bytes, flags: int) -> bytes:
+    """Where ``path`` is after renaming ``old`` to ``new`` (or exchanging them)."""
+    for src, dst in ((old, new), (new, old)) if flags & RENAME_EXCHANGE else ((old, new),):
+        if path == src or path.startswith(src + b"/"):
+            return dst + path[len(src):]
+    return path
 
 
 def _parent(rel: bytes) -> bytes:
@@ -140,6 +152,8 @@ class FusefsOperations(binding.Operations):
         self.negotiated: dict[str, Any] = {}
         #: libfuse's session pointer, recorded in init() for a clean stop.
         self.fuse_session: int | None = None
+        self._fuse: int | None = None
+        self.links = LinkTracker(self._invalidate_path)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,7 +168,12 @@ class FusefsOperations(binding.Operations):
         opts = self.options
         cfg = config.contents
         cfg.use_ino = 1          # real inode numbers: hard links look like hard links
-        cfg.hard_remove = 1      # unlink really unlinks (no .fuse_hidden files)
+        # Unlinking an open file renames it to .fuse_hiddenNNN until its last
+        # close (like NFS), because libfuse can only answer fstat() on a file
+        # it still has a path for; with hard_remove, fstat of an unlinked
+        # open file fails with ESTALE, which breaks e.g. Python's
+        # TemporaryFile. readdir hides those names.
+        cfg.hard_remove = 0
         cfg.nullpath_ok = 1      # handle-based calls skip libfuse's path lookup
         cfg.kernel_cache = 0
         cfg.auto_cache = 0
@@ -190,10 +209,28 @@ class FusefsOperations(binding.Operations):
             "keep_cache": opts.keep_cache,
         }
         self.fuse_session = binding.current_fuse_session()
+        self._fuse = binding.current_fuse()
+        self.links.start()
         self.initialized.set()
 
     def destroy(self, private_data: Any) -> None:
-        pass  # the root descriptor dies with the process
+        self.links.stop()
+
+    def _invalidate_path(self, path: bytes) -> int:
+        return binding.invalidate_path(self._fuse, path) if self._fuse else 0
+
+    def _touched(self, path: bytes | None, ino: int | None = None) -> None:
+        """An inode changed: if it has other names the kernel knows, refresh them."""
+        if not self.links.active:
+            return
+        if ino is None:
+            if path is None:
+                return
+            try:
+                ino = os.stat(_rel(path), dir_fd=self._root, follow_symlinks=False).st_ino
+            except OSError:
+                return
+        self.links.changed(ino, except_path=path)
 
     # ------------------------------------------------------------ helpers
 
@@ -221,12 +258,12 @@ class FusefsOperations(binding.Operations):
             self._inodes[st.st_ino] = state
         return state
 
-    def _register(self, fd: int, writable: bool) -> _Handle:
+    def _register(self, fd: int, writable: bool, path: bytes) -> _Handle:
         st = os.fstat(fd)
         with self._table:
             state = self._state_for(fd, st)
             state.opens += 1
-            handle = _Handle(fd, state, writable)
+            handle = _Handle(fd, state, writable, path)
             self._handles[fd] = handle
         return handle
 
@@ -263,10 +300,13 @@ class FusefsOperations(binding.Operations):
 
     def getattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
         if fip:
-            res = binding.fstat(fip.contents.fh, buf)
-        else:
-            res = binding.fstatat(self._root, path[1:] or b".", buf, AT_SYMLINK_NOFOLLOW)
-        return errno_result() if res else 0
+            return errno_result() if binding.fstat(fip.contents.fh, buf) else 0
+        if binding.fstatat(self._root, path[1:] or b".", buf, AT_SYMLINK_NOFOLLOW):
+            return errno_result()
+        st = buf.contents
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self.links.observe(path, st.st_ino)
+        return 0
 
     def access(self, path: bytes, amode: int) -> int:
         # With default_permissions the kernel decides; this only runs when
@@ -320,9 +360,10 @@ class FusefsOperations(binding.Operations):
         try:
             fd = os.open(_rel(path), (flags & ~_STRIP_OPEN) | _OPEN_ADD, dir_fd=self._root)
             try:
-                handle = self._register(fd, writable)
+                handle = self._register(fd, writable, path)
                 if truncate:
                     self._truncate_fd(fd, handle.state, 0)
+                    self._touched(path, handle.state.ino)
             except BaseException:
                 self._unregister(fd)
                 raise
@@ -355,7 +396,7 @@ class FusefsOperations(binding.Operations):
                 self._give_to_caller(rel, fd)
                 if mode & (stat.S_ISUID | stat.S_ISGID):
                     os.fchmod(fd, mode & 0o7777)  # chown cleared them
-                self._register(fd, True)
+                self._register(fd, True, path)
             except BaseException:
                 os.close(fd)
                 raise
@@ -439,6 +480,8 @@ class FusefsOperations(binding.Operations):
             if n < size:
                 self._resync_size(fh, state)
             self.stats.shard().bytes_written += n
+            if self.links.active:
+                self._touched(self._handles[fh].path, state.ino)
             return n
         finally:
             w.busy = False
@@ -456,14 +499,17 @@ class FusefsOperations(binding.Operations):
         try:
             if fip:
                 fd = fip.contents.fh
-                self._truncate_fd(fd, self._handles[fd].state, length)
+                handle = self._handles[fd]
+                self._truncate_fd(fd, handle.state, length)
+                self._touched(handle.path, handle.state.ino)
                 return 0
             fd = os.open(_rel(path), os.O_WRONLY | _OPEN_ADD, dir_fd=self._root)
             try:
-                handle = self._register(fd, True)
+                handle = self._register(fd, True, path)
                 self._truncate_fd(fd, handle.state, length)
             finally:
                 self._unregister(fd)
+            self._touched(path, handle.state.ino)
             return 0
         finally:
             self.gate.leave(w)
@@ -485,8 +531,10 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             fd = fip.contents.fh
-            state = self._handles[fd].state
+            handle = self._handles[fd]
+            state = handle.state
             size = state.size
+            self._touched(handle.path, state.ino)
             if mode & FALLOC_FL_KEEP_SIZE:
                 if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > size:
                     # Blocks past end of file would escape the byte quota.
@@ -564,6 +612,10 @@ class FusefsOperations(binding.Operations):
         try:
             os.link(_rel(existing), _rel(path), src_dir_fd=self._root, dst_dir_fd=self._root,
                     follow_symlinks=False)
+            ino = os.stat(_rel(path), dir_fd=self._root, follow_symlinks=False).st_ino
+            self.links.observe(existing, ino)
+            self.links.observe(path, ino)
+            self.links.changed(ino, except_path=path)  # the old name's link count
             return 0
         finally:
             self.gate.leave(w)
@@ -575,6 +627,8 @@ class FusefsOperations(binding.Operations):
             st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
             os.unlink(rel, dir_fd=self._root)
             self._link_removed(st)
+            if self.links.forget(path) is not None or st.st_nlink > 1:
+                self.links.changed(st.st_ino)  # the other names' link count
             return 0
         finally:
             self.gate.leave(w)
@@ -606,17 +660,37 @@ class FusefsOperations(binding.Operations):
                 os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
             if replaced is not None:
                 self._link_removed(replaced)
+            if self.links.active:
+                self._renamed(old, new, flags, replaced)
             return 0
         finally:
             self.gate.leave(w)
+
+    def _renamed(self, old: bytes, new: bytes, flags: int, replaced: os.stat_result | None) -> None:
+        if flags & RENAME_EXCHANGE:
+            tmp = b"\0exchange"
+            self.links.moved(old, tmp)
+            self.links.moved(new, old)
+            self.links.moved(tmp, new)
+        else:
+            self.links.forget(new)
+            self.links.moved(old, new)
+            if replaced is not None and replaced.st_nlink > 1:
+                self.links.changed(replaced.st_ino)
+        with self._table:
+            for handle in self._handles.values():
+                handle.path = _renamed_path(handle.path, old, new, flags)
 
     def chmod(self, path: bytes | None, mode: int, fip: Any) -> int:
         w = self._begin_mutation()
         try:
             if fip:
-                os.fchmod(fip.contents.fh, mode & 0o7777)
+                handle = self._handles[fip.contents.fh]
+                os.fchmod(handle.fd, mode & 0o7777)
+                self._touched(handle.path, handle.state.ino)
             else:
                 os.chmod(_rel(path), mode & 0o7777, dir_fd=self._root, follow_symlinks=False)
+                self._touched(path)
             return 0
         finally:
             self.gate.leave(w)
@@ -627,9 +701,12 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             if fip:
-                os.fchown(fip.contents.fh, uid, gid)
+                handle = self._handles[fip.contents.fh]
+                os.fchown(handle.fd, uid, gid)
+                self._touched(handle.path, handle.state.ino)
             else:
                 os.chown(_rel(path), uid, gid, dir_fd=self._root, follow_symlinks=False)
+                self._touched(path)
             return 0
         finally:
             self.gate.leave(w)
@@ -640,9 +717,14 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             if fip:
-                res = binding.futimens(fip.contents.fh, times)
+                handle = self._handles[fip.contents.fh]
+                res = binding.futimens(handle.fd, times)
+                if not res:
+                    self._touched(handle.path, handle.state.ino)
             else:
                 res = binding.utimensat(self._root, _rel(path), times, AT_SYMLINK_NOFOLLOW)
+                if not res:
+                    self._touched(path)
             return errno_result() if res else 0
         finally:
             self.gate.leave(w)
@@ -674,8 +756,11 @@ class FusefsOperations(binding.Operations):
                         st.st_mode = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
                     except OSError:
                         continue  # vanished while listing
+                name = entry.name
+                if name.startswith(".fuse_hidden"):
+                    continue  # unlinked but still open; see init()
                 st.st_ino = entry.inode()
-                if filler(buf, fsencode(entry.name), st, 0, 0):
+                if filler(buf, fsencode(name), st, 0, 0):
                     break
         return 0
 
@@ -727,6 +812,7 @@ class FusefsOperations(binding.Operations):
             data = ctypes.string_at(value, size)
             self.xattr_names.add(name)  # before the call: a racing getxattr must look
             os.setxattr(self._abs(path), name, data, options, follow_symlinks=False)
+            self._touched(path)
             return 0
         finally:
             self.gate.leave(w)
@@ -737,6 +823,7 @@ class FusefsOperations(binding.Operations):
             if name not in self.xattr_names:
                 return _ERR_NODATA
             os.removexattr(self._abs(path), name, follow_symlinks=False)
+            self._touched(path)
             return 0
         finally:
             self.gate.leave(w)

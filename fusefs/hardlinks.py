@@ -1,0 +1,132 @@
+"""Keeping hard links coherent in the kernel's caches.
+
+libfuse's high-level API gives every *name* its own node, so the kernel sees
+two hard links of one file as two inodes with separate attribute and page
+caches. Writing through one name would leave the other showing the old size
+and data (and the old link count after ``link``/``unlink``) until its cache
+times out. Plain directories never do that, and neither should a volume.
+
+So the filesystem remembers the names under which it has seen an inode with
+more than one link (from lookups and ``link``), and when such an inode
+changes it asks the kernel to drop its caches for the *other* names
+(``fuse_invalidate_path``). Files with a single link, the overwhelming
+majority, cost one integer comparison per lookup and nothing else.
+
+The notification is sent from a dedicated thread, never from the request
+that caused it: invalidating an inode's page cache waits for that inode's
+locked pages, and if two requests on two names of the same file each waited
+for the other's pages, both would hang. The request waits for its
+invalidations for a short while only (:data:`WAIT_SECONDS`), which in
+practice means "until done", and in the pathological case above means a
+short delay instead of a deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("fusefs.hardlinks")
+
+#: How long a request waits for the invalidations it triggered.
+WAIT_SECONDS = 0.5
+
+
+class LinkTracker:
+    """Names of multiply-linked inodes, and the invalidation worker."""
+
+    def __init__(self, invalidate: Callable[[bytes], int]) -> None:
+        self._invalidate = invalidate
+        self._lock = threading.Lock()
+        self._names: dict[int, set[bytes]] = {}
+        self._ino_of: dict[bytes, int] = {}
+        self._queue: queue.SimpleQueue[tuple[list[bytes], threading.Event] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        """Cheap check for the hot path: is any multiply-linked inode known?"""
+        return bool(self._names)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="invalidator", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def observe(self, path: bytes, ino: int) -> None:
+        """``path`` names ``ino``, which has more than one link."""
+        with self._lock:
+            old = self._ino_of.get(path)
+            if old == ino:
+                return
+            if old is not None:
+                self._drop(path, old)
+            self._names.setdefault(ino, set()).add(path)
+            self._ino_of[path] = ino
+
+    def forget(self, path: bytes) -> int | None:
+        """``path`` is gone; returns the inode it named, if tracked."""
+        with self._lock:
+            ino = self._ino_of.pop(path, None)
+            if ino is not None:
+                self._drop(path, ino)
+            return ino
+
+    def moved(self, src: bytes, dst: bytes) -> None:
+        """A rename: ``src`` (a file or a whole directory) is now ``dst``."""
+        with self._lock:
+            prefix = src + b"/"
+            for path in [p for p in self._ino_of if p == src or p.startswith(prefix)]:
+                ino = self._ino_of.pop(path)
+                self._drop(path, ino)
+                new = dst + path[len(src):]
+                self._names.setdefault(ino, set()).add(new)
+                self._ino_of[new] = ino
+
+    def names(self, ino: int) -> set[bytes]:
+        with self._lock:
+            return set(self._names.get(ino, ()))
+
+    def _drop(self, path: bytes, ino: int) -> None:
+        names = self._names.get(ino)
+        if names is not None:
+            names.discard(path)
+            if not names:
+                del self._names[ino]
+
+    # ------------------------------------------------------------ invalidation
+
+    def changed(self, ino: int, except_path: bytes | None = None) -> None:
+        """``ino`` changed: drop the kernel's caches of its other names."""
+        if not self._names:
+            return
+        with self._lock:
+            paths = [p for p in self._names.get(ino, ()) if p != except_path]
+        self.invalidate(paths)
+
+    def invalidate(self, paths: list[bytes]) -> None:
+        """Invalidate ``paths`` (from the worker thread), waiting briefly."""
+        if not paths or self._thread is None:
+            return
+        done = threading.Event()
+        self._queue.put((paths, done))
+        done.wait(WAIT_SECONDS)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            paths, done = item
+            for path in paths:
+                try:
+                    self._invalidate(path)  # -ENOENT: not cached, nothing to drop
+                except Exception:  # noqa: BLE001 - never let the worker die
+                    log.exception("invalidation failed")
+            done.set()
