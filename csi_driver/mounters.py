@@ -62,7 +62,8 @@ class BindMounter:
         if self.owns(volume_id, staging) or mounts.path_is_dead(staging):
             mounts.be_unmounted(staging)
 
-    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str,
+                pod: dict[str, str] | None = None) -> None:
         mounts.be_directory(target)
         mounts.be_bind_mounted(staging, target, read_only)
 
@@ -114,9 +115,11 @@ class FuseMounter(BindMounter):
         if self.owns(volume_id, staging):  # the daemon lost track of it (e.g. its state was wiped)
             mounts.be_unmounted(staging)
 
-    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str,
+                pod: dict[str, str] | None = None) -> None:
+        """The daemon binds the target itself, so it can re-bind it after its own restart."""
         mounts.be_directory(target)
-        self._client().publish(volume_id, str(target), read_only)
+        self._client().publish(volume_id, str(target), read_only, pod=pod)
 
     def unpublish(self, volume_id: str, target: Path) -> None:
         self._client().unpublish(volume_id, str(target))
@@ -124,21 +127,17 @@ class FuseMounter(BindMounter):
             mounts.be_unmounted(target)
 
     def usage(self, vol: Volume, path: Path) -> Usage:
-        stats = self._client().stats(vol.id)
+        stats = self._client().stats(vol.id, str(path))
         dead = mounts.path_is_dead(path)
-        healthy = bool(getattr(stats, "healthy", True)) and not dead
-        message = getattr(stats, "message", "") or "healthy"
+        healthy = stats.healthy and not dead
+        message = stats.message or "healthy"
         if dead:
             message = (f"{path} answers ENOTCONN: the FUSE session behind it is gone. "
                        "fusefs re-mounts the volume; pods without HostToContainer propagation must restart")
-        capacity = int(getattr(stats, "capacity_bytes", vol.capacity) or vol.capacity)
-        used = int(getattr(stats, "used_bytes", 0))
-        inodes_total = int(getattr(stats, "total_inodes", 0))
-        inodes_used = int(getattr(stats, "used_inodes", 0))
         return Usage(
-            bytes_total=capacity, bytes_used=used, bytes_available=max(0, capacity - used),
-            inodes_total=inodes_total, inodes_used=inodes_used, inodes_available=max(0, inodes_total - inodes_used),
-            abnormal=not healthy, message=message,
+            bytes_total=stats.capacity_bytes or vol.capacity, bytes_used=stats.used_bytes,
+            bytes_available=stats.available_bytes, inodes_total=stats.total_inodes, inodes_used=stats.used_inodes,
+            inodes_available=stats.available_inodes, abnormal=not healthy, message=message,
         )
 
     def expand(self, vol: Volume, capacity: int, loop_device: str) -> None:
@@ -154,7 +153,8 @@ class BlockMounter(BindMounter):
     def unstage(self, volume_id: str, staging: Path, loop_device: str = "") -> None:
         block.be_detached(self.ctx.layout.volume_dir(volume_id))
 
-    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str) -> None:
+    def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str,
+                pod: dict[str, str] | None = None) -> None:
         if not loop_device:
             raise errors.failed_precondition(f"volume {volume_id} is not staged: no loop device")
         if target.is_dir():

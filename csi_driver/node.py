@@ -136,7 +136,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise errors.failed_precondition(f"volume {vol.id} is not staged at {staging}")
             read_only = request.readonly or capabilities.is_read_only_mode(cap)
             self._check_publication(vol, target, read_only, cap)
-            mounter_named(self.ctx, record.mounter).publish(vol.id, staging, target, read_only, record.loop_device)
+            mounter_named(self.ctx, record.mounter).publish(vol.id, staging, target, read_only, record.loop_device,
+                                                            pod=_pod_info(request.volume_context))
             self.ctx.store.put_publication(
                 Publication(str(target), vol.id, str(staging), read_only, capabilities.summary(cap)))
         return csi_pb2.NodePublishVolumeResponse()
@@ -268,6 +269,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if staging is not None:
                 mounter_named(self.ctx, staging.mounter).expand(vol, vol.capacity, staging.loop_device)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=vol.capacity)
+
+
+def _pod_info(volume_context: dict[str, str]) -> dict[str, str] | None:
+    """The pod a publish is for (podInfoOnMount), so fusefs can post Events on it."""
+    pod = {key: volume_context.get(f"csi.storage.k8s.io/pod.{key}", "") for key in ("namespace", "name", "uid")}
+    return pod if pod["name"] else None
 
 
 def _remove_if_unmounted(path: Path) -> None:
