@@ -103,7 +103,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Callable, Iterator, TypeVar
 
 __all__ = [
     "COMPRESSIONS",
@@ -121,6 +121,7 @@ COMPRESSIONS = ("none", "gzip", "zstd")
 _SUFFIXES = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
 
 ProgressFn = Callable[[int], None]
+_T = TypeVar("_T")
 
 _PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
 _GZIP_CHUNK = 4 << 20  # bytes per independently compressed gzip member
@@ -312,29 +313,27 @@ def create_archive(
     excludes = _scan_source(source_dir)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".snapshot-", suffix=suffix + ".tmp")
     tmp = Path(tmp_name)
-    renamed = False
+    renamed = durable = False
     try:
         tracker = _Progress(progress)
         total = _write_archive(source_dir, excludes, compression, fd, tracker)
         os.fsync(fd)
         size = os.fstat(fd).st_size
-        os.close(fd)
-        fd = -1
+        tracker.final(total)
         os.replace(tmp, dest)
         renamed = True
         _fsync_dir(dest.parent)
-        tracker.final(total)
+        durable = True
         return size
     except OSError as exc:
         raise ArchiveError(f"cannot write snapshot archive {dest}: {exc}", exc.errno) from exc
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
         if not renamed:
             tmp.unlink(missing_ok=True)
-        elif "size" not in locals():
-            # Renamed but the directory fsync (or progress) failed: do not leave
-            # an archive whose durability we cannot vouch for.
+        elif not durable:
+            # The rename happened but its directory entry may not be on disk:
+            # do not leave an archive we cannot vouch for.
             dest.unlink(missing_ok=True)
 
 
@@ -407,86 +406,78 @@ def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
     return argv + exclude_args + ["."]
 
 
+def _spawn(argv: list[str], stdin: object, stdout: object, stderr: IO[bytes]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=_tool_env())
+
+
 def _write_archive(
     source_dir: Path, excludes: list[str], compression: str, out_fd: int, tracker: _Progress
 ) -> int:
-    """Run tar (and the compressor) into ``out_fd``; return the uncompressed tar size."""
+    """Run tar (and the compressor) into ``out_fd``; return the uncompressed tar size.
+
+    When a pipeline fails, the tool that failed first is named: a dying
+    compressor makes tar die of SIGPIPE, and a failing tar ends the
+    compressor's input early but cleanly."""
     argv = _tar_create_argv(source_dir, excludes)
+    procs: list[subprocess.Popen] = []
     with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
-        if compression == "none":
-            tar = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=tar_err,
-                                   env=_tool_env())
-            return _wait_tar(tar, tar_err, [tar], tracker, None)
-        tar = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=tar_err, env=_tool_env())
-        procs = [tar]
         try:
-            _grow_pipe(tar.stdout)
-            if compression == "zstd":
-                zstd = subprocess.Popen(
-                    ["zstd", f"-{_ZSTD_LEVEL}", "-T0", "--quiet", "--no-progress", "--stdout"],
-                    stdin=tar.stdout, stdout=out_fd, stderr=zstd_err, env=_tool_env(),
-                )
-                procs.append(zstd)
+            if compression == "none":
+                tar = _spawn(argv, subprocess.DEVNULL, out_fd, tar_err)
+                procs.append(tar)
+                _watch(tar, tracker)
+                total = os.fstat(out_fd).st_size
+            elif compression == "zstd":
+                tar = _spawn(argv, subprocess.DEVNULL, subprocess.PIPE, tar_err)
+                procs.append(tar)
+                _grow_pipe(tar.stdout)
+                zstd_argv = ["zstd", f"-{_ZSTD_LEVEL}", "-T0", "--quiet", "--no-progress", "--stdout"]
+                procs.append(_spawn(zstd_argv, tar.stdout, out_fd, zstd_err))
                 tar.stdout.close()  # zstd holds the read end; tar gets SIGPIPE if zstd dies
-                return _wait_tar(tar, tar_err, procs, tracker, (zstd, zstd_err))
-            total = _gzip_stream(tar.stdout, out_fd, tracker)
-            return _wait_tar(tar, tar_err, procs, tracker, None, total)
+                total = _watch(tar, tracker)
+                if procs[1].wait() != 0:
+                    raise _tool_error("zstd", procs[1].returncode, zstd_err)
+            else:
+                tar = _spawn(argv, subprocess.DEVNULL, subprocess.PIPE, tar_err)
+                procs.append(tar)
+                _grow_pipe(tar.stdout)
+                total = _gzip_stream(tar.stdout, out_fd, tracker)
+                tar.wait()
+            if tar.returncode != 0:
+                raise _tool_error("tar", tar.returncode, tar_err)
+            return total
         except BaseException:
             _reap(procs)
             raise
 
 
-def _wait_tar(
-    tar: subprocess.Popen,
-    tar_err: IO[bytes],
-    procs: list[subprocess.Popen],
-    tracker: _Progress,
-    compressor: tuple[subprocess.Popen, IO[bytes]] | None,
-    total: int | None = None,
-) -> int:
-    """Wait for the pipeline, reporting progress; raise ArchiveError naming
-    the tool that failed first (a compressor's death makes tar die of SIGPIPE)."""
-    try:
-        while True:
-            try:
-                tar.wait(timeout=_PROGRESS_INTERVAL)
-                break
-            except subprocess.TimeoutExpired:
-                tracker.update(_bytes_written(tar.pid))
-        written = total if total is not None else _bytes_written(tar.pid, tar)
-        if compressor is not None:
-            proc, err = compressor
-            if proc.wait() != 0:
-                raise _tool_error("zstd", proc.returncode, err)
-        if tar.returncode != 0:
-            raise _tool_error("tar", tar.returncode, tar_err)
-        return written
-    except BaseException:
-        _reap(procs)
-        raise
+def _watch(proc: subprocess.Popen, tracker: _Progress) -> int:
+    """Wait for ``proc`` while reporting the bytes it has written; return the total.
+
+    The count is ``wchar`` from /proc/<pid>/io of our own child. waitid with
+    WNOWAIT lets the final count be read from the exited (not yet reaped)
+    process; Popen.wait reaps it afterwards."""
+    written = 0
+    delay = 0.005
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+        written = _proc_wchar(proc.pid, written)
+        tracker.update(written)
+    written = _proc_wchar(proc.pid, written)
+    proc.wait()
+    return written
 
 
-_io_written: dict[int, int] = {}
-
-
-def _bytes_written(pid: int, finished: subprocess.Popen | None = None) -> int:
-    """How many bytes tar has written, from /proc/<pid>/io (our own child).
-
-    The last value read while it ran is remembered, because once tar has been
-    reaped /proc no longer has it; the archive-size fallback is only used when
-    /proc is unavailable."""
-    if finished is not None:
-        return _io_written.pop(pid, 0)
+def _proc_wchar(pid: int, default: int) -> int:
     try:
         with open(f"/proc/{pid}/io", "rb") as fh:
             for line in fh:
                 if line.startswith(b"wchar:"):
-                    _io_written[pid] = int(line.split()[1])
-                    break
-    except OSError:
+                    return int(line.split()[1])
+    except (OSError, ValueError):
         pass
-    return _io_written.get(pid, 0)
+    return default
 
 
 def _gzip_member(chunk: bytes) -> bytes:
@@ -573,8 +564,20 @@ class _TarInfo(tarfile.TarInfo):
 
 
 def _open_tar(fileobj: IO[bytes]) -> tarfile.TarFile:
-    return tarfile.TarFile(fileobj=fileobj, mode="r", tarinfo=_TarInfo,
-                           encoding="utf-8", errors="surrogateescape")
+    return _parsing(lambda: tarfile.TarFile(fileobj=fileobj, mode="r", tarinfo=_TarInfo,
+                                            encoding="utf-8", errors="surrogateescape"))
+
+
+def _parsing(step: Callable[[], _T]) -> _T:
+    """Run a tarfile parsing step; a malformed header can surface as
+    ValueError, UnicodeError or EOFError from inside tarfile, not only as
+    TarError, and all of them mean the same: the archive is corrupt."""
+    try:
+        return step()
+    except (UnsafeArchiveError, ArchiveError, OSError):
+        raise
+    except (tarfile.TarError, ValueError, EOFError, OverflowError, IndexError) as exc:
+        raise ArchiveError(f"corrupt archive: {exc}") from exc
 
 
 def _extract_plain(raw: IO[bytes], extractor: "_Extractor", tracker: _Progress) -> int:
@@ -732,7 +735,7 @@ def _extract_members(
     tracker: _Progress,
 ) -> int:
     """Extract every member in archive order; return the tar stream size read."""
-    while (member := tf.next()) is not None:
+    while (member := _parsing(tf.next)) is not None:
         tf.members.clear()  # tarfile caches every member; a million files would stay in memory
         extractor.add(member, source)
         tracker.update(tf.offset)

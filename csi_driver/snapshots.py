@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from pathlib import Path
 
 from csi_driver import archive, errors, faults, metrics
 from csi_driver.context import DriverContext
@@ -83,12 +82,9 @@ class SnapshotManager:
     def _archive(self, snap: Snapshot) -> int:
         dest = self.ctx.layout.snapshot_file(snap.id, archive.archive_suffix(snap.compression))
         started = time.monotonic()
-
-        def progress(done: int) -> None:
-            metrics.SNAPSHOT_PROGRESS.set(done)
-
         size = archive.create_archive(
-            self.ctx.layout.volume_dir(snap.source_volume_id), dest, snap.compression, self.ctx.layout.tmp, progress
+            self.ctx.layout.volume_dir(snap.source_volume_id), dest, snap.compression, self.ctx.layout.tmp,
+            progress_reporter("snapshot", snap.id),
         )
         faults.point("snapshot.after_archive")
         metrics.SNAPSHOT_BYTES.inc("create", amount=size)
@@ -117,8 +113,18 @@ class SnapshotManager:
         self.ctx.store.delete_group_rows(group_id)
 
 
-def archive_exists(ctx: DriverContext, snapshot_id: str) -> Path | None:
-    files = ctx.layout.snapshot_files(snapshot_id)
-    return files[0] if files else None
+def progress_reporter(action: str, object_id: str, every: float = 5.0):  # type: ignore[no-untyped-def]
+    """A progress callback for long archive work: a gauge always, a log line every few seconds."""
+    started = last = time.monotonic()
 
+    def report(done: int) -> None:
+        nonlocal last
+        metrics.SNAPSHOT_PROGRESS.set(done)
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            log.info(f"{action} in progress", extra={"fields": {
+                "id": object_id, "bytes": done, "seconds": round(now - started, 1),
+                "mib_per_second": round(done / (1 << 20) / max(now - started, 1e-9), 1)}})
 
+    return report

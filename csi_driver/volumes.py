@@ -25,6 +25,7 @@ from pathlib import Path
 
 from csi_driver import archive, block, errors, faults
 from csi_driver.context import DriverContext
+from csi_driver.snapshots import progress_reporter
 from csi_driver.layout import discard, fsync_dir, publish_dir, remove_tree
 from csi_driver.state.store import CREATING, DELETING, READY, Volume
 
@@ -117,7 +118,7 @@ class VolumeManager:
         if snap is None or not files:
             raise errors.not_found(f"snapshot {snapshot_id} does not exist")
         try:
-            archive.extract_archive(files[0], tmp)
+            archive.extract_archive(files[0], tmp, progress_reporter("restore", snapshot_id))
         except archive.UnsafeArchiveError as exc:
             raise errors.invalid(f"snapshot {snapshot_id} cannot be restored safely: {exc}") from exc
         except archive.ArchiveError as exc:
