@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fusefs.client import FuseFSClient
-from fusefs.supervisor import PACKAGE_ROOT
+from fusefs.supervisor import PACKAGE_ROOT, find_stale_sessions, kill_and_wait, socket_dir_for
 
 SOCKET_NAME = "fusefs.sock"
 START_TIMEOUT = 10.0
@@ -116,13 +116,14 @@ def stop_daemon(data_dir: Path, timeout: float = 15.0) -> bool:
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running(pid):
-            return True
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    while _running(pid):
-        time.sleep(0.05)
+    if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+        while _running(pid):
+            time.sleep(0.05)
+    # A session the daemon was still starting may have missed its death signal.
+    kill_and_wait(find_stale_sessions(socket_dir_for(Path(data_dir).resolve() / "fusefs")))
     return True
 
 
