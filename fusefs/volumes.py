@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusefs import bindmount, mountinfo, rpcerrors, validate
+from fusefs import bindmount, health, mountinfo, rpcerrors, validate
 from fusefs.events import REASON_FAILED, REASON_RESTARTED, EventPoster
 from fusefs.metrics import DaemonMetrics
 from fusefs.rpcerrors import RpcFailure
@@ -63,8 +63,6 @@ MOUNTED, RESTARTING, FAILED = "mounted", "restarting", "failed"
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 #: How long a request waits for a volume that start-up recovery is restoring.
 SETTLE_TIMEOUT = 30.0
-#: A mount point that does not answer stat() within this is reported hung.
-PROBE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -104,28 +102,6 @@ class Volume:
 
 def now_text() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """'' when ``stat(path)`` works; else what is wrong (ENOTCONN, hung...).
-
-    The stat runs in a throwaway thread because a hung FUSE server would
-    block it forever, and a health check must answer.
-    """
-    result: list[str] = []
-
-    def check() -> None:
-        try:
-            os.stat(path)
-            result.append("")
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            result.append(f"{path}: {name} ({exc.strerror})")
-
-    thread = threading.Thread(target=check, name="probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result[0] if result else f"{path}: did not answer stat() within {timeout:.0f}s"
 
 
 class VolumeManager:
@@ -348,6 +324,7 @@ class VolumeManager:
         volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
         self._save()
         if first:
+            self.metrics.remounts.set_floor(record.volume_id, value=0)  # a series from the start
             log.info("mounted volume", extra={"fields": {"volume_id": record.volume_id, "pid": record.pid}})
             return
         self.metrics.remounts.inc(record.volume_id)
@@ -514,7 +491,7 @@ class VolumeManager:
             top = mountinfo.top_mount(target)
             if top is not None and not mountinfo.is_volume_mount(top, volume_id):
                 raise rpcerrors.already_exists(f"{target} already has a {top.fs_type} mount of {top.source}")
-            bound = top is not None and top.read_only == effective_ro and not probe_path(target)
+            bound = top is not None and top.read_only == effective_ro and not health.probe_path(target)
             if not bound:
                 bindmount.detach_all(target)
                 os.makedirs(target, mode=0o750, exist_ok=True)
@@ -635,66 +612,18 @@ class VolumeManager:
             except Exception as exc:  # noqa: BLE001 - reported as health, with the last numbers
                 log.warning("session stats failed", extra={"fields": {"volume_id": volume_id, "error": str(exc)}})
         healthy, message = self.health(volume, target_path)
-        return self._usage(volume, numbers) | {"healthy": healthy, "message": message}
-
-    def _usage(self, volume: Volume, numbers: dict[str, Any]) -> dict[str, Any]:
-        record = volume.record
-        capacity = int(numbers.get("capacity") or record.capacity_bytes or 0)
-        used = int(numbers.get("used_bytes") or 0)
-        total = capacity
-        if not total:
-            fs = os.statvfs(self.config.volumes_dir)
-            total = fs.f_blocks * fs.f_frsize
-        used_inodes = int(numbers.get("used_inodes") or 0)
-        total_inodes = int(numbers.get("total_inodes") or 0)
-        limits = numbers.get("limits") or {}
-        return {
-            "volume_id": record.volume_id,
-            "capacity_bytes": capacity,
-            "used_bytes": used,
-            "total_bytes": total,
-            "available_bytes": max(total - used, 0),
-            "used_inodes": used_inodes,
-            "total_inodes": total_inodes,
-            "available_inodes": max(total_inodes - used_inodes, 0),
-            "frozen": bool(numbers.get("frozen", False)),
-            "read_only": bool(numbers.get("read_only", record.read_only)),
-            "bytes_per_second": int(limits.get("bytes_per_second", record.bytes_per_second) or 0),
-            "ops_per_second": int(limits.get("ops_per_second", record.ops_per_second) or 0),
-            "remount_count": record.remount_count,
-        }
+        return health.usage(volume.record, numbers, self.config.volumes_dir) | {
+            "healthy": healthy, "message": message}
 
     def health(self, volume: Volume, target_path: str = "") -> tuple[bool, str]:
-        """(healthy, message) for the volume, or for one of its publications.
-
-        Unhealthy when the session is not serving, when the staging mount (or
-        the target) answers ENOTCONN or not at all, and when a publication
-        predates the last session restart: pods that mounted it without
-        HostToContainer propagation still hold the dead mount.
-        """
-        record = volume.record
-        if volume.state != MOUNTED:
-            return False, volume.problem or f"FUSE session is {volume.state}"
-        top = mountinfo.top_mount(record.staging_path)
-        if not mountinfo.is_volume_mount(top, record.volume_id):
-            return False, f"no fusefs mount of {record.volume_id} at {record.staging_path}"
-        for path in [record.staging_path] + ([target_path] if target_path else []):
-            problem = probe_path(path)
-            if problem:
-                return False, problem
-        pubs = [record.publications[target_path]] if target_path in record.publications else (
-            [] if target_path else list(record.publications.values()))
-        stale = [p.target_path for p in pubs if p.generation < record.generation]
-        if stale:
-            return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it may show "
-                           "ENOTCONN in containers without HostToContainer mount propagation until they restart")
-        return True, record.last_restart
+        """(healthy, message) for the volume, or for one of its publications."""
+        return health.assess(volume.record, volume.state == MOUNTED,
+                             volume.problem or f"FUSE session is {volume.state}", target_path)
 
     def describe(self, volume: Volume) -> dict[str, Any]:
         """A volume for List/Mount answers."""
         record = volume.record
-        healthy = volume.state == MOUNTED and not any(
-            p.generation < record.generation for p in record.publications.values())
+        healthy = volume.state == MOUNTED and not health.stale_publications(record)
         message = volume.problem if volume.state != MOUNTED else record.last_restart
         return {
             "record": record,

@@ -249,3 +249,13 @@ def test_serve_flags_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.state_dir, args.metrics_address, args.kubelet_dir) == ("/s", ":9999", "/k")
     assert args.endpoint == "unix:///run/fusepath/fusefs.sock"
     assert cli.serve_parser().parse_args(["--state-dir", "/cli"]).state_dir == "/cli"
+
+
+def test_fusefs_mount_is_the_standalone_mount(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusefs.standalone
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(fusefs.standalone, "mount_main", lambda argv: seen.append(argv) or 7)
+    assert cli.main(["mount", "/src", "/mnt", "--capacity", "10"]) == 7
+    assert seen == [["/src", "/mnt", "--capacity", "10"]]
+    assert cli.main(["bogus"]) == 2

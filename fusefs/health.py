@@ -1,0 +1,102 @@
+"""Volume health and usage, as Stats and List report them.
+
+Health is what NodeGetVolumeStats turns into a VolumeCondition. A volume is
+unhealthy when its session is not serving, when its staging mount is missing
+or dead (ENOTCONN, or no answer to stat()), and when a publication predates
+the last session restart: the daemon re-bound it on the host, but a
+container without HostToContainer propagation still holds the old, dead
+mount, and the daemon cannot see into it. So that last case says "may".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from fusefs import mountinfo
+from fusefs.state import Publication, VolumeRecord
+
+#: A mount point that does not answer stat() within this is reported hung.
+PROBE_TIMEOUT = 2.0
+
+
+def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """'' when ``stat(path)`` works; else what is wrong (ENOTCONN, hung...).
+
+    The stat runs in a throwaway thread because a hung FUSE server would
+    block it forever, and a health check must answer.
+    """
+    result: list[str] = []
+
+    def check() -> None:
+        try:
+            os.stat(path)
+            result.append("")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            result.append(f"{path}: {name} ({exc.strerror})")
+
+    thread = threading.Thread(target=check, name="probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"{path}: did not answer stat() within {timeout:.0f}s"
+
+
+def stale_publications(record: VolumeRecord) -> list[Publication]:
+    """Publications made by a session older than the current one."""
+    return [p for p in record.publications.values() if p.generation < record.generation]
+
+
+def assess(record: VolumeRecord, serving: bool, problem: str, target_path: str = "") -> tuple[bool, str]:
+    """(healthy, message) for a volume, or for one publication of it with ``target_path``."""
+    if not serving:
+        return False, problem
+    top = mountinfo.top_mount(record.staging_path)
+    if not mountinfo.is_volume_mount(top, record.volume_id):
+        return False, f"no fusefs mount of {record.volume_id} at {record.staging_path}"
+    for path in [record.staging_path] + ([target_path] if target_path else []):
+        trouble = probe_path(path)
+        if trouble:
+            return False, trouble
+    if target_path:
+        pub = record.publications.get(target_path)
+        stale = [pub] if pub is not None and pub.generation < record.generation else []
+    else:
+        stale = stale_publications(record)
+    if stale:
+        return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it may show "
+                       "ENOTCONN in containers without HostToContainer mount propagation until they restart")
+    return True, record.last_restart
+
+
+def usage(record: VolumeRecord, numbers: dict[str, Any], volumes_dir: Path) -> dict[str, Any]:
+    """Stats numbers from the session's quota accounting (``numbers``), with
+    the record's values where the session has none (it is restarting).
+    Without a quota the size is the backing filesystem's."""
+    capacity = int(numbers.get("capacity") or record.capacity_bytes or 0)
+    used = int(numbers.get("used_bytes") or 0)
+    total = capacity
+    if not total:
+        fs = os.statvfs(volumes_dir)
+        total = fs.f_blocks * fs.f_frsize
+    used_inodes = int(numbers.get("used_inodes") or 0)
+    total_inodes = int(numbers.get("total_inodes") or 0)
+    limits = numbers.get("limits") or {}
+    return {
+        "volume_id": record.volume_id,
+        "capacity_bytes": capacity,
+        "used_bytes": used,
+        "total_bytes": total,
+        "available_bytes": max(total - used, 0),
+        "used_inodes": used_inodes,
+        "total_inodes": total_inodes,
+        "available_inodes": max(total_inodes - used_inodes, 0),
+        "frozen": bool(numbers.get("frozen", False)),
+        "read_only": bool(numbers.get("read_only", record.read_only)),
+        "bytes_per_second": int(limits.get("bytes_per_second", record.bytes_per_second) or 0),
+        "ops_per_second": int(limits.get("ops_per_second", record.ops_per_second) or 0),
+        "remount_count": record.remount_count,
+    }
