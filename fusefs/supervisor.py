@@ -115,12 +115,17 @@ def prepare_socket_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def session_client(socket_path: str) -> Any:
+#: Deadline for read-only control calls (stats, metrics, ping): a hung
+#: session must not stall a scrape or a Stats RPC for long.
+QUICK_TIMEOUT = 3.0
+
+
+def session_client(socket_path: str, timeout: float | None = None) -> Any:
     """A control client for one session (imported late: the session module
     pulls in the FUSE binding, which the daemon itself does not need)."""
     from fusefs.control import SessionClient
 
-    return SessionClient(socket_path)
+    return SessionClient(socket_path) if timeout is None else SessionClient(socket_path, timeout=timeout)
 
 
 class Spawner:
@@ -191,8 +196,9 @@ class SessionProcess:
                 return f"signal {-code}"
         return f"exit code {code}"
 
-    def client(self) -> Any:
-        return session_client(self.spec.control_socket)
+    def client(self, timeout: float | None = None) -> Any:
+        """A control client; ``timeout`` None keeps the client's own default."""
+        return session_client(self.spec.control_socket, timeout)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the session answers ping and mountinfo shows its mount.
@@ -208,7 +214,7 @@ class SessionProcess:
                 raise SessionError(f"FUSE session exited ({self.describe_exit()}) before mounting: {self.tail_text()}")
             if os.path.exists(self.spec.control_socket):
                 try:
-                    self.client().ping()
+                    self.client(QUICK_TIMEOUT).ping()
                     if mountinfo.is_volume_mount(mountinfo.top_mount(self.spec.mountpoint), self.spec.volume_id):
                         return
                     last_error = "mount not in mountinfo yet"

@@ -46,6 +46,7 @@ from fusefs.metrics import DaemonMetrics
 from fusefs.rpcerrors import RpcFailure
 from fusefs.state import PodRef, Publication, StateFile, VolumeRecord
 from fusefs.supervisor import (
+    QUICK_TIMEOUT,
     SessionError,
     SessionProcess,
     SessionSpec,
@@ -607,7 +608,7 @@ class VolumeManager:
         numbers = dict(volume.last_stats)
         if volume.state == MOUNTED and volume.session is not None:
             try:
-                numbers = dict(volume.session.client().stats())
+                numbers = dict(volume.session.client(QUICK_TIMEOUT).stats())
                 volume.last_stats = numbers
             except Exception as exc:  # noqa: BLE001 - reported as health, with the last numbers
                 log.warning("session stats failed", extra={"fields": {"volume_id": volume_id, "error": str(exc)}})
@@ -653,7 +654,7 @@ class VolumeManager:
             if volume.state != MOUNTED or session is None:
                 continue
             try:
-                out.append((volume.volume_id, session.client().metrics()))
+                out.append((volume.volume_id, session.client(QUICK_TIMEOUT).metrics()))
             except Exception as exc:  # noqa: BLE001 - one bad session must not break the scrape
                 log.warning("session metrics failed", extra={"fields": {
                     "volume_id": volume.volume_id, "error": str(exc)}})
