@@ -1,0 +1,265 @@
+"""Data-path benchmark: what the FUSE layer costs a pod, against the disk and bindfs.
+
+    .venv/bin/python bench/data_path.py [--quick]
+
+Four directories on the same disk, each measured the same way:
+
+* ``native``: a plain directory;
+* ``bind``: a volume with StorageClass ``mounter: bind``, staged and
+  published through the driver (a bind mount: should equal native);
+* ``fusefs``: a volume with the default mounter, staged and published
+  through the driver, so I/O goes through the volume's FUSE session;
+* ``bindfs``: the Debian ``bindfs`` (C, libfuse) over a plain directory, the
+  C FUSE reference.
+
+fio (``ioengine=psync``, buffered I/O): sequential 1 MiB write of a fresh
+file with ``end_fsync=1``; sequential 1 MiB read of that file after dropping
+the page cache (cold); random 4 KiB read and write of a 256 MiB file with a
+warm cache (``invalidate=0``), 1 and 4 jobs, time-based. Then a metadata
+script: create, stat and unlink 10k files, a warm ``ls -l`` of them, and
+``tar xf`` of a 2,000-file tree.
+
+On a 2-vCPU VM the CPU a FUSE daemon lands on swings results 3-8x (DESIGN
+§9), so nothing is pinned and every figure is the median of three runs,
+interleaved (run 1 of every target, then run 2, ...) so slow drift on the
+machine spreads over all targets instead of biasing one. The spread is kept
+in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common import (GiB, MiB, BenchDriver, Options, Section, Target, create_volume, drop_caches, median_of,
+                    ratio, rpc_error_text, run_quiet, running_driver, stage_and_publish, standalone)
+
+TARGETS = ("native", "bind", "fusefs", "bindfs")
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int = 3
+    seq_size: str = "1g"
+    rand_size: str = "256m"
+    runtime: int = 4  # seconds per random job; 0 = one pass over the file
+    meta_files: int = 10_000
+    untar_files: int = 2_000
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(runs=1, seq_size="16m", rand_size="4m", runtime=0, meta_files=200, untar_files=50)
+
+
+FIO_JOBS: dict[str, dict[str, Any]] = {
+    "seq_write_1m": {"rw": "write", "bs": "1m", "file": "seq.dat", "end_fsync": 1, "fresh": True},
+    "seq_read_1m_cold": {"rw": "read", "bs": "1m", "file": "seq.dat", "cold": True},
+    "rand_read_4k_1job": {"rw": "randread", "bs": "4k", "file": "rand.dat", "numjobs": 1},
+    "rand_read_4k_4jobs": {"rw": "randread", "bs": "4k", "file": "rand.dat", "numjobs": 4},
+    "rand_write_4k_1job": {"rw": "randwrite", "bs": "4k", "file": "rand.dat", "numjobs": 1},
+    "rand_write_4k_4jobs": {"rw": "randwrite", "bs": "4k", "file": "rand.dat", "numjobs": 4},
+}
+UNITS = {"seq": "MiB/s", "ran": "IOPS"}
+
+
+def fio_argv(directory: Path, name: str, job: dict[str, Any], plan: Plan) -> list[str]:
+    seq = name.startswith("seq")
+    argv = ["fio", f"--name={name}", f"--filename={directory / job['file']}", f"--rw={job['rw']}",
+            f"--bs={job['bs']}", "--ioengine=psync", "--output-format=json",
+            f"--size={plan.seq_size if seq else plan.rand_size}"]
+    if seq:
+        argv += [f"--end_fsync={job.get('end_fsync', 0)}"]
+    else:
+        argv += ["--invalidate=0", f"--numjobs={job['numjobs']}", "--group_reporting"]
+        if plan.runtime:  # --quick: one pass over the file instead of a timed run
+            argv += ["--time_based", f"--runtime={plan.runtime}"]
+    return argv
+
+
+def run_fio(directory: Path, name: str, plan: Plan) -> float:
+    """One fio job; returns MiB/s for sequential jobs and IOPS for random ones."""
+    job = FIO_JOBS[name]
+    if job.get("fresh"):
+        (directory / job["file"]).unlink(missing_ok=True)
+        os.sync()
+    if job.get("cold"):
+        drop_caches()
+    out = run_quiet(fio_argv(directory, name, job, plan))
+    result = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    side = result["write" if "write" in job["rw"] else "read"]
+    return side["bw_bytes"] / MiB if name.startswith("seq") else side["iops"]
+
+
+def lay_out_random_file(directory: Path, plan: Plan) -> None:
+    """Write the random-I/O file once, so every random job reads and rewrites existing blocks."""
+    run_quiet(["fio", "--name=layout", f"--filename={directory / 'rand.dat'}", "--rw=write", "--bs=1m",
+               f"--size={plan.rand_size}", "--ioengine=psync", "--end_fsync=1", "--output-format=json"])
+
+
+# -- metadata -----------------------------------------------------------------------------------
+
+
+def make_untar_source(work: Path, files: int) -> Path:
+    """A tar of ``files`` small files in 20 directories (built once, on native disk)."""
+    archive = work / f"untar-{files}.tar"
+    if archive.exists():
+        return archive
+    src = work / f"untar-src-{files}"
+    shutil.rmtree(src, ignore_errors=True)
+    rng = random.Random(7)
+    for i in range(files):
+        sub = src / f"d{i % 20:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:05d}.txt").write_bytes(os.urandom(rng.randint(500, 8000)).hex().encode()[:8000])
+    with tarfile.open(archive, "w") as tar:
+        tar.add(src, arcname="tree")
+    shutil.rmtree(src)
+    return archive
+
+
+def metadata_run(directory: Path, plan: Plan, untar: Path) -> dict[str, float]:
+    """Create, stat, ls -l, unlink ``meta_files`` files, then untar; rates per second."""
+    box = directory / "meta"
+    shutil.rmtree(box, ignore_errors=True)
+    box.mkdir()
+    names = [str(box / f"f{i:05d}") for i in range(plan.meta_files)]
+    out: dict[str, float] = {}
+    out["creates_per_s"] = _rate(len(names), lambda: [os.close(os.open(n, os.O_CREAT | os.O_WRONLY, 0o644))
+                                                      for n in names])
+    out["stats_per_s"] = _rate(len(names), lambda: [os.stat(n) for n in names])
+    subprocess.run(["ls", "-l", str(box)], stdout=subprocess.DEVNULL, check=True)  # warm the entries
+    out["ls_l_entries_per_s"] = _rate(len(names), lambda: subprocess.run(["ls", "-l", str(box)],
+                                                                         stdout=subprocess.DEVNULL, check=True))
+    out["unlinks_per_s"] = _rate(len(names), lambda: [os.unlink(n) for n in names])
+    dest = directory / "untar"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    out["untar_files_per_s"] = _rate(plan.untar_files, lambda: run_quiet(["tar", "-xf", str(untar), "-C", str(dest)]))
+    shutil.rmtree(dest)
+    box.rmdir()
+    return out
+
+
+def _rate(count: int, action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return count / (time.perf_counter() - started)
+
+
+# -- the four directories ---------------------------------------------------------------------
+
+
+@contextmanager
+def bindfs_mount(work: Path) -> Iterator[Path]:
+    """bindfs (default options) of a plain directory; unmounted on the way out."""
+    src, mnt = work / "bindfs-src", work / "bindfs-mnt"
+    for p in (src, mnt):
+        shutil.rmtree(p, ignore_errors=True)
+        p.mkdir(parents=True)
+    run_quiet(["bindfs", str(src), str(mnt)])
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def open_targets(stack: ExitStack, driver: BenchDriver, work: Path, section: Section) -> dict[str, Path]:
+    """The directories to measure; a target that cannot be set up is skipped with its reason."""
+    dirs: dict[str, Path] = {}
+    native = work / "native"
+    shutil.rmtree(native, ignore_errors=True)
+    native.mkdir(parents=True)
+    dirs["native"] = native
+    for name, mounter in (("bind", "bind"), ("fusefs", None)):
+        try:
+            vol = create_volume(driver, 4 * GiB, mounter=mounter)
+            dirs[name] = stage_and_publish(driver, vol, mounter or "fusefs").target
+        except grpc.RpcError as exc:
+            section.notes.append(f"{name}: staging through the driver failed, skipped: {rpc_error_text(exc)}")
+    if shutil.which("bindfs"):
+        try:
+            dirs["bindfs"] = stack.enter_context(bindfs_mount(work))
+        except RuntimeError as exc:
+            section.notes.append(f"bindfs: could not mount, skipped: {exc}")
+    else:
+        section.notes.append("bindfs: not installed (apt-get install -y bindfs), skipped")
+    return dirs
+
+
+def run(opts: Options) -> dict[str, Any]:
+    plan = Plan.quick() if opts.quick else Plan()
+    section = Section("data_path", opts.quick)
+    section.config = {**plan.__dict__, "fio_jobs": {k: {kk: vv for kk, vv in v.items() if kk != "file"}
+                                                    for k, v in FIO_JOBS.items()},
+                      "ioengine": "psync (buffered)", "pinning": "none; median of interleaved runs"}
+    work = opts.work / "data-path"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    untar = make_untar_source(work, plan.untar_files)
+    samples: dict[str, dict[str, list[float]]] = {}
+    with running_driver(opts.work / "data-path-driver") as driver, ExitStack() as stack:
+        dirs = open_targets(stack, driver, work, section)
+        section.config["paths"] = {k: str(v) for k, v in dirs.items()}
+        for d in dirs.values():
+            lay_out_random_file(d, plan)
+        for _ in range(plan.runs):
+            for target, directory in dirs.items():
+                row = samples.setdefault(target, {})
+                for name in FIO_JOBS:
+                    row.setdefault(name, []).append(run_fio(directory, name, plan))
+                for key, value in metadata_run(directory, plan, untar).items():
+                    row.setdefault(key, []).append(value)
+        for directory in dirs.values():
+            for f in ("seq.dat", "rand.dat"):
+                (directory / f).unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    section.results = {t: {k: _rounded(median_of(v)) for k, v in rows.items()} for t, rows in samples.items()}
+    section.results["units"] = {**{k: UNITS[k[:3]] for k in FIO_JOBS}, "metadata": "operations per second"}
+    add_targets(section)
+    return section.as_dict()
+
+
+def _rounded(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: ([round(x, 1) for x in v] if isinstance(v, list) else round(v, 1)) for k, v in m.items()}
+
+
+def _median(section: Section, target: str, row: str) -> float | None:
+    return section.results.get(target, {}).get(row, {}).get("median")
+
+
+NATIVE_TARGETS = (  # (row, share of native fusefs must reach)
+    ("seq_write_1m", 0.5), ("seq_read_1m_cold", 0.7), ("rand_write_4k_1job", 0.4),
+)
+BINDFS_ROWS = (*FIO_JOBS, "creates_per_s", "stats_per_s", "ls_l_entries_per_s", "unlinks_per_s", "untar_files_per_s")
+
+
+def add_targets(section: Section) -> None:
+    for row, share in NATIVE_TARGETS:
+        f, n = _median(section, "fusefs", row), _median(section, "native", row)
+        section.targets.append(Target(f"fuse_{row}_vs_native", f"fusefs {row} / native (>= {share:.0%})",
+                                      ratio(f, n), ">=", share, "ratio", detail=f"fusefs {f}, native {n}"))
+    creates = _median(section, "fusefs", "creates_per_s")
+    section.targets.append(Target("fuse_creates", "fusefs creates/s", creates, ">=", 3000.0, "files/s"))
+    for row in BINDFS_ROWS:
+        f, b = _median(section, "fusefs", row), _median(section, "bindfs", row)
+        section.targets.append(Target(f"fuse_{row}_vs_bindfs", f"fusefs {row} / bindfs (>= 1)", ratio(f, b), ">=",
+                                      1.0, "ratio", detail=f"fusefs {f}, bindfs {b}"))
+
+
+if __name__ == "__main__":
+    standalone(__doc__.splitlines()[0], run)
