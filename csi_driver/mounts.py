@@ -6,8 +6,12 @@ it was already, was not, or was half done by a crashed earlier call.
 FUSE mount that answers ENOTCONN. The CO retries everything, so these are
 safe to call any number of times.
 
-mountinfo is the truth about what is mounted: we parse
-``/proc/self/mountinfo`` instead of trusting our own records.
+The driver and the fusefs daemon share the lower layer: mountinfo parsing
+(``fusefs.mountinfo``, the truth about what is mounted) and the mount(2)
+syscalls (``fusefs.bindmount``, which binds through O_PATH descriptors so a
+symlink swapped into a path after validation cannot redirect the mount).
+Only a block device's bind onto a target *file* goes through mount(8),
+because the syscall helper binds directories.
 """
 
 from __future__ import annotations
@@ -15,79 +19,22 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-MOUNTINFO = Path("/proc/self/mountinfo")
+from fusefs import bindmount, mountinfo
+from fusefs.mountinfo import MountEntry
 
-
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    parent_id: int
-    major_minor: str
-    root: str
-    mount_point: str
-    options: frozenset[str]
-    fs_type: str
-    source: str
-    super_options: frozenset[str]
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.options
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        rfields = right.split()
-        if len(fields) < 6 or len(rfields) < 2:
-            continue
-        entries.append(
-            MountEntry(
-                mount_id=int(fields[0]),
-                parent_id=int(fields[1]),
-                major_minor=fields[2],
-                root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]),
-                options=frozenset(fields[5].split(",")),
-                fs_type=rfields[0],
-                source=_unescape(rfields[1]),
-                super_options=frozenset(rfields[2].split(",")) if len(rfields) > 2 else frozenset(),
-            )
-        )
-    return entries
-
-
-def mounts_at(path: Path | str) -> list[MountEntry]:
-    """Every mount stacked at ``path``, bottom first (the last one is visible)."""
-    target = str(path)
-    return [e for e in parse_mountinfo(MOUNTINFO.read_text()) if e.mount_point == target]
+__all__ = ["MountEntry", "be_absent", "be_bind_mounted", "be_directory", "be_file", "be_unmounted",
+           "is_mounted", "path_is_dead", "top_mount"]
 
 
 def top_mount(path: Path | str) -> MountEntry | None:
-    entries = mounts_at(path)
-    return entries[-1] if entries else None
+    """The mount visible at ``path`` (the last one stacked there), if any."""
+    return mountinfo.top_mount(str(path))
 
 
 def is_mounted(path: Path | str) -> bool:
-    return bool(mounts_at(path))
+    return bool(mountinfo.mounts_at(str(path)))
 
 
 def path_is_dead(path: Path | str) -> bool:
@@ -99,43 +46,43 @@ def path_is_dead(path: Path | str) -> bool:
     return False
 
 
-def _run(args: list[str]) -> None:
+def be_bind_mounted(source: Path, target: Path, read_only: bool) -> None:
+    """Make ``target`` a bind mount of ``source``, read-only when asked.
+
+    A read-only bind takes two steps in Linux (bind, then remount ro), and a
+    crash between them would leave a writable mount; so the check looks at
+    the *current* state and finishes whatever is missing.
+    """
+    entry = top_mount(target)
+    if entry is not None and path_is_dead(target):
+        be_unmounted(target)
+        entry = None
+    if entry is None:
+        if target.is_dir():
+            bindmount.bind(str(source), str(target), read_only)
+            return
+        _mount_cmd(["mount", "--bind", "--", str(source), str(target)])
+        entry = top_mount(target)
+    if entry is not None and read_only and not entry.read_only:
+        if target.is_dir():
+            bindmount.remount_read_only(str(target))
+        else:
+            _mount_cmd(["mount", "-o", "remount,bind,ro", "--", str(target)])
+
+
+def _mount_cmd(args: list[str]) -> None:
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise OSError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-def be_bind_mounted(source: Path, target: Path, read_only: bool) -> None:
-    """Make ``target`` a bind mount of ``source``, read-only when asked.
-
-    A read-only bind takes two steps in Linux (bind, then remount ro), and a
-    crash between them would leave a writable mount; so the check below looks
-    at the *current* state and finishes whatever is missing.
-    """
-    entry = top_mount(target)
-    if entry is None or path_is_dead(target):
-        if entry is not None:
-            be_unmounted(target)
-        _run(["mount", "--bind", "--", str(source), str(target)])
-        entry = top_mount(target)
-    if entry is not None and read_only and not entry.read_only:
-        _run(["mount", "-o", "remount,bind,ro", "--", str(target)])
-
-
 def be_unmounted(path: Path) -> None:
-    """Unmount everything stacked at ``path``; no-op when nothing is.
+    """Detach everything stacked at ``path``; a no-op when nothing is.
 
-    A lazy (detach) unmount is used for dead FUSE mounts, which a normal
-    unmount can refuse with EBUSY or ENOTCONN.
+    Detaching is lazy (MNT_DETACH): it works on dead FUSE mounts and busy
+    ones alike, and the unmount propagates to slave copies in pods.
     """
-    for _ in range(16):  # bounded: a path can hold a small stack of mounts
-        if not is_mounted(path):
-            return
-        proc = subprocess.run(["umount", "--", str(path)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            _run(["umount", "--lazy", "--", str(path)])
-    if is_mounted(path):
-        raise OSError(f"{path} is still mounted after repeated unmounts")
+    bindmount.detach_all(str(path))
 
 
 def be_absent(path: Path) -> None:

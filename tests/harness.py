@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
-from csi_driver.mounts import be_unmounted, parse_mountinfo
+from csi_driver.mounts import be_unmounted
+from fusefs.mountinfo import parse as parse_mountinfo
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -12,7 +12,7 @@ from csi_driver import errors, validation
 from csi_driver.gen import csi_pb2
 from csi_driver.locks import KeyedLocks
 from csi_driver.logs import redacted
-from csi_driver.mounts import parse_mountinfo
+from fusefs.mountinfo import parse as parse_mountinfo
 from csi_driver.state import Store, Volume
 from csi_driver.state.schema import SCHEMA_VERSION
 
