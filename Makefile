@@ -32,8 +32,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
 
+CONTAINER_ENGINE ?= docker
+IMAGE ?= ghcr.io/fusepath/fusepath:v0.1.0
+
+## image: build the one image both entry points run from (needs a container engine)
 image:
-	docker build -t fusepath:dev .
+	$(CONTAINER_ENGINE) build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache
