@@ -358,9 +358,10 @@ def _disk_model(device: str) -> str:
     if model.exists():
         parts.append(model.read_text().strip())
     elif (parent / "device" / "vendor").exists():
-        parts.append((parent / "device" / "vendor").read_text().strip())
+        vendor = (parent / "device" / "vendor").read_text().strip()
+        parts.append("virtio-blk" if vendor == "0x1af4" else f"vendor {vendor}")
     if rot.exists():
-        parts.append("rotational" if rot.read_text().strip() == "1" else "non-rotational")
+        parts.append("reports rotational" if rot.read_text().strip() == "1" else "non-rotational")
     return ", ".join(parts) or "virtual"
 
 
