@@ -596,3 +596,33 @@ def test_killing_embedded_parent_does_not_disturb_mounts(node: Node) -> None:
     _wait_readable(f"{target}/file.txt", "embedded\n", RECOVERY_BUDGET)
     with node.client() as c:
         assert [v.remount_count for v in c.list()] == [1]
+
+
+def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> None:
+    daemon = node.start()
+    lost, kept = node.new_volume("lost\n"), node.new_volume("kept\n")
+    with node.client() as c:
+        c.mount(lost, node.stage(lost), MiB)
+        c.mount(kept, node.stage(kept), MiB)
+    daemon.kill()
+    daemon.wait()
+    (node.volumes / lost / "file.txt").unlink()
+    (node.volumes / lost).rmdir()
+
+    node.start()
+    _wait_readable(f"{node.stage(kept)}/file.txt", "kept\n", RECOVERY_BUDGET)
+    with node.client() as c:
+        deadline = time.monotonic() + 10
+        while not c.probe()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        infos = {v.volume_id: v for v in c.list()}
+        assert infos[kept].state == "mounted"
+        assert infos[lost].state == "failed" and "does not exist" in infos[lost].message
+        stats = c.stats(lost)
+        assert not stats.healthy and "does not exist" in stats.message
+        with pytest.raises(grpc.RpcError) as err:
+            c.publish(lost, node.target("pod"), False)
+        assert _code(err) == grpc.StatusCode.UNAVAILABLE
+        c.unmount(lost)
+        assert [v.volume_id for v in c.list()] == [kept]
+        assert not mountinfo.mounts_at(node.stage(lost))
