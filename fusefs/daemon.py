@@ -302,10 +302,13 @@ def serve(opts: ServeOptions, stop: threading.Event | None = None) -> int:
     config = DaemonConfig(state_dir=opts.state_dir, volumes_dir=opts.volumes_dir.resolve(),
                           kubelet_dir=kubelet_dir, node_id=opts.node_id or socket.gethostname())
     manager = VolumeManager(config, events=EventPoster(config.node_id))
-    manager.start()
-    server = start_grpc(FuseFSServicer(manager), path)
+    manager.load()
+    # Bind both listeners before any session starts: if one fails, we exit
+    # having touched no mount.
     http = start_metrics_server(opts.metrics_address, lambda: render_metrics(manager)) \
         if opts.metrics_address else None
+    server = start_grpc(FuseFSServicer(manager), path)
+    manager.start()
     log.info("fusefs daemon serving", extra={"fields": {
         "endpoint": opts.endpoint, "state_dir": str(opts.state_dir), "kubelet_dir": kubelet_dir,
         "pid": os.getpid()}})

@@ -124,12 +124,12 @@ class VolumeManager:
 
     # ----------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Begin recovery of every recorded volume and start the watcher.
+    def load(self) -> None:
+        """Read the state file and kill leftover sessions; spawns nothing.
 
-        Returns at once: volumes are restored in parallel threads, and each
-        one's ``settled`` event gates requests for it. ``ready`` is set when
-        all have been tried.
+        Every recorded volume is in the table from here on, unsettled, so a
+        request for it that arrives before recovery reaches it waits instead
+        of racing it. Called before the gRPC server starts.
         """
         prepare_socket_dir(self.socket_dir)
         records = self.state.load()
@@ -137,12 +137,22 @@ class VolumeManager:
         if stale:
             log.info("killing leftover FUSE sessions", extra={"fields": {"pids": stale}})
             kill_and_wait(stale)
-        for record in records.values():
-            volume = Volume(record=record)
-            self._volumes[record.volume_id] = volume
-            self.metrics.remounts.set_floor(record.volume_id, value=record.remount_count)
+        with self._lock:
+            for record in records.values():
+                self._volumes[record.volume_id] = Volume(record=record)
+                self.metrics.remounts.set_floor(record.volume_id, value=record.remount_count)
+
+    def start(self) -> None:
+        """Begin recovery of every loaded volume and start the watcher.
+
+        Returns at once: volumes are restored in parallel threads, and each
+        one's ``settled`` event gates requests for it. ``ready`` is set when
+        all have been tried.
+        """
+        with self._lock:
+            volumes = [v for v in self._volumes.values() if not v.settled.is_set()]
         workers = [threading.Thread(target=self._recover_one, args=(v,), name=f"recover-{v.volume_id[:12]}")
-                   for v in self._volumes.values()]
+                   for v in volumes]
         for worker in workers:
             worker.start()
         threading.Thread(target=self._finish_recovery, args=(workers,), name="recovery", daemon=True).start()
