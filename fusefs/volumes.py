@@ -387,6 +387,8 @@ class VolumeManager:
         bindmount.bind(volume.record.staging_path, target, pub.read_only or volume.record.read_only)
 
     def _mark_failed(self, volume: Volume, reason: str, exc: BaseException) -> None:
+        """Record a failed re-mount and schedule a retry; one Event per failure streak."""
+        first_failure = volume.state != FAILED
         volume.state = FAILED
         volume.restart_reason = reason
         volume.problem = f"{reason}; re-mounting failed at {now_text()}: {exc}"
@@ -394,8 +396,9 @@ class VolumeManager:
         volume.retry_delay = min(volume.retry_delay * 2, RETRY_MAX)
         log.error("re-mounting volume failed", extra={"fields": {
             "volume_id": volume.volume_id, "reason": reason, "error": str(exc)}})
-        self._post_events(volume, REASON_FAILED, f"fusefs could not re-mount volume {volume.volume_id}: "
-                          f"{volume.problem}")
+        if first_failure:
+            self._post_events(volume, REASON_FAILED, f"fusefs could not re-mount volume {volume.volume_id}: "
+                              f"{volume.problem}; retrying")
 
     @staticmethod
     def _restart_message(record: VolumeRecord) -> str:
