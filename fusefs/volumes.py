@@ -388,7 +388,7 @@ class VolumeManager:
 
     def _mark_failed(self, volume: Volume, reason: str, exc: BaseException) -> None:
         """Record a failed re-mount and schedule a retry; one Event per failure streak."""
-        first_failure = volume.state != FAILED
+        first_failure = volume.retry_delay == RETRY_MIN  # reset by every successful remount
         volume.state = FAILED
         volume.restart_reason = reason
         volume.problem = f"{reason}; re-mounting failed at {now_text()}: {exc}"
