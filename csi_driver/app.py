@@ -40,8 +40,8 @@ def build_grpc(ctx: DriverContext) -> tuple[grpc.Server, IdentityService]:
     server = build_server(ctx.config.workers)
     identity = IdentityService(ctx)
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
-    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(ctx), server)
     if ctx.config.runs_controller:
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(ctx), server)
         csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(ctx), server)
     if ctx.config.runs_node:
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(ctx), server)

@@ -45,3 +45,33 @@ def test_sizes():
     assert config.parse_size("1Gi") == 1 << 30
     assert config.parse_size("10G") == 10 * 10**9
     assert config.parse_size("4096") == 4096
+
+
+def test_modes_serve_only_their_services(tmp_path):
+    """--mode=controller is the cluster-wide resizer side: no node, no volumes of its own."""
+    import grpc
+    import pytest
+
+    from csi_driver.gen import csi_pb2
+    from tests.harness import Driver
+
+    ctrl = Driver(tmp_path / "c", "--mode=controller").start()
+    try:
+        caps = ctrl.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+        assert [c.rpc.type for c in caps] == [csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME]
+        resp = ctrl.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id="vol-" + "1" * 32, capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30)))
+        assert resp.node_expansion_required and resp.capacity_bytes == 1 << 30
+        with pytest.raises(grpc.RpcError) as exc:
+            ctrl.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        ctrl.teardown()
+    node = Driver(tmp_path / "n", "--mode=node").start()
+    try:
+        assert node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "test-node"
+        with pytest.raises(grpc.RpcError) as exc:
+            node.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        node.teardown()
