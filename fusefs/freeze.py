@@ -27,6 +27,15 @@ log = logging.getLogger("fusefs.freeze")
 
 #: How often ``freeze()`` re-checks in-flight operations while it drains them.
 _DRAIN_POLL_SECONDS = 0.001
+#: A write that continues, at a page boundary, the previous write on the same
+#: handle that finished less than this long ago is the second half of one
+#: write(2) that the kernel split (it does, when the first page was only
+#: partly written and not cached). Such halves may still pass while a freeze
+#: settles, so that a cut never holds half of a write(2).
+CONTINUATION_WINDOW = 0.05
+#: A freeze settles for at most this long, even under a stream of appends.
+MAX_SETTLE_SECONDS = 0.5
+PAGE_SIZE = 4096
 
 
 class FreezeTimeout(Exception):
@@ -59,6 +68,9 @@ class FreezeGate:
         self._generation = 0
         self.frozen_since = 0.0
         self.auto_thaws = 0
+        #: False while a freeze settles (continuations may pass), then True.
+        self._settled = True
+        self._last_continuation = 0.0
 
     # ------------------------------------------------------------ hot path
 
@@ -86,6 +98,21 @@ class FreezeGate:
             w.busy = False
             self._thawed.wait()
 
+    def enter_write(self, offset: int, last_end: int, last_time: float) -> _Worker:
+        """:meth:`enter` for a write at ``offset`` on a handle whose previous
+        write ended at ``last_end`` at ``last_time`` (monotonic)."""
+        w = self.worker()
+        while True:
+            w.busy = True
+            if not self.frozen:
+                return w
+            if (not self._settled and offset == last_end and offset % PAGE_SIZE == 0
+                    and time.monotonic() - last_time < CONTINUATION_WINDOW):
+                self._last_continuation = time.monotonic()
+                return w  # the rest of a write(2) that was in flight
+            w.busy = False
+            self._thawed.wait()
+
     @staticmethod
     def leave(w: _Worker) -> None:
         w.busy = False
@@ -107,6 +134,7 @@ class FreezeGate:
             already = self.frozen
             if not already:
                 self._thawed.clear()
+                self._settled = False
                 self.frozen = True
                 self.frozen_since = time.time()
             self._generation += 1
@@ -115,6 +143,7 @@ class FreezeGate:
                 return self._deadline
             try:
                 self._drain(drain_timeout)
+                self._settle(drain_timeout)
                 if flush is not None:
                     flush()
             except BaseException:
@@ -152,6 +181,17 @@ class FreezeGate:
                 raise FreezeTimeout(f"{len(busy)} operation(s) still in flight after {timeout:.0f}s")
             time.sleep(_DRAIN_POLL_SECONDS)
 
+    def _settle(self, drain_timeout: float) -> None:
+        """Let the second halves of split write(2) calls in, then close for good."""
+        deadline = time.monotonic() + MAX_SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(CONTINUATION_WINDOW)
+            self._drain(drain_timeout)
+            if time.monotonic() - self._last_continuation >= CONTINUATION_WINDOW:
+                break
+        self._settled = True
+        self._drain(drain_timeout)  # one that slipped in just before
+
     def _arm_timer(self, timeout_seconds: float, generation: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -173,6 +213,7 @@ class FreezeGate:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._settled = True
         self.frozen = False
         self._deadline = 0.0
         self._thawed.set()

@@ -113,7 +113,9 @@ class LinkTracker:
             return
         done = threading.Event()
         self._queue.put((paths, done))
-        done.wait(WAIT_SECONDS)
+        if not done.wait(WAIT_SECONDS):
+            log.warning("cache invalidation still pending", extra={"fields": {
+                "paths": len(paths), "waited_seconds": WAIT_SECONDS}})
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -126,7 +128,8 @@ class LinkTracker:
             paths, done = item
             for path in paths:
                 try:
-                    self._invalidate(path)  # -ENOENT: not cached, nothing to drop
+                    result = self._invalidate(path)  # -ENOENT: not cached, nothing to drop
+                    log.debug("invalidated", extra={"fields": {"path": path, "result": result}})
                 except Exception:  # noqa: BLE001 - never let the worker die
                     log.exception("invalidation failed")
             done.set()

@@ -31,8 +31,10 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import stat
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +70,11 @@ _OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
 STATFS_BLOCK = 4096
 #: uid_t/gid_t -1 as libfuse passes it ("do not change").
 _ID_UNCHANGED = 0xFFFFFFFF
+_monotonic = time.monotonic
+#: The name libfuse gives a file it hides instead of unlinking (hidden_name()).
+_HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+#: How long a hiding rename waits for the RELEASE of a just-closed file.
+RELEASE_WAIT_SECONDS = 0.5
 
 
 @dataclass
@@ -92,7 +99,7 @@ class FsOptions:
 class _Handle:
     """An open file: its backing descriptor and the inode it is on."""
 
-    __slots__ = ("fd", "state", "writable", "path")
+    __slots__ = ("fd", "state", "writable", "path", "flushed", "last_end", "last_time")
 
     def __init__(self, fd: int, state: InodeState, writable: bool, path: bytes) -> None:
         self.fd = fd
@@ -101,6 +108,10 @@ class _Handle:
         #: The name it was opened by (kept up to date across renames), so a
         #: write can tell the name it came through from a hard link's others.
         self.path = path
+        self.flushed = False
+        #: Where and when the last write on this handle ended (see freeze.py).
+        self.last_end = -1
+        self.last_time = 0.0
 
 
 def _rel(path: bytes) -> bytes:
@@ -292,9 +303,6 @@ class FusefsOperations(binding.Operations):
         fi = fip.contents
         fi.fh = fd
         fi.keep_cache = 1 if self.options.keep_cache else 0
-        # A FLUSH on every close(2) buys nothing for a local passthrough (our
-        # writes are synchronous); the kernel ignores this with writeback.
-        fi.noflush = 1
 
     # ------------------------------------------------------------ attributes
 
@@ -437,6 +445,14 @@ class FusefsOperations(binding.Operations):
         return 0
 
     def flush(self, path: bytes | None, fip: Any) -> int:
+        """A descriptor of this open file was closed (close(2) sends FLUSH
+        synchronously; the RELEASE that follows the last one is asynchronous).
+        Remembered so that unlinking a file that is merely *being* closed does
+        not leave it hidden; see :meth:`_hiding_a_closed_file`."""
+        handle = self._handles.get(fip.contents.fh)
+        if handle is not None and not handle.flushed:
+            handle.flushed = True
+            handle.state.flushed += 1
         return 0
 
     def fsync(self, path: bytes | None, datasync: int, fip: Any) -> int:
@@ -459,13 +475,13 @@ class FusefsOperations(binding.Operations):
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         if self.read_only:
             return _ERR_ROFS
-        gate = self.gate
-        w = gate.enter()
+        fh = fip.contents.fh
+        handle = self._handles[fh]
+        w = self.gate.enter_write(offset, handle.last_end, handle.last_time)
         try:
             if self.limits.active:
                 self.limits.throttle(size)
-            fh = fip.contents.fh
-            state = self._handles[fh].state
+            state = handle.state
             end = offset + size
             if end > state.size:
                 allowed = self.quota.extend(state, end)
@@ -479,9 +495,11 @@ class FusefsOperations(binding.Operations):
                 return err
             if n < size:
                 self._resync_size(fh, state)
+            handle.last_end = offset + n
+            handle.last_time = _monotonic()
             self.stats.shard().bytes_written += n
             if self.links.active:
-                self._touched(self._handles[fh].path, state.ino)
+                self._touched(handle.path, state.ino)
             return n
         finally:
             w.busy = False
@@ -623,15 +641,46 @@ class FusefsOperations(binding.Operations):
     def unlink(self, path: bytes) -> int:
         w = self._begin_mutation()
         try:
-            rel = _rel(path)
-            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
-            os.unlink(rel, dir_fd=self._root)
-            self._link_removed(st)
-            if self.links.forget(path) is not None or st.st_nlink > 1:
-                self.links.changed(st.st_ino)  # the other names' link count
+            self._unlink(path)
             return 0
         finally:
             self.gate.leave(w)
+
+    def _unlink(self, path: bytes) -> None:
+        rel = _rel(path)
+        st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        os.unlink(rel, dir_fd=self._root)
+        self._link_removed(st)
+        if self.links.forget(path) is not None or st.st_nlink > 1:
+            self.links.changed(st.st_ino)  # the other names' link count
+
+    def _hiding_a_closed_file(self, old: bytes, new: bytes) -> bool:
+        """Is this libfuse hiding a file that is only waiting for its RELEASE?
+
+        libfuse renames an unlinked file to ``.fuse_hiddenNNN`` while it is
+        open, so that fstat() on it keeps working. But close(2) returns before
+        the kernel sends RELEASE, so a file that was just closed still counts
+        as open, and ``close(); unlink(); rmdir()`` would find the directory
+        not empty. When every handle on the inode has seen its FLUSH (its
+        descriptors are closed), wait briefly for the release; if it comes,
+        the caller unlinks for real instead of hiding. A file that is really
+        still open (or mapped) is hidden as libfuse asked.
+        """
+        head, _, name = new.rpartition(b"/")
+        if not _HIDDEN_NAME.fullmatch(name) or old.rpartition(b"/")[0] != head:
+            return False
+        try:
+            ino = os.stat(_rel(old), dir_fd=self._root, follow_symlinks=False).st_ino
+        except OSError:
+            return False
+        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+        while True:
+            state = self._inodes.get(ino)
+            if state is None:
+                return True  # released (libfuse just has not counted it yet)
+            if state.flushed < state.opens or time.monotonic() > deadline:
+                return False  # really open: hide it
+            time.sleep(0.001)
 
     def rmdir(self, path: bytes) -> int:
         w = self._begin_mutation()
@@ -646,6 +695,9 @@ class FusefsOperations(binding.Operations):
         """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE."""
         w = self._begin_mutation()
         try:
+            if not flags and self._hiding_a_closed_file(old, new):
+                self._unlink(old)
+                return 0
             src, dst = _rel(old), _rel(new)
             replaced = None
             if not flags & RENAME_EXCHANGE:

@@ -114,12 +114,15 @@ def _collect_xattrs(path: bytes, result: ScanResult) -> None:
 class InodeState:
     """An inode with open handles: its size as fusefs knows it."""
 
-    __slots__ = ("ino", "size", "opens", "orphan")
+    __slots__ = ("ino", "size", "opens", "flushed", "orphan")
 
     def __init__(self, ino: int, size: int) -> None:
         self.ino = ino
         self.size = size
         self.opens = 0
+        #: Handles on it that saw a FLUSH (their descriptor was closed; the
+        #: RELEASE, which the kernel sends asynchronously, may be pending).
+        self.flushed = 0
         #: The last link is gone but handles are open: uncharge on last close.
         self.orphan = False
 

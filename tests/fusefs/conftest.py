@@ -139,7 +139,10 @@ def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
 
     yield start
     for mounted in reversed(started):
-        mounted.stop()
+        code = mounted.stop()
+        # Shown by pytest only when the test failed: the session's own story.
+        print(f"--- session {mounted.volume_id} (exit {code}) log tail ---")
+        print("\n".join(mounted.log().splitlines()[-30:]))
 
 
 def wait_ready(mounted: Mounted, timeout: float = READY_TIMEOUT) -> None:

@@ -6,6 +6,7 @@ generous bound".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -126,27 +127,34 @@ def test_freeze_again_moves_the_deadline(mounted: Mounted) -> None:
 
 
 def test_freeze_waits_for_writes_in_flight(start_session: Callable[..., Mounted]) -> None:
-    """A write already inside the filesystem completes before freeze returns.
+    """A write(2) already under way completes, all of it, before freeze returns.
 
-    With a 512 KiB/s limit, the 1 MiB requests of a 3 MiB write each spend
-    about two seconds in the daemon (the first one less: the bucket starts
-    with a little credit). The freeze is issued while the second one is
-    parked in the limiter, so it must wait for it, and only for it.
+    With a 512 KiB/s limit, the 1 MiB requests that a 3 MiB write(2) becomes
+    each spend about two seconds in the daemon. The freeze is issued while
+    one of them is parked in the limiter: it waits for that request and lets
+    the rest of the same write(2) through (a cut never holds half a write),
+    while the writer's next write(2) waits for the thaw.
     """
     m = start_session(bytes_per_second=MiB // 2)
     fd = os.open(m.mountpoint / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+
+    def two_writes() -> int:
+        n = os.write(fd, b"w" * (3 * MiB))
+        time.sleep(0.2)
+        return n + os.write(fd, b"x")
+
     try:
-        writer = Call(lambda: os.write(fd, b"w" * (3 * MiB)))
+        writer = Call(two_writes)
         deadline = time.monotonic() + RELEASE
         while m.client.stats()["throttled_seconds"] == 0:   # a request is parked in the limiter
             assert time.monotonic() < deadline
             time.sleep(0.01)
         m.client.freeze(60)
-        assert (m.source / "f").stat().st_size == 2 * MiB   # the parked request finished...
-        assert not writer.finished(PAUSE)                   # ...and the next one waits
-        assert (m.source / "f").stat().st_size == 2 * MiB
+        assert (m.source / "f").stat().st_size == 3 * MiB   # the whole first write(2)...
+        assert not writer.finished(PAUSE)                   # ...and not the second
+        assert (m.source / "f").stat().st_size == 3 * MiB
         m.client.thaw()
-        assert writer.finished(RELEASE) and writer.result == 3 * MiB
+        assert writer.finished(RELEASE) and writer.result == 3 * MiB + 1
     finally:
         os.close(fd)
 
@@ -163,6 +171,7 @@ def test_stop_while_frozen_unmounts_cleanly(start_session: Callable[..., Mounted
     assert not writer.finished(0.5)
     assert m.stop() == 0
     assert writer.finished(RELEASE)
-    os.close(fd)
+    with contextlib.suppress(OSError):  # ENOTCONN: close(2) asks a session that is gone
+        os.close(fd)
     assert not is_mounted(str(m.mountpoint))
     assert not Path(m.socket).exists()

@@ -468,3 +468,43 @@ def test_hot_xattr_queries_stay_in_the_daemon(mounted: Mounted) -> None:
     os.setxattr(f, "user.k", b"v")
     assert os.getxattr(f, "user.k") == b"v"
     assert os.listxattr(mounted.source / "f") == ["user.k"]
+
+
+def test_close_unlink_rmdir_never_finds_leftovers(mounted: Mounted) -> None:
+    """close() returns before the kernel's asynchronous RELEASE; an unlink
+    right after must still remove the file for real (not hide it), or the
+    rmdir that follows would fail with ENOTEMPTY."""
+    for i in range(200):
+        d = mounted.mountpoint / f"d{i}"
+        d.mkdir()
+        (d / "f").write_bytes(b"x" * 100)
+        (d / "f").read_bytes()
+        os.unlink(d / "f")
+        os.rmdir(d)
+    assert os.listdir(mounted.source) == []
+
+
+def test_open_unlinked_file_is_hidden_until_closed(mounted: Mounted) -> None:
+    d = mounted.mountpoint / "d"
+    d.mkdir()
+    fd = os.open(d / "f", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"data")
+        os.unlink(d / "f")
+        assert os.listdir(d) == []                       # hidden from listings
+        assert os.fstat(fd).st_size == 4                # but fstat works
+        with pytest.raises(OSError) as exc:             # as on NFS, the directory is busy
+            os.rmdir(d)
+        assert exc.value.errno == errno.ENOTEMPTY
+    finally:
+        os.close(fd)
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:  # the RELEASE (asynchronous) removes the hidden file
+        try:
+            os.rmdir(d)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)

@@ -24,7 +24,7 @@ from tests.fusefs.conftest import Mounted
 pytestmark = pytest.mark.privileged
 
 RECORD = 1000  # not a divisor of the page size: records straddle pages
-CUTS = 6
+CUTS = 12
 
 
 def record(seq: int) -> bytes:
@@ -77,7 +77,7 @@ def test_cut_under_freeze_has_no_torn_record(mounted: Mounted) -> None:
     counts = []
     try:
         for _ in range(CUTS):
-            time.sleep(0.3)
+            time.sleep(0.15)
             mounted.client.freeze(60)
             try:
                 synced = written[0]
