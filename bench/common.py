@@ -392,6 +392,88 @@ def machine_info(work: Path) -> dict[str, Any]:
     }
 
 
+# -- profiling ------------------------------------------------------------------------
+
+
+def py_spy() -> str | None:
+    """py-spy from PATH or from the venv this runs in (``make bench`` does not activate it)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
+@contextlib.contextmanager
+def sampling(pid: int, seconds: float, raw_path: Path) -> Iterator[dict[str, Any]]:
+    """Sample ``pid`` with py-spy (non-blocking, 200 Hz) while the block runs.
+
+    The block should keep the process busy for about ``seconds``. Yields a
+    dict that holds, afterwards, ``stacks`` (collapsed stacks and counts) or
+    ``skipped`` with the reason.
+    """
+    out: dict[str, Any] = {}
+    spy = py_spy()
+    if spy is None:
+        out["skipped"] = "py-spy is not installed (pip install py-spy)"
+        yield out
+        return
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                             "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # let py-spy attach before the work starts
+    yield out
+    _, err = proc.communicate(timeout=seconds + 60)
+    if proc.returncode != 0 or not raw_path.exists():
+        out["skipped"] = f"py-spy failed: {err.decode(errors='replace').strip()[-400:]}"
+        return
+    out["stacks"] = parse_collapsed(raw_path.read_text())
+    out["raw_profile"] = raw_path.name
+
+
+def parse_collapsed(raw: str) -> list[tuple[list[str], int]]:
+    """py-spy's raw format (``frame;frame;... count``) as (frame names, count), line numbers dropped."""
+    stacks = []
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            frames = [frame_name(f) for f in stack.split(";") if "(" in f]
+            if frames:
+                stacks.append((frames, int(count_text)))
+    return stacks
+
+
+def frame_name(frame: str) -> str:
+    """'create (csi_driver/volumes.py:94)' -> 'csi_driver/volumes.py:create'."""
+    func, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("/site-packages/", "/lib/python3.11/", "/lib/python3", str(REPO) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path}:{func}"
+
+
+def top_functions(stacks: list[tuple[list[str], int]], top: int = 12) -> dict[str, Any]:
+    """Self and inclusive shares of samples per function."""
+    import collections
+
+    self_c: collections.Counter[str] = collections.Counter()
+    incl_c: collections.Counter[str] = collections.Counter()
+    total = 0
+    for frames, n in stacks:
+        total += n
+        self_c[frames[-1]] += n
+        for name in set(frames):
+            incl_c[name] += n
+    if not total:
+        return {"samples": 0}
+    skip = ("threading.py:", "concurrent/futures/thread.py:_worker")
+    return {
+        "samples": total,
+        "top_self": [{"function": k, "percent": round(100 * v / total, 1)} for k, v in self_c.most_common(top)],
+        "top_inclusive": [{"function": k, "percent": round(100 * v / total, 1)}
+                          for k, v in incl_c.most_common(top + 8) if not k.startswith(skip)][:top],
+    }
+
+
 def human_mib(nbytes: float) -> float:
     return round(nbytes / MiB, 1)
 

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +37,7 @@ from typing import Any
 import grpc
 
 from common import (MiB, BenchDriver, Options, Section, Target, latency_summary, ratio, rss_mib, running_driver,
-                    standalone, unique)
+                    sampling, standalone, top_functions, unique)
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from tests.harness import mount_cap
 
@@ -226,12 +223,6 @@ def snapshot_sources(driver: BenchDriver, count: int) -> list[str]:
 # -- profiling -------------------------------------------------------------------------
 
 
-def have_py_spy() -> str | None:
-    """py-spy from PATH or from the venv this runs in (``make bench`` does not activate it)."""
-    beside = Path(sys.executable).parent / "py-spy"
-    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
-
-
 def profile_driver(driver: BenchDriver, seconds: float, out: Path) -> dict[str, Any]:
     """Sample the driver with py-spy while one client runs the sequential create/delete loop.
 
@@ -239,42 +230,25 @@ def profile_driver(driver: BenchDriver, seconds: float, out: Path) -> dict[str, 
     so the profiled loop runs at close to its normal speed; its rate is
     recorded beside the profile so the two can be compared.
     """
-    spy = have_py_spy()
-    if spy is None:
-        return {"skipped": "py-spy is not installed (pip install py-spy)"}
-    raw = out.with_suffix(".txt")
-    proc = subprocess.Popen([spy, "record", "--pid", str(driver.pid), "--duration", str(int(seconds)),
-                             "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(0.5)  # let py-spy attach before the loop starts
-    stop = time.monotonic() + seconds - 1.0
-    channel, stub = controller(driver)
     times = PairTimes()
-    started = time.perf_counter()
-    try:
-        while time.monotonic() < stop:
-            volume_pair(stub, times)
-    finally:
-        channel.close()
-    times.wall = time.perf_counter() - started
-    _, err = proc.communicate(timeout=seconds + 30)
-    if proc.returncode != 0 or not raw.exists():
-        return {"skipped": f"py-spy failed: {err.decode(errors='replace').strip()[-400:]}"}
-    summary = summarize_profile(raw.read_text())
+    with sampling(driver.pid, seconds, out.with_suffix(".txt")) as prof:
+        if "skipped" in prof:
+            return prof
+        stop = time.monotonic() + seconds - 1.0
+        channel, stub = controller(driver)
+        started = time.perf_counter()
+        try:
+            while time.monotonic() < stop:
+                volume_pair(stub, times)
+        finally:
+            channel.close()
+        times.wall = time.perf_counter() - started
+    if "skipped" in prof:
+        return prof
+    summary = summarize_profile(prof["stacks"])
     summary["loop_pairs_per_s"] = round(len(times.pair) / times.wall, 1)
-    summary["raw_profile"] = raw.name
+    summary["raw_profile"] = prof["raw_profile"]
     return summary
-
-
-def _frame_name(frame: str) -> str:
-    """'create (csi_driver/volumes.py:94)' -> 'csi_driver/volumes.py:create' (line numbers dropped)."""
-    func, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("/site-packages/", "/lib/python3", "/work/main/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
-    return f"{path}:{func}"
 
 
 HANDLER = "intercept_service.<locals>.wrapped"
@@ -292,7 +266,7 @@ CATEGORIES = (  # (label, frame-name suffixes); the innermost matching frame dec
 )
 
 
-def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
+def summarize_profile(stacks: list[tuple[list[str], int]]) -> dict[str, Any]:
     """Where the driver's sampled time goes.
 
     Samples inside an RPC handler (below the interceptor) are broken down by
@@ -300,31 +274,21 @@ def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
     sees only Python frames, so time in a C call (an fsync, a COMMIT) shows
     as the Python function that made it.
     """
-    self_counts: collections.Counter[str] = collections.Counter()
     cat_counts: collections.Counter[str] = collections.Counter()
-    total = handler = 0
-    for line in raw.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        n = int(count_text)
-        frames = [_frame_name(f) for f in stack.split(";") if "(" in f]
-        if not frames:
-            continue
-        total += n
-        self_counts[frames[-1]] += n
+    handler = 0
+    for frames, n in stacks:
         if any(f.endswith(HANDLER) for f in frames):
             handler += n
             cat_counts[_category(frames)] += n
-    if not total:
-        return {"samples": 0}
+    summary = top_functions(stacks)
+    if not handler:
+        return summary
     return {
-        "samples": total,
-        "in_rpc_handlers_percent": round(100 * handler / total, 1),
+        **summary,
+        "in_rpc_handlers_percent": round(100 * handler / summary["samples"], 1),
         "outside_handlers": "gRPC server polling/dispatch threads and the executor hand-off",
         "handler_breakdown": [{"category": k, "percent_of_handler_time": round(100 * v / handler, 1)}
                               for k, v in cat_counts.most_common()],
-        "top_self": [{"function": k, "percent": round(100 * v / total, 1)} for k, v in self_counts.most_common(top)],
     }
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import tarfile
 import time
@@ -45,8 +44,9 @@ from typing import Any
 
 import grpc
 
-from common import (GiB, MiB, BenchDriver, Options, Section, Target, create_volume, drop_caches, median_of,
-                    ratio, rpc_error_text, run_quiet, running_driver, stage_and_publish, standalone)
+from common import (GiB, MiB, BenchDriver, Options, Section, Target, create_volume, drop_caches,
+                    fusefs_daemon_pid, fusefs_session_pids, median_of, ratio, rpc_error_text, run_quiet,
+                    running_driver, sampling, stage_and_publish, standalone, top_functions)
 
 TARGETS = ("native", "bind", "fusefs", "bindfs")
 
@@ -169,6 +169,48 @@ def _rate(count: int, action: Callable[[], object]) -> float:
     return count / (time.perf_counter() - started)
 
 
+# -- where the FUSE session spends its time ------------------------------------------------------
+
+
+def profile_fusefs(driver: BenchDriver, directory: Path, plan: Plan, out: Path) -> dict[str, Any]:
+    """py-spy on the volume's FUSE session child under the workloads where Python pays most."""
+    daemon = fusefs_daemon_pid(driver.data_dir)
+    sessions = fusefs_session_pids(daemon) if daemon else []
+    if len(sessions) != 1:
+        return {"skipped": f"expected one fusefs session child, found {sessions}"}
+    child, seconds = sessions[0], 4.0
+    workloads: dict[str, Callable[[], None]] = {
+        "rand_write_4k_1job": lambda: run_fio(directory, "rand_write_4k_1job", plan),
+        "creates": lambda: _create_until(directory / "profile-creates", seconds - 1.0),
+        "stats": lambda: _stat_until(directory / "profile-creates", seconds - 1.0),
+    }
+    result: dict[str, Any] = {"pid": child}
+    for name, action in workloads.items():
+        with sampling(child, seconds, out.with_name(f"{out.name}-{name}.txt")) as prof:
+            if "skipped" not in prof:
+                action()
+        result[name] = prof if "skipped" in prof else {**top_functions(prof["stacks"]),
+                                                       "raw_profile": prof["raw_profile"]}
+    shutil.rmtree(directory / "profile-creates", ignore_errors=True)
+    return result
+
+
+def _create_until(box: Path, seconds: float) -> None:
+    box.mkdir(exist_ok=True)
+    end, i = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        os.close(os.open(box / f"p{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+        i += 1
+
+
+def _stat_until(box: Path, seconds: float) -> None:
+    names = [box / n for n in os.listdir(box)]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for n in names:
+            os.stat(n)
+
+
 # -- the four directories ---------------------------------------------------------------------
 
 
@@ -239,11 +281,17 @@ def run(opts: Options) -> dict[str, Any]:
                 for key, value in metadata_run(directory, plan, untar).items():
                     row.setdefault(key, []).append(value)
                 _add_time(step_seconds, target, "metadata", started)
+        if not opts.quick and "fusefs" in dirs:
+            section.results["fusefs_profile"] = profile_fusefs(driver, dirs["fusefs"], plan,
+                                                               opts.out / "profile-fusefs")
         for directory in dirs.values():
             for f in ("seq.dat", "rand.dat"):
                 (directory / f).unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
+    profile = section.results.pop("fusefs_profile", None)
     section.results = {t: {k: _rounded(median_of(v)) for k, v in rows.items()} for t, rows in samples.items()}
+    if profile is not None:
+        section.results["fusefs_profile"] = profile
     section.results["wall_seconds_per_step"] = step_seconds
     section.results["units"] = {**{k: UNITS[k[:3]] for k in FIO_JOBS}, "metadata": "operations per second"}
     add_targets(section)
