@@ -14,6 +14,7 @@ with each other (DESIGN §4).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Iterable
@@ -82,10 +83,17 @@ class SnapshotManager:
     def _archive(self, snap: Snapshot) -> int:
         dest = self.ctx.layout.snapshot_file(snap.id, archive.archive_suffix(snap.compression))
         started = time.monotonic()
-        size = archive.create_archive(
-            self.ctx.layout.volume_dir(snap.source_volume_id), dest, snap.compression, self.ctx.layout.tmp,
-            progress_reporter("snapshot", snap.id),
-        )
+        try:
+            size = archive.create_archive(
+                self.ctx.layout.volume_dir(snap.source_volume_id), dest, snap.compression, self.ctx.layout.tmp,
+                progress_reporter("snapshot", snap.id),
+            )
+        except archive.ArchiveError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.exhausted(f"no space for the snapshot archive: {exc}") from exc
+            if exc.errno is None:  # the volume holds something a restore would refuse; the message says what
+                raise errors.failed_precondition(f"volume {snap.source_volume_id} cannot be snapshotted: {exc}")
+            raise errors.internal(f"snapshot of {snap.source_volume_id} failed: {exc}") from exc
         faults.point("snapshot.after_archive")
         metrics.SNAPSHOT_BYTES.inc("create", amount=size)
         log.info("snapshot cut", extra={"fields": {

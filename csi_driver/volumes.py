@@ -15,6 +15,7 @@ always finished. See ``csi_driver.reconcile``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import subprocess
@@ -106,7 +107,8 @@ class VolumeManager:
                 block.grow_image(tmp, spec.capacity)
             else:
                 block.create_image(tmp, spec.capacity)
-        os.chmod(tmp, VOLUME_DIR_MODE)
+        if not spec.source_kind:  # a restore or clone keeps its source's root mode and owner
+            os.chmod(tmp, VOLUME_DIR_MODE)
         if spec.source_kind:
             syncfs(tmp)
         else:
@@ -122,6 +124,8 @@ class VolumeManager:
         except archive.UnsafeArchiveError as exc:
             raise errors.invalid(f"snapshot {snapshot_id} cannot be restored safely: {exc}") from exc
         except archive.ArchiveError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.exhausted(f"no space to restore snapshot {snapshot_id}: {exc}") from exc
             raise errors.internal(f"snapshot {snapshot_id} is unreadable: {exc}") from exc
 
     def _clone(self, tmp: Path, source_id: str) -> None:

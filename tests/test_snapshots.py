@@ -311,3 +311,26 @@ def test_a_long_snapshot_does_not_block_unrelated_rpcs(shared_driver):
     order.append("others")
     snapper.join()
     assert order == ["others", "snapshot"]
+
+
+def test_volume_with_a_link_restore_would_refuse_fails_snapshot_clearly(shared_driver):
+    """An absolute symlink could never be restored (restore refuses links that leave the
+    volume), so the snapshot fails up front with FAILED_PRECONDITION naming the link."""
+    vol = shared_driver.create_volume(uniq("pvc"))
+    os.symlink("/etc/passwd", shared_driver.volume_dir(vol.volume_id) / "abs-link")
+    with pytest.raises(grpc.RpcError) as exc:
+        snapshot(shared_driver, vol.volume_id)
+    assert code_of(exc) == C.FAILED_PRECONDITION
+    assert "abs-link" in exc.value.details()
+    assert list((shared_driver.data_dir / "tmp").iterdir()) == []
+
+
+@pytest.mark.privileged
+def test_restore_keeps_the_source_root_mode(shared_driver):
+    vol = shared_driver.create_volume(uniq("pvc"))
+    root = shared_driver.volume_dir(vol.volume_id)
+    os.chmod(root, 0o750)
+    os.chown(root, 1000, 2000)
+    restored = restore(shared_driver, snapshot(shared_driver, vol.volume_id).snapshot_id)
+    st = shared_driver.volume_dir(restored.volume_id).stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 1000, 2000)
