@@ -58,6 +58,9 @@ def snapshot_path(section: dict[str, Any], path: Path) -> Path | None:
         rows.append((name.replace("_", " "), b["seconds"], b["mib_per_s"], "tab:grey"))
     for comp, s in r["snapshot"].items():
         rows.append((f"CreateSnapshot {comp}", s["create_snapshot_s"], s["create_mib_per_s"], "tab:blue"))
+    if "tar_xf_and_sync" in r["baselines"]:
+        b = r["baselines"]["tar_xf_and_sync"]
+        rows.append(("tar xf + sync", b["seconds"], b["mib_per_s"], "tab:grey"))
     for comp, s in r["snapshot"].items():
         rows.append((f"restore {comp}", s["restore_s"], s["restore_mib_per_s"], "tab:green"))
     fig, ax = plt.subplots(figsize=(9, 4.5))

@@ -242,9 +242,12 @@ def render_snapshot(section: dict[str, Any]) -> str:
     for name in ("tar_cf", "tar_czf"):
         b = r["baselines"][name]
         rows.append(f"| `{name.replace('_', ' ')}` | {b['seconds']:.2f} | {b['mib_per_s']:,.0f} | {b['archive_mib']} |")
+    xf = r["baselines"].get("tar_xf_and_sync")
     for comp, s in r["snapshot"].items():
         rows.append(f"| CreateSnapshot `compression: {comp}` | {s['create_snapshot_s']:.2f} | "
                     f"{s['create_mib_per_s']:,.0f} | {s['archive_mib']} |")
+    if xf:
+        rows.append(f"| `tar xf` + `sync` (restore baseline) | {xf['seconds']:.2f} | {xf['mib_per_s']:,.0f} | |")
     for comp, s in r["snapshot"].items():
         rows.append(f"| restore (CreateVolume from the {comp} snapshot) | {s['restore_s']:.2f} | "
                     f"{s['restore_mib_per_s']:,.0f} | |")

@@ -10,7 +10,8 @@ pod would use it, and:
 
 * ``tar cf`` and ``tar czf`` of the same tree on the same disk set the
   baseline (GNU tar does not fsync; the driver's archive is fsynced before
-  the snapshot is ready, so the comparison favours tar);
+  the snapshot is ready, so the comparison favours tar), and ``tar xf``
+  followed by ``sync`` is the baseline for restore;
 * CreateSnapshot is timed for each VolumeSnapshotClass ``compression``
   (none, gzip, zstd), and CreateVolume from each snapshot (restore);
 * the freeze window: while CreateSnapshot runs, a writer thread appends
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import threading
@@ -253,12 +255,35 @@ def measure_snapshots(driver: BenchDriver, volume_id: str, tree_bytes: int, shap
     return out
 
 
+def timed_untar(src: Path, work: Path) -> float:
+    """``tar xf`` of a plain tar of ``src`` into a fresh directory, plus ``sync``.
+
+    The restore baseline: CreateVolume from a snapshot also flushes what it
+    extracted (syncfs) before it answers, so the sync is part of the time.
+    """
+    archive, dest = work / "untar-baseline.tar", work / "untar-baseline"
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(src), "."], check=True, capture_output=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    os.sync()
+    started = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(dest)], check=True, capture_output=True)
+    os.sync()
+    seconds = time.perf_counter() - started
+    archive.unlink()
+    shutil.rmtree(dest)
+    return seconds
+
+
 def measure_tar(src: Path, work: Path, shape: TreeShape, tree_bytes: int) -> dict[str, Any]:
     dest = work / "baseline.tar"
     cf = [timed_tar("-cf", src, dest) for _ in range(max(1, shape.runs_none - 1))]
     czf = timed_tar("-czf", src, dest.with_suffix(".tgz"))
     cf_s = statistics.median(s for s, _ in cf)
+    xf_s = timed_untar(src, work)
     return {
+        "tar_xf_and_sync": {"seconds": round(xf_s, 3), "mib_per_s": round(tree_bytes / MiB / xf_s, 1),
+                            "archive_mib": 0.0, "runs_s": [round(xf_s, 3)]},
         "tar_cf": {"seconds": round(cf_s, 3), "mib_per_s": round(tree_bytes / MiB / cf_s, 1),
                    "archive_mib": human_mib(cf[0][1]), "runs_s": [round(s, 3) for s, _ in cf]},
         "tar_czf": {"seconds": round(czf[0], 3), "mib_per_s": round(tree_bytes / MiB / czf[0], 1),
