@@ -82,24 +82,29 @@ def fsync_dir(path: Path) -> None:
 
 
 def publish_dir(src: Path, dst: Path) -> None:
-    """Atomically move a finished tree into place and make the move durable."""
+    """Atomically move a finished tree into place and make the move durable.
+
+    One fsync of the destination directory suffices on journaling filesystems
+    (ext4, xfs): a rename is one journal transaction covering both
+    directories. Were the source entry to survive a power cut, it would be in
+    ``tmp/``, which start-up empties.
+    """
     os.rename(src, dst)
     fsync_dir(dst.parent)
-    if src.parent != dst.parent:
-        fsync_dir(src.parent)
 
 
 def discard(path: Path, trash: Path) -> None:
     """Delete a tree in two steps: an atomic rename into ``trash``, then removal.
 
     After the rename the tree is out of sight, so a crash mid-removal leaves
-    only trash, which start-up empties, never a half-deleted volume.
+    only trash, which start-up empties, never a half-deleted volume. The
+    rename is not fsynced: the caller's final durable commit is what the CO
+    is answered on, and a delete the power cut undid is simply retried.
     """
     if not path.exists() and not path.is_symlink():
         return
     dest = trash / f"{path.name}.{time.time_ns()}"
     os.rename(path, dest)
-    fsync_dir(path.parent)
     remove_tree(dest)
 
 

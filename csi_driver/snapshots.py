@@ -40,7 +40,7 @@ class SnapshotManager:
             size_bytes=0, created_at_ns=time.time_ns(), parameters=parameters,
             source_capacity=source.capacity, access_type=source.access_type,
         )
-        self.ctx.store.insert_snapshot(snap)
+        self.ctx.store.insert_snapshot(snap, durable=False)
         faults.point("snapshot.after_row")
         try:
             sizes = self._cut([snap])

@@ -10,6 +10,14 @@ delete:  row(deleting) -> rename volumes/<id> into trash/ -> row gone -> trash e
 A ``creating`` row with a ``volumes/<id>`` directory was finished (the rename
 is the commit point); without one it is rolled back. A ``deleting`` row is
 always finished. See ``csi_driver.reconcile``.
+
+fsyncs are spent only where the CO's answer depends on them: the rename into
+``volumes/`` is made durable (one directory fsync, which on a journaling
+filesystem commits the whole rename), and the final row change commits
+durably, which also makes the earlier, non-durable ``creating``/``deleting``
+mark durable. Power loss before that point leaves a state reconciliation
+repairs, and a CO that got no answer retries. That is 2 fsyncs per create
+and 1 per delete instead of 5 and 3.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pathlib import Path
 from csi_driver import archive, block, errors, faults
 from csi_driver.context import DriverContext
 from csi_driver.snapshots import progress_reporter
-from csi_driver.layout import discard, fsync_dir, publish_dir, remove_tree
+from csi_driver.layout import discard, publish_dir, remove_tree
 from csi_driver.state.store import CREATING, DELETING, READY, Volume
 
 log = logging.getLogger("fusepath.volumes")
@@ -78,7 +86,7 @@ class VolumeManager:
             parameters=spec.parameters, mutable_parameters=spec.mutable_parameters, source_kind=spec.source_kind,
             source_id=spec.source_id, ephemeral_handle=spec.ephemeral_handle, created_at=time.time(),
         )
-        if not self.ctx.store.insert_volume(vol, max_committed=self.ctx.max_committed()):
+        if not self.ctx.store.insert_volume(vol, max_committed=self.ctx.max_committed(), durable=False):
             raise errors.exhausted(
                 f"cannot promise {spec.capacity} bytes: {self.ctx.available_capacity()} bytes left on this node"
             )
@@ -109,10 +117,8 @@ class VolumeManager:
                 block.create_image(tmp, spec.capacity)
         if not spec.source_kind:  # a restore or clone keeps its source's root mode and owner
             os.chmod(tmp, VOLUME_DIR_MODE)
-        if spec.source_kind:
-            syncfs(tmp)
         else:
-            fsync_dir(tmp)
+            syncfs(tmp)  # restored data must be on disk before the rename makes the volume real
 
     def _restore(self, tmp: Path, snapshot_id: str) -> None:
         snap = self.ctx.store.get_snapshot(snapshot_id)
@@ -147,7 +153,7 @@ class VolumeManager:
     # -- delete --------------------------------------------------------------
     def delete(self, vol: Volume) -> None:
         """Delete a volume's data and row; the caller holds the volume lock."""
-        self.ctx.store.set_volume_state(vol.id, DELETING)
+        self.ctx.store.set_volume_state(vol.id, DELETING, durable=False)
         faults.point("delete.after_mark")
         self.finish_delete(vol.id)
 

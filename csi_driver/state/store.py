@@ -124,16 +124,31 @@ class Store:
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; commits on success, rolls back on any error."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; commits on success, rolls back on any error.
+
+        ``durable=False`` skips the WAL fsync at commit. It is for the *first*
+        step of a multi-step operation (a ``creating`` or ``deleting`` mark):
+        the step that finishes the operation commits durably, and its fsync of
+        the append-only WAL makes every earlier frame durable too. If the power
+        fails in between, the CO has had no answer and retries, and start-up
+        reconciliation handles every state the non-durable mark can leave
+        (see ``csi_driver.volumes``). A process crash loses nothing either way.
+        """
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        if not durable:
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
 
     def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
         return self._conn().execute(sql, args).fetchone()
@@ -170,14 +185,14 @@ class Store:
         conn.execute("UPDATE counters SET value = value + ? WHERE name='committed_bytes'", (delta,))
 
     # -- volumes -------------------------------------------------------------
-    def insert_volume(self, vol: Volume, max_committed: int | None = None) -> bool:
+    def insert_volume(self, vol: Volume, max_committed: int | None = None, durable: bool = True) -> bool:
         """Record a volume in state ``creating`` and promise its capacity.
 
         With ``max_committed``, the insert and the capacity check are one
         transaction, so two concurrent creates cannot both take the last bytes.
         Returns False (and inserts nothing) when the promise would pass it.
         """
-        with self.transaction() as conn:
+        with self.transaction(durable) as conn:
             if max_committed is not None:
                 committed = conn.execute("SELECT value FROM counters WHERE name='committed_bytes'").fetchone()[0]
                 if committed + vol.capacity > max_committed:
@@ -194,8 +209,8 @@ class Store:
             self._add_committed(conn, vol.capacity)
         return True
 
-    def set_volume_state(self, volume_id: str, state: str) -> None:
-        with self.transaction() as conn:
+    def set_volume_state(self, volume_id: str, state: str, durable: bool = True) -> None:
+        with self.transaction(durable) as conn:
             conn.execute("UPDATE volumes SET state=? WHERE id=?", (state, volume_id))
 
     def delete_volume_row(self, volume_id: str) -> None:
@@ -260,8 +275,8 @@ class Store:
         return int(self._one("SELECT COALESCE(MAX(rowid), 0) FROM volumes")[0])
 
     # -- snapshots -----------------------------------------------------------
-    def insert_snapshot(self, snap: Snapshot) -> None:
-        with self.transaction() as conn:
+    def insert_snapshot(self, snap: Snapshot, durable: bool = True) -> None:
+        with self.transaction(durable) as conn:
             self._insert_snapshot(conn, snap)
 
     @staticmethod
