@@ -44,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from common import (GiB, MiB, BenchDriver, Options, Section, Target, create_volume, drop_caches,
+from common import (GiB, MiB, BenchDriver, Options, Section, Target, cpu_seconds, create_volume, drop_caches,
                     fusefs_daemon_pid, fusefs_session_pids, median_of, ratio, rpc_error_text, run_quiet,
                     running_driver, sampling, stage_and_publish, standalone, top_functions)
 
@@ -179,36 +179,46 @@ def profile_fusefs(driver: BenchDriver, directory: Path, plan: Plan, out: Path) 
     if len(sessions) != 1:
         return {"skipped": f"expected one fusefs session child, found {sessions}"}
     child, seconds = sessions[0], 4.0
-    workloads: dict[str, Callable[[], None]] = {
-        "rand_write_4k_1job": lambda: run_fio(directory, "rand_write_4k_1job", plan),
+    workloads: dict[str, Callable[[], float]] = {  # each returns how many operations it made
+        "rand_write_4k_1job": lambda: run_fio(directory, "rand_write_4k_1job", plan) * plan.runtime,
         "creates": lambda: _create_until(directory / "profile-creates", seconds - 1.0),
         "stats": lambda: _stat_until(directory / "profile-creates", seconds - 1.0),
     }
-    result: dict[str, Any] = {"pid": child}
+    result: dict[str, Any] = {
+        "pid": child,
+        "note": "py-spy sees a libfuse worker only while a ctypes callback runs (each gets a fresh thread "
+                "state), so sample counts are low; session_cpu_us_per_op, from /proc, is the reliable cost",
+    }
     for name, action in workloads.items():
         with sampling(child, seconds, out.with_name(f"{out.name}-{name}.txt")) as prof:
-            if "skipped" not in prof:
-                action()
-        result[name] = prof if "skipped" in prof else {**top_functions(prof["stacks"]),
-                                                       "raw_profile": prof["raw_profile"]}
+            cpu0, wall0 = cpu_seconds(child), time.perf_counter()
+            ops = action()
+            cpu, wall = cpu_seconds(child) - cpu0, time.perf_counter() - wall0
+        cost = {"operations": int(ops), "session_cpu_us_per_op": round(1e6 * cpu / ops, 1) if ops else None,
+                "session_cores_busy": round(cpu / wall, 2)}
+        result[name] = {**cost, **(prof if "skipped" in prof else {**top_functions(prof["stacks"]),
+                                                                   "raw_profile": prof["raw_profile"]})}
     shutil.rmtree(directory / "profile-creates", ignore_errors=True)
     return result
 
 
-def _create_until(box: Path, seconds: float) -> None:
+def _create_until(box: Path, seconds: float) -> int:
     box.mkdir(exist_ok=True)
     end, i = time.monotonic() + seconds, 0
     while time.monotonic() < end:
         os.close(os.open(box / f"p{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
         i += 1
+    return i
 
 
-def _stat_until(box: Path, seconds: float) -> None:
+def _stat_until(box: Path, seconds: float) -> int:
     names = [box / n for n in os.listdir(box)]
-    end = time.monotonic() + seconds
+    end, done = time.monotonic() + seconds, 0
     while time.monotonic() < end:
         for n in names:
             os.stat(n)
+        done += len(names)
+    return done
 
 
 # -- the four directories ---------------------------------------------------------------------
