@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import time
+from _thread import get_ident
 from typing import Any
 
 os.environ.pop("FUSE_LIBRARY_PATH", None)
@@ -130,10 +131,13 @@ class FastFUSE(fuse.FUSE):
             setattr(self, glue, getattr(operations, name))
         self._opstats = operations.stats
         self._op_index = {name: operations.stats.index(name) for name in GLUE.values()}
+        self._pinned: set[int] = set()
         super().__init__(operations, mountpoint, raw_fi=True, **options)
 
     def _wrapper(self, func: Any, *args: Any) -> int:  # type: ignore[override]
         """Run one request: time it, count it, turn OSError into -errno."""
+        if get_ident() not in self._pinned:
+            _pin_thread_state(self._pinned)
         name = func.__name__
         if name == "init":
             return func(*args) or 0  # its exceptions must abort the mount
@@ -157,6 +161,21 @@ class FastFUSE(fuse.FUSE):
             return -errno.EFAULT
         finally:
             self._opstats.record(self._op_index[name], time.perf_counter_ns() - t0, failed)
+
+
+def _pin_thread_state(pinned: set[int]) -> None:
+    """Keep this libfuse worker thread's Python thread state for good.
+
+    ctypes enters a callback with PyGILState_Ensure() and leaves with
+    PyGILState_Release(); on a thread Python did not create, that builds a
+    fresh thread state for every single request and tears it down after,
+    which costs microseconds per request and makes ``threading.local`` forget
+    everything between requests. One extra Ensure() that is never released
+    keeps the state alive (one per worker thread; libfuse's workers are
+    bounded and live as long as the mount).
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    pinned.add(get_ident())
 
 
 # ----------------------------------------------------------------- stopping

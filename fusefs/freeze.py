@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from _thread import get_ident
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("fusefs.freeze")
 
@@ -57,7 +59,7 @@ class FreezeGate:
     def __init__(self) -> None:
         #: Read by every mutating operation; written only under ``_lock``.
         self.frozen = False
-        self._local = threading.local()
+        self._by_thread: dict[int, _Worker] = {}
         self._workers: list[_Worker] = []
         self._register = threading.Lock()
         self._lock = threading.Lock()  # serialises freeze/thaw
@@ -70,46 +72,54 @@ class FreezeGate:
         self.auto_thaws = 0
         #: False while a freeze settles (continuations may pass), then True.
         self._settled = True
+        self._flushing = False
         self._last_continuation = 0.0
 
     # ------------------------------------------------------------ hot path
 
     def worker(self) -> _Worker:
-        """The calling thread's flag, registered on first use."""
-        try:
-            return self._local.worker  # type: ignore[no-any-return]
-        except AttributeError:
+        """The calling thread's flag, registered on first use (keyed by OS
+        thread id: libfuse's workers are not Python threads)."""
+        w = self._by_thread.get(get_ident())
+        if w is None:
             w = _Worker()
             with self._register:
                 self._workers.append(w)
-            self._local.worker = w
-            return w
+                self._by_thread[get_ident()] = w
+        return w
 
-    def enter(self) -> _Worker:
+    def enter(self, write_back: bool = False) -> _Worker:
         """Announce a mutating operation; blocks while the volume is frozen.
 
+        ``write_back`` marks requests the kernel may send while it writes its
+        cache back (timestamps flushed with a file handle); those pass while
+        the freeze is writing back, or its own fsync would wait forever.
         The caller must call :meth:`leave` with the returned flag when done.
         """
         w = self.worker()
         while True:
             w.busy = True
-            if not self.frozen:
+            if not self.frozen or (write_back and self._flushing):
                 return w
             w.busy = False
             self._thawed.wait()
 
-    def enter_write(self, offset: int, last_end: int, last_time: float) -> _Worker:
+    def enter_write(self, offset: int, last_end: int, last_time: float, fi: Any = None) -> _Worker:
         """:meth:`enter` for a write at ``offset`` on a handle whose previous
-        write ended at ``last_end`` at ``last_time`` (monotonic)."""
+        write ended at ``last_end`` at ``last_time`` (monotonic). ``fi`` is the
+        request's fuse_file_info, consulted only while freezing."""
         w = self.worker()
         while True:
             w.busy = True
             if not self.frozen:
                 return w
-            if (not self._settled and offset == last_end and offset % PAGE_SIZE == 0
-                    and time.monotonic() - last_time < CONTINUATION_WINDOW):
-                self._last_continuation = time.monotonic()
-                return w  # the rest of a write(2) that was in flight
+            if not self._settled:
+                if (offset == last_end and offset % PAGE_SIZE == 0
+                        and time.monotonic() - last_time < CONTINUATION_WINDOW):
+                    self._last_continuation = time.monotonic()
+                    return w  # the rest of a write(2) that was in flight
+                if self._flushing and fi is not None and fi.writepage:
+                    return w  # page cache write-back that the freeze itself asked for
             w.busy = False
             self._thawed.wait()
 
@@ -120,8 +130,12 @@ class FreezeGate:
     # ----------------------------------------------------------- control
 
     def freeze(self, timeout_seconds: float, flush: Callable[[], None] | None = None,
-               drain_timeout: float = 30.0) -> float:
+               drain_timeout: float = 30.0, write_back: Callable[[], None] | None = None) -> float:
         """Close the gate, drain, flush; return the auto-thaw deadline (monotonic).
+
+        ``write_back`` (with the kernel's write-back cache) pushes dirty pages
+        out of the kernel; the write-back requests it causes pass the gate
+        until it returns, everything else stays blocked.
 
         Freezing a frozen volume only moves its auto-thaw deadline. If the
         in-flight operations do not finish within ``drain_timeout`` the gate
@@ -143,6 +157,12 @@ class FreezeGate:
                 return self._deadline
             try:
                 self._drain(drain_timeout)
+                if write_back is not None:
+                    self._flushing = True
+                    try:
+                        write_back()
+                    finally:
+                        self._flushing = False
                 self._settle(drain_timeout)
                 if flush is not None:
                     flush()
@@ -171,7 +191,7 @@ class FreezeGate:
 
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        me = getattr(self._local, "worker", None)
+        me = self._by_thread.get(get_ident())
         while True:
             with self._register:
                 busy = [w for w in self._workers if w.busy and w is not me]

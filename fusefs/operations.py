@@ -94,6 +94,10 @@ class FsOptions:
     max_write: int = 1 << 20
     max_readahead: int = 1 << 20
     max_background: int = 64
+    #: Serve extended attributes. Off, libfuse answers ENOSYS and the kernel
+    #: stops asking, which also removes the security.capability lookup the
+    #: kernel makes before every write(2) (one round trip per write).
+    xattrs: bool = True
 
 
 class _Handle:
@@ -165,6 +169,10 @@ class FusefsOperations(binding.Operations):
         self.fuse_session: int | None = None
         self._fuse: int | None = None
         self.links = LinkTracker(self._invalidate_path)
+        if not self.options.xattrs:
+            # Unset callbacks are left out of libfuse's table (ENOSYS).
+            for name in ("getxattr", "setxattr", "listxattr", "removexattr"):
+                setattr(self, name, None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -475,9 +483,10 @@ class FusefsOperations(binding.Operations):
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         if self.read_only:
             return _ERR_ROFS
-        fh = fip.contents.fh
+        fi = fip.contents
+        fh = fi.fh
         handle = self._handles[fh]
-        w = self.gate.enter_write(offset, handle.last_end, handle.last_time)
+        w = self.gate.enter_write(offset, handle.last_end, handle.last_time, fi)
         try:
             if self.limits.active:
                 self.limits.throttle(size)
@@ -712,26 +721,28 @@ class FusefsOperations(binding.Operations):
                 os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
             if replaced is not None:
                 self._link_removed(replaced)
-            if self.links.active:
-                self._renamed(old, new, flags, replaced)
+            self._renamed(old, new, flags, replaced)
             return 0
         finally:
             self.gate.leave(w)
 
     def _renamed(self, old: bytes, new: bytes, flags: int, replaced: os.stat_result | None) -> None:
-        if flags & RENAME_EXCHANGE:
-            tmp = b"\0exchange"
-            self.links.moved(old, tmp)
-            self.links.moved(new, old)
-            self.links.moved(tmp, new)
-        else:
-            self.links.forget(new)
-            self.links.moved(old, new)
-            if replaced is not None and replaced.st_nlink > 1:
-                self.links.changed(replaced.st_ino)
-        with self._table:
-            for handle in self._handles.values():
-                handle.path = _renamed_path(handle.path, old, new, flags)
+        """Keep names we remember (hard links, open files) true after a rename."""
+        if self.links.active:
+            if flags & RENAME_EXCHANGE:
+                tmp = b"\0exchange"
+                self.links.moved(old, tmp)
+                self.links.moved(new, old)
+                self.links.moved(tmp, new)
+            else:
+                self.links.forget(new)
+                self.links.moved(old, new)
+                if replaced is not None and replaced.st_nlink > 1:
+                    self.links.changed(replaced.st_ino)
+        if self._handles:  # O(open files): the freeze's write-back opens them by name
+            with self._table:
+                for handle in self._handles.values():
+                    handle.path = _renamed_path(handle.path, old, new, flags)
 
     def chmod(self, path: bytes | None, mode: int, fip: Any) -> int:
         w = self._begin_mutation()
@@ -766,7 +777,11 @@ class FusefsOperations(binding.Operations):
     def utimens(self, path: bytes | None, times: Any, fip: Any) -> int:
         """Pass the kernel's two timespecs through untouched, so UTIME_NOW and
         UTIME_OMIT keep their meaning."""
-        w = self._begin_mutation()
+        if self.read_only:
+            return _ERR_ROFS
+        # With a handle this may be the kernel flushing timestamps as part of
+        # write-back (writeback_cache), which a freeze must let through.
+        w = self.gate.enter(write_back=bool(fip))
         try:
             if fip:
                 handle = self._handles[fip.contents.fh]
@@ -897,6 +912,30 @@ class FusefsOperations(binding.Operations):
                 os.close(fd)
         os.fsync(self._root)
         return len(fds)
+
+    def write_back_open_files(self, mountpoint: str) -> int:
+        """With the kernel's write-back cache: make it send us every dirty page.
+
+        Dirty pages can only belong to files that are open (close(2) writes
+        them back), so each open file is fsync()ed *through the mount*, which
+        waits for its write-back (a syncfs() would not: this kernel does not
+        wait for FUSE write-back on sync). Returns the number of files.
+        """
+        with self._table:
+            paths = {h.path for h in self._handles.values() if h.writable}
+        done = 0
+        mount = os.fsencode(mountpoint)
+        for path in paths:
+            try:
+                fd = os.open(mount + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone or renamed away meanwhile: nothing of it is dirty under that name
+            try:
+                os.fsync(fd)
+                done += 1
+            finally:
+                os.close(fd)
+        return done
 
     def open_handles(self) -> int:
         return len(self._handles)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from _thread import get_ident
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,7 +56,7 @@ class OpStats:
     def __init__(self, operations: Sequence[str] = OPERATIONS) -> None:
         self.operations = tuple(operations)
         self._index = {name: i for i, name in enumerate(self.operations)}
-        self._local = threading.local()
+        self._by_thread: dict[int, _Shard] = {}
         self._shards: list[_Shard] = []
         self._register_lock = threading.Lock()
 
@@ -64,15 +65,23 @@ class OpStats:
         return self._index[op]
 
     def shard(self) -> _Shard:
-        """The calling thread's shard, created on its first request."""
-        try:
-            return self._local.shard  # type: ignore[no-any-return]
-        except AttributeError:
+        """The calling thread's shard, created on its first request.
+
+        Keyed by the OS thread id, not ``threading.local``: libfuse's worker
+        threads are not Python threads, and a thread-local can be lost
+        between two callbacks on them.
+        """
+        shard = self._by_thread.get(get_ident())
+        if shard is None:
             shard = _Shard(len(self.operations))
             with self._register_lock:  # only once per thread
                 self._shards.append(shard)
-            self._local.shard = shard
-            return shard
+                self._by_thread[get_ident()] = shard
+        return shard
+
+    def threads(self) -> int:
+        """How many threads have served requests (one shard each)."""
+        return len(self._shards)
 
     def record(self, op_index: int, elapsed_ns: int, failed: bool = False) -> None:
         """Count one request of ``op_index`` that took ``elapsed_ns``."""

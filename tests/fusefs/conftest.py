@@ -12,6 +12,7 @@ an unprivileged uid can reach the mount and the plain comparison directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -104,6 +105,13 @@ def base_dir() -> Iterator[Path]:
 @pytest.fixture
 def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
     """Factory: ``start_session(capacity=..., read_only=..., extra=[...])``."""
+    with session_starter(base_dir) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def session_starter(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
+    """The factory behind ``start_session``, usable for any fixture scope."""
     started: list[Mounted] = []
 
     def start(capacity: int = 64 << 20, read_only: bool = False, bytes_per_second: int = 0,
@@ -137,12 +145,14 @@ def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
         wait_ready(mounted)
         return mounted
 
-    yield start
-    for mounted in reversed(started):
-        code = mounted.stop()
-        # Shown by pytest only when the test failed: the session's own story.
-        print(f"--- session {mounted.volume_id} (exit {code}) log tail ---")
-        print("\n".join(mounted.log().splitlines()[-30:]))
+    try:
+        yield start
+    finally:
+        for mounted in reversed(started):
+            code = mounted.stop()
+            # Shown by pytest only when the test failed: the session's own story.
+            print(f"--- session {mounted.volume_id} (exit {code}) log tail ---")
+            print("\n".join(mounted.log().splitlines()[-30:]))
 
 
 def wait_ready(mounted: Mounted, timeout: float = READY_TIMEOUT) -> None:

@@ -175,3 +175,26 @@ def test_stop_while_frozen_unmounts_cleanly(start_session: Callable[..., Mounted
         os.close(fd)
     assert not is_mounted(str(m.mountpoint))
     assert not Path(m.socket).exists()
+
+
+def test_freeze_with_writeback_cache_flushes_the_kernel_cache(start_session: Callable[..., Mounted]) -> None:
+    """With --writeback-cache, data written but not yet sent to the daemon is
+    pushed out by the freeze (syncfs), and nothing reaches the backing
+    directory between freeze and thaw."""
+    m = start_session(extra=["--writeback-cache"])
+    assert m.client.stats()["negotiated"]["writeback_cache"] is True
+    f = m.mountpoint / "f"
+    with open(f, "wb") as out:
+        out.write(b"a" * 100_000)
+        out.flush()                                        # in the kernel's cache, maybe not in ours
+        m.client.freeze(60)
+        assert (m.source / "f").stat().st_size == 100_000  # the freeze wrote it back
+        out.write(b"b" * 5000)
+        out.flush()                                        # lands in the page cache...
+        time.sleep(PAUSE)
+        assert (m.source / "f").stat().st_size == 100_000  # ...but not in the backing file
+        m.client.thaw()
+    deadline = time.monotonic() + RELEASE
+    while (m.source / "f").stat().st_size != 105_000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.fusefs.conftest import Mounted, run_as
+from tests.fusefs.conftest import Mounted, run_as, session_starter
 
 pytestmark = pytest.mark.privileged
 
@@ -414,15 +414,42 @@ def supplementary_group_access(root: Path) -> list[Any]:
 # ------------------------------------------------------------------ the runner
 
 
+@pytest.fixture(scope="module", params=["default", "writeback-cache"])
+def module_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One session per mode for the whole table (starting one per case is slow)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="fusefs-posix-", dir="/tmp"))
+    base.chmod(0o755)
+    extra = ["--writeback-cache"] if request.param == "writeback-cache" else []
+    try:
+        with session_starter(base) as start:
+            yield start(extra=extra), base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
-def roots(mounted: Mounted, base_dir: Path) -> tuple[Path, Path]:
-    plain = base_dir / "plain"
+def roots(module_session: tuple[Mounted, Path], request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    mounted, base = module_session
+    plain = base / f"plain-{request.node.callspec.id}"
     plain.mkdir(mode=0o755)
     return mounted.mountpoint, plain
 
 
+#: Known, documented differences of the opt-in --writeback-cache mode: the
+#: kernel then trusts its own cached size of each name, so a write through one
+#: hard link is not seen in the size of another until that inode leaves the
+#: cache (docs/fusefs.md).
+WRITEBACK_DEVIATIONS = {"hard_links"}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_as_plain_directory(name: str, roots: tuple[Path, Path]) -> None:
+def test_same_as_plain_directory(name: str, roots: tuple[Path, Path], module_session: tuple[Mounted, Path],
+                                 request: pytest.FixtureRequest) -> None:
+    if "writeback-cache" in request.node.callspec.id and name in WRITEBACK_DEVIATIONS:
+        pytest.xfail("documented difference of --writeback-cache")
     fuse_root, plain_root = roots
     results = []
     for base in (fuse_root, plain_root):
