@@ -253,17 +253,24 @@ class FusefsOperations(binding.Operations):
 
     # ------------------------------------------------------------ helpers
 
-    def _give_to_caller(self, rel: bytes, fd: int | None = None) -> None:
+    def _give_to_caller(self, rel: bytes, fd: int | None = None, st: os.stat_result | None = None) -> None:
         """Make a freshly created inode belong to the requesting uid/gid.
 
         The group stays the parent's when the parent directory is set-group-ID
         (the kernel already gave it that group, as it does for any creator).
+        ``st``, the new inode's stat if the caller has it, spares a system
+        call: we create as gid 0, so a non-zero group can only have come from
+        a set-group-ID parent; only group 0 needs a look at the parent.
         """
         uid, gid, _ = fuse_get_context()
-        if os.stat(_parent(rel), dir_fd=self._root, follow_symlinks=False).st_mode & stat.S_ISGID:
+        if uid == 0 and gid == 0:
+            return  # root:root asked, and the kernel already applied any set-group-ID parent
+        if st is not None and st.st_gid != 0:
             gid = -1
-        if uid == 0 and gid in (0, -1):
-            return  # root asked: it already is root's
+        elif os.stat(_parent(rel), dir_fd=self._root, follow_symlinks=False).st_mode & stat.S_ISGID:
+            gid = -1
+        if uid == 0 and gid == -1:
+            return
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
@@ -277,11 +284,13 @@ class FusefsOperations(binding.Operations):
             self._inodes[st.st_ino] = state
         return state
 
-    def _register(self, fd: int, writable: bool, path: bytes) -> _Handle:
-        st = os.fstat(fd)
+    def _register(self, fd: int, writable: bool, path: bytes, st: os.stat_result | None = None) -> _Handle:
+        if st is None:
+            st = os.fstat(fd)
         with self._table:
             state = self._state_for(fd, st)
             state.opens += 1
+            state.writable = state.writable or writable
             handle = _Handle(fd, state, writable, path)
             self._handles[fd] = handle
         return handle
@@ -409,10 +418,11 @@ class FusefsOperations(binding.Operations):
                 self.quota.give_inode()
                 raise
             try:
-                self._give_to_caller(rel, fd)
+                st = os.fstat(fd)
+                self._give_to_caller(rel, fd, st)
                 if mode & (stat.S_ISUID | stat.S_ISGID):
                     os.fchmod(fd, mode & 0o7777)  # chown cleared them
-                self._register(fd, True, path)
+                self._register(fd, True, path, st)
             except BaseException:
                 os.close(fd)
                 raise
@@ -439,7 +449,7 @@ class FusefsOperations(binding.Operations):
                 if state.orphan:
                     self.quota.release_bytes(state.size)
                     self.quota.give_inode()
-                else:
+                elif state.writable:  # read-only handles cannot have changed the size
                     actual = os.fstat(fd).st_size
                     if actual != state.size:
                         log.debug("size drift on close", extra={"fields": {

@@ -23,7 +23,8 @@ BUCKETS: tuple[float, ...] = (
     0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-_BOUNDS_NS: tuple[int, ...] = tuple(int(b * 1e9) for b in BUCKETS)
+BOUNDS_NS: tuple[int, ...] = tuple(int(b * 1e9) for b in BUCKETS)
+_BOUNDS_NS = BOUNDS_NS
 
 #: The FUSE operations a session counts, in a fixed order (index = slot).
 OPERATIONS: tuple[str, ...] = (

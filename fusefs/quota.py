@@ -114,7 +114,7 @@ def _collect_xattrs(path: bytes, result: ScanResult) -> None:
 class InodeState:
     """An inode with open handles: its size as fusefs knows it."""
 
-    __slots__ = ("ino", "size", "opens", "flushed", "orphan")
+    __slots__ = ("ino", "size", "opens", "flushed", "orphan", "writable")
 
     def __init__(self, ino: int, size: int) -> None:
         self.ino = ino
@@ -123,6 +123,8 @@ class InodeState:
         #: Handles on it that saw a FLUSH (their descriptor was closed; the
         #: RELEASE, which the kernel sends asynchronously, may be pending).
         self.flushed = 0
+        #: Some handle could write: re-check the size against fstat on close.
+        self.writable = False
         #: The last link is gone but handles are open: uncharge on last close.
         self.orphan = False
 
