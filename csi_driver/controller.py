@@ -173,11 +173,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             vol = self.ctx.store.get_volume(volume_id)
             if vol is None:
                 return csi_pb2.DeleteVolumeResponse()
-            if self.ctx.store.get_staging(volume_id) or self.ctx.store.publications_of(volume_id):
-                raise errors.failed_precondition(f"volume {volume_id} is still staged or published on this node")
-            nodes = self.ctx.store.attached_nodes(volume_id)
-            if nodes:
-                raise errors.failed_precondition(f"volume {volume_id} is still published to {', '.join(nodes)}")
+            in_use = self.ctx.store.users_of(volume_id)
+            if in_use:
+                raise errors.failed_precondition(f"volume {volume_id} is in use: {in_use}")
             self.volumes.delete(vol)
         return csi_pb2.DeleteVolumeResponse()
 

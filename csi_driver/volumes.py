@@ -23,6 +23,7 @@ and 1 per delete instead of 5 and 3.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -102,7 +103,7 @@ class VolumeManager:
             self.ctx.store.delete_volume_row(volume_id)
             raise
         self.ctx.store.set_volume_state(volume_id, READY)
-        return self.ctx.store.get_volume(volume_id)  # type: ignore[return-value]
+        return dataclasses.replace(vol, state=READY)
 
     def _build(self, tmp: Path, spec: VolumeSpec) -> None:
         tmp.mkdir(mode=0o700)

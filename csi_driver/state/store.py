@@ -108,17 +108,24 @@ class Store:
         schema.migrate(conn)
 
     # -- connections -------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, durable: bool = True) -> sqlite3.Connection:
+        """This thread's connection: ``durable`` commits fsync the WAL, the others do not.
+
+        Two connections per thread, rather than flipping ``PRAGMA synchronous``
+        around each transaction, keep the hot path to the statements that do
+        work. Both see the same database; each is used by one thread only.
+        """
+        name = "conn" if durable else "fast_conn"
+        conn = getattr(self._local, name, None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the RPC answers, so a power cut
             # never forgets a volume the CO was told about.
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
+            setattr(self._local, name, conn)
             with self._all_lock:
                 self._all.append(conn)
         return conn
@@ -135,22 +142,16 @@ class Store:
         reconciliation handles every state the non-durable mark can leave
         (see ``csi_driver.volumes``). A process crash loses nothing either way.
         """
-        conn = self._conn()
-        if not durable:
-            conn.execute("PRAGMA synchronous=NORMAL")
+        conn = self._conn(durable)
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            if not durable:
-                conn.execute("PRAGMA synchronous=FULL")
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
-    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+    def _one(self, sql: str, args: tuple | dict = ()) -> sqlite3.Row | None:
         return self._conn().execute(sql, args).fetchone()
 
     def _all_rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
@@ -440,6 +441,21 @@ class Store:
     def detach(self, volume_id: str, node_id: str) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id))
+
+    def users_of(self, volume_id: str) -> str | None:
+        """What still uses a volume on this node (staging, target, attachment), or None: one query."""
+        row = self._one(
+            "SELECT (SELECT staging_path FROM stagings WHERE volume_id=:v),"
+            " (SELECT target_path FROM publications WHERE volume_id=:v LIMIT 1),"
+            " (SELECT node_id FROM attachments WHERE volume_id=:v LIMIT 1)", {"v": volume_id})
+        staged, published, attached = row[0], row[1], row[2]
+        if staged:
+            return f"staged at {staged}"
+        if published:
+            return f"published at {published}"
+        if attached:
+            return f"published to node {attached}"
+        return None
 
     def attached_nodes(self, volume_id: str) -> list[str]:
         return [r[0] for r in self._all_rows("SELECT node_id FROM attachments WHERE volume_id=?", (volume_id,))]
