@@ -21,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import threading
 import time
 from _thread import get_ident
 from bisect import bisect_left as _bisect
@@ -138,24 +139,25 @@ class FastFUSE(fuse.FUSE):
             setattr(self, glue, getattr(operations, name))
         self._opstats = operations.stats
         self._op_index = {name: operations.stats.index(name) for name in GLUE.values()}
-        self._shards: dict[int, Any] = {}
+        self._tls = threading.local()
         super().__init__(operations, mountpoint, raw_fi=True, **options)
 
     def _first_request_on_thread(self) -> Any:
         _pin_thread_state()
-        shard = self._opstats.shard()
-        self._shards[get_ident()] = shard
+        shard = self._tls.shard = self._opstats.shard()
         return shard
 
     def _wrapper(self, func: Any, *args: Any) -> int:  # type: ignore[override]
         """Run one request: time it, count it, turn OSError into -errno.
 
-        This runs for every request, so the bookkeeping is inlined: one dict
-        lookup finds the thread's stats shard (and tells a thread seen for the
-        first time), two clock reads, a bisect and a few list updates.
+        This runs for every request, so the bookkeeping is inlined: one
+        thread-local lookup finds the thread's stats shard (and tells a thread
+        seen for the first time), two clock reads, a bisect and a few list
+        updates.
         """
-        shard = self._shards.get(get_ident())
-        if shard is None:
+        try:
+            shard = self._tls.shard
+        except AttributeError:
             shard = self._first_request_on_thread()
         name = func.__name__
         if name == "init":
@@ -184,15 +186,20 @@ class FastFUSE(fuse.FUSE):
 
 
 def _pin_thread_state() -> None:
-    """Keep this libfuse worker thread's Python thread state for good.
+    """Keep this libfuse worker thread's Python thread state while it lives.
 
     ctypes enters a callback with PyGILState_Ensure() and leaves with
     PyGILState_Release(); on a thread Python did not create, that builds a
     fresh thread state for every single request and tears it down after,
     which costs microseconds per request and makes ``threading.local`` forget
     everything between requests. One extra Ensure() that is never released
-    keeps the state alive (one per worker thread; libfuse's workers are
-    bounded and live as long as the mount).
+    keeps the state alive.
+
+    The state is never released: a pthread key destructor cannot do it,
+    because glibc clears CPython's own thread-state key before running ours,
+    and releasing then crashes. So libfuse must not retire idle workers
+    (the session passes a huge max_idle_threads); the pool is bounded by
+    max_threads, one thread state each.
     """
     ctypes.pythonapi.PyGILState_Ensure()
 

@@ -44,6 +44,10 @@ class FreezeTimeout(Exception):
     """In-flight operations did not finish in time; the gate was reopened."""
 
 
+class FreezeAborted(Exception):
+    """A thaw came while the freeze was still being made; the gate is open."""
+
+
 class _Worker:
     """A worker thread's in-flight flag. Only its owner writes it."""
 
@@ -62,7 +66,9 @@ class FreezeGate:
         self._by_thread: dict[int, _Worker] = {}
         self._workers: list[_Worker] = []
         self._register = threading.Lock()
-        self._lock = threading.Lock()  # serialises freeze/thaw
+        self._lock = threading.Lock()     # guards the state below; held only briefly
+        self._op_lock = threading.Lock()  # one freeze is made at a time
+        self._epoch = 0                   # bumped whenever the gate opens
         self._thawed = threading.Event()
         self._thawed.set()
         self._deadline = 0.0
@@ -137,39 +143,50 @@ class FreezeGate:
         out of the kernel; the write-back requests it causes pass the gate
         until it returns, everything else stays blocked.
 
-        Freezing a frozen volume only moves its auto-thaw deadline. If the
-        in-flight operations do not finish within ``drain_timeout`` the gate
-        is reopened and :class:`FreezeTimeout` raised: a half-made freeze must
-        never linger.
+        Freezing a frozen volume only moves its auto-thaw deadline (a second
+        caller waits until the first freeze is complete). If the in-flight
+        operations do not finish within ``drain_timeout`` the gate is
+        reopened and :class:`FreezeTimeout` raised: a half-made freeze must
+        never linger. A thaw (or auto-thaw) while the freeze is still being
+        made wins: the gate opens and this raises :class:`FreezeAborted`.
+        The state lock is never held while waiting, so a thaw is never stuck
+        behind a slow drain or fsync.
         """
         if timeout_seconds <= 0:
             raise ValueError("a freeze needs a positive timeout")
-        with self._lock:
-            already = self.frozen
-            if not already:
-                self._thawed.clear()
-                self._settled = False
-                self.frozen = True
-                self.frozen_since = time.time()
-            self._generation += 1
-            self._arm_timer(timeout_seconds, self._generation)
-            if already:
-                return self._deadline
+        with self._op_lock:
+            with self._lock:
+                already = self.frozen
+                if not already:
+                    self._thawed.clear()
+                    self._settled = False
+                    self.frozen = True
+                    self.frozen_since = time.time()
+                self._generation += 1
+                self._arm_timer(timeout_seconds, self._generation)
+                if already:
+                    return self._deadline
+                epoch = self._epoch
             try:
-                self._drain(drain_timeout)
+                self._drain(drain_timeout, epoch)
                 if write_back is not None:
                     self._flushing = True
                     try:
                         write_back()
                     finally:
                         self._flushing = False
-                self._settle(drain_timeout)
+                self._settle(drain_timeout, epoch)
                 if flush is not None:
                     flush()
             except BaseException:
-                self._open()
+                with self._lock:
+                    if self._epoch == epoch:
+                        self._open()
                 raise
-            return self._deadline
+            with self._lock:
+                if self._epoch != epoch:
+                    raise FreezeAborted("the volume was thawed while the freeze was being made")
+                return self._deadline
 
     def thaw(self) -> bool:
         """Reopen the gate. Returns whether the volume was frozen."""
@@ -189,10 +206,12 @@ class FreezeGate:
 
     # ----------------------------------------------------------- internals
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, epoch: int) -> None:
         deadline = time.monotonic() + timeout
         me = self._by_thread.get(get_ident())
         while True:
+            if self._epoch != epoch:
+                raise FreezeAborted("the volume was thawed while the freeze was being made")
             with self._register:
                 busy = [w for w in self._workers if w.busy and w is not me]
             if not busy:
@@ -201,16 +220,16 @@ class FreezeGate:
                 raise FreezeTimeout(f"{len(busy)} operation(s) still in flight after {timeout:.0f}s")
             time.sleep(_DRAIN_POLL_SECONDS)
 
-    def _settle(self, drain_timeout: float) -> None:
+    def _settle(self, drain_timeout: float, epoch: int) -> None:
         """Let the second halves of split write(2) calls in, then close for good."""
         deadline = time.monotonic() + MAX_SETTLE_SECONDS
         while time.monotonic() < deadline:
             time.sleep(CONTINUATION_WINDOW)
-            self._drain(drain_timeout)
+            self._drain(drain_timeout, epoch)
             if time.monotonic() - self._last_continuation >= CONTINUATION_WINDOW:
                 break
         self._settled = True
-        self._drain(drain_timeout)  # one that slipped in just before
+        self._drain(drain_timeout, epoch)  # one that slipped in just before
 
     def _arm_timer(self, timeout_seconds: float, generation: int) -> None:
         if self._timer is not None:
@@ -235,5 +254,6 @@ class FreezeGate:
             self._timer = None
         self._settled = True
         self.frozen = False
+        self._epoch += 1
         self._deadline = 0.0
         self._thawed.set()

@@ -88,9 +88,9 @@ class FsOptions:
     #: FUSE_CAP_WRITEBACK_CACHE). Faster small writes, but ENOSPC and freeze
     #: then apply at write-back time, not at write(2); off by default.
     writeback_cache: bool = False
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
-    negative_timeout: float = 1.0
+    attr_timeout: float = 10.0
+    entry_timeout: float = 10.0
+    negative_timeout: float = 10.0
     max_write: int = 1 << 20
     max_readahead: int = 1 << 20
     max_background: int = 64

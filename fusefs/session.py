@@ -35,7 +35,7 @@ from typing import Any
 
 from fusefs import binding
 from fusefs.control import Busy, ControlServer, InvalidRequest
-from fusefs.freeze import FreezeGate, FreezeTimeout
+from fusefs.freeze import FreezeAborted, FreezeGate, FreezeTimeout
 from fusefs.limits import IOLimits
 from fusefs.operations import FsOptions, FusefsOperations
 from fusefs.opstats import OpStats, render_prometheus
@@ -48,8 +48,13 @@ VOLUME_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: How long the session waits for its own mount to appear before giving up.
 READY_TIMEOUT = 30.0
 MAX_FREEZE_SECONDS = 3600
-#: libfuse worker threads at most; they are created on demand.
+#: libfuse worker threads at most; they are created on demand, so that
+#: writers parked by a freeze or a limit never starve reads.
 MAX_WORKERS = 128
+#: Idle workers libfuse keeps before it retires one. Never retire: a worker's
+#: Python thread state is pinned for speed and cannot be released safely when
+#: libfuse ends the thread (see binding._pin_thread_state).
+IDLE_WORKERS = 100000
 
 
 # ---------------------------------------------------------------- logging
@@ -126,7 +131,7 @@ class Session:
     def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
                  capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
                  ops_per_second: int = 0, options: FsOptions | None = None,
-                 read_ahead_kb: int = 1024) -> None:
+                 read_ahead_kb: int = 1024, max_workers: int = MAX_WORKERS) -> None:
         if not VOLUME_ID_RE.match(volume_id):
             raise ValueError(f"invalid volume id {volume_id!r}")
         for what, path in (("source", source), ("mountpoint", mountpoint)):
@@ -137,6 +142,7 @@ class Session:
         self.mountpoint = os.path.realpath(mountpoint)
         self.control_socket = control_socket
         self.read_ahead_kb = read_ahead_kb
+        self.max_workers = max_workers
         self.started = time.time()
         self.stopping = threading.Event()
         self.ready = threading.Event()
@@ -216,7 +222,7 @@ class Session:
         try:
             self.gate.freeze(timeout_seconds, flush=lambda: synced.append(self.ops.sync_open_files()),
                              write_back=write_back)
-        except FreezeTimeout as exc:
+        except (FreezeTimeout, FreezeAborted) as exc:
             raise Busy(str(exc)) from exc
         status = self.gate.status()
         log.info("frozen", extra={"fields": {"timeout_seconds": timeout_seconds,
@@ -265,8 +271,8 @@ class Session:
             # Enough workers that writers parked by a freeze or a limit never
             # starve reads (libfuse 3.14 defaults to 10), and never reap idle
             # ones (-1, which 3.14 also logs as "invalid").
-            max_threads=MAX_WORKERS,
-            max_idle_threads=100000,
+            max_threads=self.max_workers,
+            max_idle_threads=IDLE_WORKERS,
         )
         log.info("mounting", extra={"fields": {"source": self.source, "mountpoint": self.mountpoint,
                                                 "capacity": self.quota.capacity}})
@@ -397,9 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-keep-cache", action="store_true", help="drop a file's page cache on every open")
     p.add_argument("--no-xattrs", action="store_true",
                    help="no extended attributes (ENOTSUP); saves a round trip per write(2)")
+    p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="libfuse worker threads at most")
     p.add_argument("--read-ahead-kb", type=int, default=1024, help="the mount's read-ahead (0: kernel default)")
-    p.add_argument("--attr-timeout", type=float, default=1.0)
-    p.add_argument("--entry-timeout", type=float, default=1.0)
+    # Long timeouts are safe because only this session changes the source
+    # directory (hard links are kept coherent by explicit invalidation).
+    p.add_argument("--attr-timeout", type=float, default=10.0)
+    p.add_argument("--entry-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default=os.environ.get("FUSEFS_LOG_LEVEL", "info"))
     return p
 
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             volume_id=args.volume_id, source=args.source, mountpoint=args.mountpoint,
             control_socket=args.control_socket, capacity=args.capacity, read_only=args.read_only,
             bytes_per_second=args.io_bytes_per_second, ops_per_second=args.io_ops_per_second,
-            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb)
+            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb, max_workers=args.max_workers)
     except (ValueError, OSError) as exc:
         log.error("cannot start the session", extra={"fields": {"error": str(exc)}})
         return 2

@@ -198,3 +198,29 @@ def test_freeze_with_writeback_cache_flushes_the_kernel_cache(start_session: Cal
     while (m.source / "f").stat().st_size != 105_000:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_thaw_wins_over_a_freeze_still_draining(start_session: Callable[..., Mounted]) -> None:
+    """A thaw never waits behind a freeze that is still draining: it opens
+    the gate at once, and the freeze reports that it did not complete."""
+    from fusefs.control import ControlError
+
+    m = start_session(bytes_per_second=MiB // 4)           # 1 MiB requests take ~4 s each
+    fd = os.open(m.mountpoint / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        writer = Call(lambda: os.write(fd, b"w" * (2 * MiB)))
+        deadline = time.monotonic() + RELEASE
+        while m.client.stats()["throttled_seconds"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        freezer = Call(lambda: m.client.freeze(60))
+        assert not freezer.finished(0.5)                    # draining the parked request
+        started = time.monotonic()
+        assert m.client.thaw()["was_frozen"] is True
+        assert time.monotonic() - started < 2.0             # not stuck behind the drain
+        assert freezer.finished(RELEASE)
+        assert isinstance(freezer.error, ControlError) and freezer.error.kind == "busy"
+        assert m.client.stats()["frozen"] is False
+        assert writer.finished(RELEASE + 10)
+    finally:
+        os.close(fd)
