@@ -37,6 +37,12 @@ from fusefs.control import SessionClient  # noqa: E402
 
 WORKLOADS = ("seqwrite", "seqread", "randread", "randwrite", "meta")
 TARGETS = ("native", "bind", "fusefs", "bindfs")
+#: fusefs variants: extra session flags on top of the defaults.
+VARIANTS = {
+    "fusefs": [],
+    "fusefs-noxattr": ["--no-xattrs"],
+    "fusefs-fast": ["--no-xattrs", "--writeback-cache"],
+}
 UNITS = {"seqwrite": "MiB/s", "seqread": "MiB/s", "randread": "IOPS", "randwrite": "IOPS",
          "create": "files/s", "stat": "files/s", "unlink": "files/s"}
 
@@ -79,12 +85,12 @@ class Target:
             # bindfs' fastest safe settings on libfuse3: multithreaded, no xattrs.
             run(self.pin() + ["bindfs", "--multithreaded", "-o", "allow_other,default_permissions",
                               str(self.src), str(self.dir)])
-        elif self.name == "fusefs":
+        elif self.name in VARIANTS:
             sock = str(self.src.parent / "fusefs-bench.sock")
             argv = self.pin() + [sys.executable, "-m", "fusefs.session", "--volume-id", "bench",
                                  "--source", str(self.src), "--mountpoint", str(self.dir),
                                  "--control-socket", sock, "--capacity", str(self.args.capacity),
-                                 *self.args.fusefs_arg]
+                                 *VARIANTS[self.name], *self.args.fusefs_arg]
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.src.parent / "fusefs.log", "ab"),
                                          env=dict(os.environ, PYTHONPATH=str(REPO)))
             client = SessionClient(sock, timeout=2)

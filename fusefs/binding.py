@@ -88,6 +88,9 @@ FALLOC_FL_INSERT_RANGE = 0x20
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_CAP_SPLICE_WRITE = 1 << 7
+FUSE_CAP_SPLICE_MOVE = 1 << 8
+FUSE_CAP_SPLICE_READ = 1 << 9
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 
 
@@ -120,7 +123,7 @@ GLUE: dict[str, str] = {
     "removexattr": "removexattr", "opendir": "opendir", "readdir_fuse_3": "readdir",
     "releasedir": "releasedir", "fsyncdir": "fsyncdir", "init_fuse_3": "init",
     "destroy": "destroy", "access": "access", "create": "create",
-    "utimens_fuse_3": "utimens", "fallocate": "fallocate",
+    "utimens_fuse_3": "utimens", "fallocate": "fallocate", "write_buf": "write_buf",
 }
 
 
@@ -235,6 +238,41 @@ def session_exit(session: int) -> None:
 def lazy_unmount(mountpoint: str) -> int:
     """umount2(MNT_DETACH); returns 0 or -errno."""
     return 0 if umount2(os.fsencode(mountpoint), MNT_DETACH) == 0 else errno_result()
+
+
+# ----------------------------------------------------------------- zero-copy writes
+
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+FUSE_BUF_FD_RETRY = 1 << 3
+
+
+class _FdBufVec(ctypes.Structure):
+    """``struct fuse_bufvec`` with its one inline ``struct fuse_buf`` (mfusepy
+    declares the array as a pointer, which is not the C layout)."""
+
+    _fields_ = [("count", c_size_t), ("idx", c_size_t), ("off", c_size_t),
+                ("buf", fuse.fuse_buf * 1)]
+
+
+_libfuse.fuse_buf_size.restype = c_size_t
+_libfuse.fuse_buf_size.argtypes = [fuse.fuse_bufvec_p]
+_libfuse.fuse_buf_copy.restype = c_ssize_t
+_libfuse.fuse_buf_copy.argtypes = [ctypes.POINTER(_FdBufVec), fuse.fuse_bufvec_p, c_int]
+buf_size = _libfuse.fuse_buf_size
+
+
+def buf_copy_to_fd(src: Any, fd: int, size: int, offset: int) -> int:
+    """Copy ``size`` bytes of libfuse's buffer ``src`` to ``fd`` at ``offset``.
+
+    When libfuse received the request by splice() the data still sits in a
+    pipe, and this splices it into the file: the bytes never pass through
+    this process. Returns the count written or -errno.
+    """
+    dst = _FdBufVec(1, 0, 0)
+    b = dst.buf[0]
+    b.size, b.flags, b.fd, b.pos = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY, fd, offset
+    return _libfuse.fuse_buf_copy(ctypes.byref(dst), src, 0)
 
 
 # ----------------------------------------------------------------- cache invalidation

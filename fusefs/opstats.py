@@ -31,7 +31,7 @@ OPERATIONS: tuple[str, ...] = (
     "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
     "chmod", "chown", "truncate", "open", "read", "write", "statfs", "flush", "release", "fsync",
     "setxattr", "getxattr", "listxattr", "removexattr", "opendir", "readdir", "releasedir",
-    "fsyncdir", "init", "destroy", "access", "create", "utimens", "fallocate", "lseek",
+    "fsyncdir", "init", "destroy", "access", "create", "utimens", "fallocate", "lseek", "write_buf",
 )
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(OPERATIONS)}
 

@@ -401,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writeback-cache", action="store_true",
                    help="buffer writes in the kernel (faster small writes; ENOSPC at write-back)")
     p.add_argument("--no-keep-cache", action="store_true", help="drop a file's page cache on every open")
+    p.add_argument("--splice", action="store_true", help="receive requests with splice() (zero-copy writes)")
     p.add_argument("--no-xattrs", action="store_true",
                    help="no extended attributes (ENOTSUP); saves a round trip per write(2)")
     p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="libfuse worker threads at most")
@@ -421,6 +422,7 @@ def options_from_args(args: argparse.Namespace) -> FsOptions:
         entry_timeout=args.entry_timeout,
         negative_timeout=args.entry_timeout,
         xattrs=not args.no_xattrs,
+        splice=args.splice,
     )
 
 

@@ -414,7 +414,7 @@ def supplementary_group_access(root: Path) -> list[Any]:
 # ------------------------------------------------------------------ the runner
 
 
-@pytest.fixture(scope="module", params=["default", "writeback-cache"])
+@pytest.fixture(scope="module", params=["default", "writeback-cache", "splice"])
 def module_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One session per mode for the whole table (starting one per case is slow)."""
     import shutil
@@ -422,7 +422,7 @@ def module_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
     base = Path(tempfile.mkdtemp(prefix="fusefs-posix-", dir="/tmp"))
     base.chmod(0o755)
-    extra = ["--writeback-cache"] if request.param == "writeback-cache" else []
+    extra = {"default": [], "writeback-cache": ["--writeback-cache"], "splice": ["--splice"]}[request.param]
     try:
         with session_starter(base) as start:
             yield start(extra=extra), base
