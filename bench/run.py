@@ -38,7 +38,6 @@ import common  # noqa: E402
 import control_plane  # noqa: E402
 import data_path  # noqa: E402
 import footprint  # noqa: E402
-import plots  # noqa: E402
 import snapshot_path  # noqa: E402
 
 SECTIONS = {
@@ -105,6 +104,16 @@ def run_section(name: str, opts: common.Options) -> dict[str, Any]:
     return section
 
 
+def make_plots(results: dict[str, Any], out: Path, stem: str) -> dict[str, str]:
+    """The PNGs, or a note saying why there are none: a missing matplotlib must not lose the figures."""
+    try:
+        import plots
+    except ImportError as exc:
+        results["plots_skipped"] = f"matplotlib is not installed ({exc}); pip install matplotlib"
+        return {}
+    return plots.plot_all(results, out, stem)
+
+
 def results_path(out: Path, quick: bool) -> Path:
     day = dt.date.today().isoformat()
     return out / f"{day}-{socket.gethostname()}{'-quick' if quick else ''}.json"
@@ -151,6 +160,8 @@ def render(results: dict[str, Any], json_path: Path, doc_dir: Path) -> str:
         parts.append(renderer(section))
         if section.get("notes"):
             parts.append("\n".join(f"> Note: {n}" for n in section["notes"]) + "\n")
+    if results.get("plots_skipped"):
+        parts.append(f"> Plots skipped: {results['plots_skipped']}\n")
     plots_made = results.get("plots", {})
     if plots_made:
         parts.append("### Plots\n\n" + "\n\n".join(
@@ -327,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     # With --only, the other sections come from an earlier run: the suite's time is the sum of its sections.
     results["total_seconds"] = round(sum(s.get("wall_seconds", 0) for s in results["sections"].values()), 1)
     results["this_invocation_seconds"] = round(time.monotonic() - started, 1)
-    results["plots"] = plots.plot_all(results, args.out, path.stem)
+    results["plots"] = make_plots(results, args.out, path.stem)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     update_docs(args.docs, results, path)
     print(f"[bench] wrote {path}, {len(results['plots'])} plots and {args.docs} in {results['total_seconds']} s",
