@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_PRIVILEGED and report.skipped and item.get_closest_marker("privileged") is not None:
+    skipped = report.skipped and not hasattr(report, "wasxfail")  # an xfail is a result, not a skip
+    if REQUIRE_PRIVILEGED and skipped and item.get_closest_marker("privileged") is not None:
         report.outcome = "failed"
         report.longrepr = f"privileged test skipped under FUSEPATH_REQUIRE_PRIVILEGED=1: {report.longrepr}"
 
