@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ BYTES_PER_INODE = 4096
 MIN_INODES = 1024
 #: With no capacity (0: no quota) the inode limit is this many.
 UNLIMITED_INODES = 2**32
+#: Files libfuse hid because they were unlinked while open (see operations).
+#: At mount time nothing is open, so any found are leftovers of a session
+#: that ended without closing them (a crash).
+HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
 
 
 class QuotaExceeded(OSError):
@@ -58,6 +63,8 @@ class ScanResult:
     used_inodes: int = 0
     xattr_names: set[bytes] = field(default_factory=set)
     errors: int = 0
+    #: Leftover hidden files: (path, size), not counted in the figures above.
+    hidden: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 def scan(root: str, with_xattrs: bool = True) -> ScanResult:
@@ -88,6 +95,9 @@ def scan(root: str, with_xattrs: bool = True) -> ScanResult:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     result.errors += 1
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and HIDDEN_NAME.fullmatch(entry.name):
+                    result.hidden.append((entry.path, st.st_size))
                     continue
                 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                     if st.st_ino in seen_links:

@@ -39,7 +39,7 @@ from fusefs.freeze import FreezeAborted, FreezeGate, FreezeTimeout
 from fusefs.limits import IOLimits
 from fusefs.operations import FsOptions, FusefsOperations
 from fusefs.opstats import OpStats, render_prometheus
-from fusefs.quota import Quota, scan
+from fusefs.quota import Quota, ScanResult, scan
 
 log = logging.getLogger("fusefs.session")
 
@@ -149,6 +149,7 @@ class Session:
 
         t0 = time.monotonic()
         found = scan(self.source)
+        self._remove_leftovers(found, read_only)
         self.scan_info = {"seconds": round(time.monotonic() - t0, 3), "errors": found.errors,
                           "xattr_names": len(found.xattr_names)}
         log.info("scanned volume", extra={"fields": {
@@ -161,6 +162,27 @@ class Session:
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
             read_only=read_only, options=options, xattr_names=found.xattr_names)
         self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
+
+    @staticmethod
+    def _remove_leftovers(found: ScanResult, read_only: bool) -> None:
+        """Delete files a crashed session left hidden (unlinked but open then).
+
+        Nothing is open at mount time, so they are garbage that only takes
+        quota. A read-only session cannot delete them and counts them instead.
+        """
+        removed = 0
+        for path, size in found.hidden:
+            if not read_only:
+                try:
+                    os.unlink(path)
+                    removed += 1
+                    continue
+                except OSError:
+                    pass
+            found.used_bytes += size
+            found.used_inodes += 1
+        if found.hidden:
+            log.info("leftover hidden files", extra={"fields": {"found": len(found.hidden), "removed": removed}})
 
     # ------------------------------------------------------------ commands
 

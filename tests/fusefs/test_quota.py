@@ -240,3 +240,16 @@ def test_no_quota_means_no_limit(start_session: Callable[..., Mounted]) -> None:
     assert st["capacity"] == 0 and st["used_bytes"] == 2 * MiB
     host = os.statvfs(m.source)
     assert os.statvfs(m.mountpoint).f_blocks * 4096 == pytest.approx(host.f_blocks * host.f_frsize, rel=0.01)
+
+
+def test_hidden_leftovers_of_a_crash_are_removed_at_mount(start_session: Callable[..., Mounted]) -> None:
+    """A session killed while a file was unlinked-but-open leaves it hidden;
+    the next session deletes it instead of charging it forever."""
+    def populate(src: Path) -> None:
+        (src / ".fuse_hidden0000000a00000001").write_bytes(b"x" * 5000)
+        (src / "keep").write_bytes(b"k" * 10)
+        (src / ".fuse_hidden-but-not-ours").write_bytes(b"y")
+
+    m = start_session(capacity=MiB, populate=populate)
+    assert sorted(os.listdir(m.source)) == [".fuse_hidden-but-not-ours", "keep"]
+    assert used(m) == 11
