@@ -1,41 +1,22 @@
-"""The one exception type that handlers raise to answer with a gRPC status.
+"""The one exception that handlers raise to answer with a gRPC status.
 
 Handlers never call ``context.abort`` themselves: they raise ``CSIError`` and
 the server's interceptor turns it into the status, logs it once, and counts it.
 That keeps the error path testable without a live gRPC context.
+
+It is the same exception type the fusefs daemon uses (``fusefs.rpcerrors``,
+the lower layer); the constructors below add the codes only CSI needs.
 """
 
 from __future__ import annotations
 
 import grpc
 
+from fusefs.rpcerrors import RpcFailure as CSIError
+from fusefs.rpcerrors import already_exists, failed_precondition, internal, invalid, not_found, unavailable
 
-class CSIError(Exception):
-    """A request failed with a specific gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
-
-def invalid(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def not_found(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.NOT_FOUND, message)
-
-
-def already_exists(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.ALREADY_EXISTS, message)
-
-
-def failed_precondition(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.FAILED_PRECONDITION, message)
+__all__ = ["CSIError", "aborted", "already_exists", "exhausted", "failed_precondition", "internal", "invalid",
+           "not_found", "out_of_range", "unavailable", "unimplemented"]
 
 
 def exhausted(message: str) -> CSIError:
@@ -48,14 +29,6 @@ def out_of_range(message: str) -> CSIError:
 
 def aborted(message: str) -> CSIError:
     return CSIError(grpc.StatusCode.ABORTED, message)
-
-
-def internal(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.INTERNAL, message)
-
-
-def unavailable(message: str) -> CSIError:
-    return CSIError(grpc.StatusCode.UNAVAILABLE, message)
 
 
 def unimplemented(message: str) -> CSIError:

@@ -9,51 +9,17 @@ so a new secret field in the proto is redacted without code changes).
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import time
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from csi_driver.gen import csi_pb2
+from fusefs.jsonlog import JsonFormatter, TextFormatter, configure  # one log format for both processes
+
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "redacted"]
 
 REDACTED = "***"
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", {})
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        line = f"{time.strftime('%H:%M:%S')} {record.levelname[0]} {record.name}: {record.getMessage()}"
-        line = f"{line} {extra}" if extra else line
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def configure(fmt: str = "json", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper() if level else "INFO")
 
 
 def redacted(message: Message) -> dict[str, Any]:
