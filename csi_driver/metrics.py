@@ -10,7 +10,9 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from fusefs.metrics_http import start_metrics_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -140,33 +142,7 @@ VOLUMES_ABNORMAL = Counter("fusepath_volume_abnormal_total", "abnormal volume co
 
 
 def serve(address: str, healthy: Callable[[], bool]) -> ThreadingHTTPServer | None:
-    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` in a daemon thread."""
+    """Serve ``/metrics`` and ``/healthz`` (503 until Probe is ready) on ``host:port``."""
     if not address:
         return None
-    host, _, port = address.rpartition(":")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path == "/metrics":
-                self._reply(200, render(), "text/plain; version=0.0.4")
-            elif self.path == "/healthz":
-                ok = healthy()
-                self._reply(200 if ok else 503, "ok\n" if ok else "not ready\n", "text/plain")
-            else:
-                self._reply(404, "not found\n", "text/plain")
-
-        def _reply(self, code: int, body: str, ctype: str) -> None:
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
+    return start_metrics_server(address, render, healthy)

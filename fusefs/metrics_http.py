@@ -26,8 +26,13 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def start_metrics_server(address: str, render: Callable[[], str]) -> ThreadingHTTPServer:
-    """Serve ``render()`` at /metrics and liveness at /healthz from a daemon thread."""
+def start_metrics_server(address: str, render: Callable[[], str],
+                         healthy: Callable[[], bool] | None = None) -> ThreadingHTTPServer:
+    """Serve ``render()`` at /metrics and liveness at /healthz from a daemon thread.
+
+    ``healthy`` (the CSI driver passes its Probe) turns /healthz into 503 when
+    it answers False; without it /healthz is 200 while the process runs.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -39,7 +44,8 @@ def start_metrics_server(address: str, render: Callable[[], str]) -> ThreadingHT
                     log.exception("rendering metrics failed")
                     self._reply(500, f"error: {exc}\n", "text/plain")
             elif path == "/healthz":
-                self._reply(200, "ok\n", "text/plain")
+                ok = healthy is None or healthy()
+                self._reply(200 if ok else 503, "ok\n" if ok else "not ready\n", "text/plain")
             else:
                 self._reply(404, "not found\n", "text/plain")
 

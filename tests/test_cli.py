@@ -75,3 +75,26 @@ def test_modes_serve_only_their_services(tmp_path):
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         node.teardown()
+
+
+def test_metrics_and_healthz_endpoint(tmp_path):
+    """/healthz follows Probe, /metrics has the RPC latency histogram by method and code."""
+    import socket
+    import urllib.request
+
+    from tests.harness import Driver
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = Driver(tmp_path, f"--metrics-address=127.0.0.1:{port}")
+    d.command = lambda base=d.command: [a for a in base() if a != "--metrics-address="]  # type: ignore[method-assign]
+    d.start()
+    try:
+        d.create_volume("metrics-vol")
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status == 200
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'fusepath_rpc_duration_seconds_count{method="CreateVolume",code="OK"} 1' in body
+        assert "fusepath_committed_bytes" in body
+    finally:
+        d.teardown()
