@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-from _thread import get_ident
 from bisect import bisect_left as _bisect
 from typing import Any
 

@@ -341,6 +341,7 @@ class FusefsOperations(binding.Operations):
             return None
 
     def _fill_open(self, fip: Any, fd: int, writable: bool) -> None:
+        """Hand the descriptor to libfuse as the file handle, with caching flags."""
         fi = fip.contents
         fi.fh = fd
         fi.keep_cache = 1 if self.options.keep_cache else 0
