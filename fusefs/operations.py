@@ -35,7 +35,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -631,43 +631,23 @@ class FusefsOperations(binding.Operations):
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             return -errno.EPERM  # no device nodes in a volume
-        w = self._begin_mutation()
-        try:
-            rel = _rel(path)
-            self.quota.take_inode()
-            try:
-                os.mknod(rel, mode, 0, dir_fd=self._root)
-            except BaseException:
-                self.quota.give_inode()
-                raise
-            self._give_to_caller(rel)
-            return 0
-        finally:
-            self.gate.leave(w)
+        return self._new_inode(path, lambda rel: os.mknod(rel, mode, 0, dir_fd=self._root))
 
     def mkdir(self, path: bytes, mode: int) -> int:
-        w = self._begin_mutation()
-        try:
-            rel = _rel(path)
-            self.quota.take_inode()
-            try:
-                os.mkdir(rel, mode & 0o7777, dir_fd=self._root)
-            except BaseException:
-                self.quota.give_inode()
-                raise
-            self._give_to_caller(rel)
-            return 0
-        finally:
-            self.gate.leave(w)
+        return self._new_inode(path, lambda rel: os.mkdir(rel, mode & 0o7777, dir_fd=self._root))
 
     def symlink(self, target: bytes, path: bytes) -> int:
         """``ln -s target path`` (libfuse passes the link's content first)."""
+        return self._new_inode(path, lambda rel: os.symlink(target, rel, dir_fd=self._root))
+
+    def _new_inode(self, path: bytes, make: Callable[[bytes], None]) -> int:
+        """mknod, mkdir and symlink alike: charge an inode, make it, give it to the caller."""
         w = self._begin_mutation()
         try:
             rel = _rel(path)
             self.quota.take_inode()
             try:
-                os.symlink(target, rel, dir_fd=self._root)
+                make(rel)
             except BaseException:
                 self.quota.give_inode()
                 raise
