@@ -46,6 +46,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # -- helpers -------------------------------------------------------------------------
     def _path(self, value: str, field: str) -> Path:
+        """A required path under the kubelet directory; INVALID_ARGUMENT when empty or outside it."""
         return validation.check_kubelet_path(value, field, self.ctx.config.kubelet_dir)
 
     def _volume(self, volume_id: str) -> Volume:
@@ -73,10 +74,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- stage -------------------------------------------------------------------------------
     def NodeStageVolume(self, request, context):  # noqa: N802
         volume_id = validation.require_volume_id(request.volume_id)
-        if not request.staging_target_path:
-            raise errors.invalid("staging_target_path is required")
-        capabilities.require_capability(request.volume_capability, request.HasField("volume_capability"))
         staging = self._path(request.staging_target_path, "staging_target_path")
+        capabilities.require_capability(request.volume_capability, request.HasField("volume_capability"))
         with self.ctx.locks.hold(f"node:{volume_id}"):
             vol = self._volume(volume_id)
             cap = request.volume_capability
@@ -94,8 +93,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeUnstageVolume(self, request, context):  # noqa: N802
         volume_id = validation.require_volume_id(request.volume_id)
-        if not request.staging_target_path:
-            raise errors.invalid("staging_target_path is required")
         staging = self._path(request.staging_target_path, "staging_target_path")
         with self.ctx.locks.hold(f"node:{volume_id}"):
             vol = self._volume_or_none(volume_id)
@@ -117,10 +114,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- publish --------------------------------------------------------------------------
     def NodePublishVolume(self, request, context):  # noqa: N802
         volume_id = validation.require_volume_id(request.volume_id)
-        if not request.target_path:
-            raise errors.invalid("target_path is required")
-        capabilities.require_capability(request.volume_capability, request.HasField("volume_capability"))
         target = self._path(request.target_path, "target_path")
+        capabilities.require_capability(request.volume_capability, request.HasField("volume_capability"))
         validation.check_map(request.volume_context, "volume_context")
         if request.volume_context.get(parameters.EPHEMERAL) == "true":
             return self._publish_ephemeral(request, target)
@@ -155,8 +150,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeUnpublishVolume(self, request, context):  # noqa: N802
         volume_id = validation.require_volume_id(request.volume_id)
-        if not request.target_path:
-            raise errors.invalid("target_path is required")
         target = self._path(request.target_path, "target_path")
         with self.ctx.locks.hold(f"node:{volume_id}"):
             vol = self._volume_or_none(volume_id)
