@@ -260,8 +260,13 @@ def test_group_snapshot_lifecycle(shared_driver):
         shared_driver.group.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(
             group_snapshot_id=group.group_snapshot_id, snapshot_ids=member_ids[:1]))
     assert code_of(exc) == C.INVALID_ARGUMENT
-    restored = restore(shared_driver, member_ids[1])
-    assert (shared_driver.volume_dir(restored.volume_id) / "n").read_text() in {"0", "1", "2"}
+    index = {v.volume_id: i for i, v in enumerate(vols)}
+    assert sorted(index[s.source_volume_id] for s in group.snapshots) == [0, 1, 2]
+    for member in group.snapshots:  # each member holds its own volume's data, not another's
+        restored = restore(shared_driver, member.snapshot_id)
+        got = (shared_driver.volume_dir(restored.volume_id) / "n").read_text()
+        assert got == str(index[member.source_volume_id]), member.source_volume_id
+        shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=restored.volume_id))
     for _ in range(2):
         shared_driver.group.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(
             group_snapshot_id=group.group_snapshot_id, snapshot_ids=member_ids))
