@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -309,7 +310,20 @@ def test_a_long_snapshot_does_not_block_unrelated_rpcs(shared_driver):
     snapper = threading.Thread(target=lambda: (snapshot(shared_driver, busy.volume_id, compression="gzip"),
                                                 order.append("snapshot")))
     snapper.start()
-    threading.Event().wait(0.3)  # let the cut start
+    tmp = shared_driver.data_dir / "tmp"
+    deadline = time.monotonic() + 60
+    def archive_growing() -> bool:
+        for entry in os.scandir(tmp):
+            try:
+                if entry.name.startswith(".snapshot-") and entry.stat().st_size:
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return False
+
+    while not archive_growing():
+        assert snapper.is_alive() and time.monotonic() < deadline, "the cut never started"
+        time.sleep(0.01)  # the archive is being written: the cut is under way
     other = shared_driver.create_volume(uniq("pvc"))
     shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=other.volume_id))
     shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=5))
