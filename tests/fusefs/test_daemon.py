@@ -522,17 +522,23 @@ def test_session_sigkill_is_remounted_while_other_volume_keeps_serving(node: Nod
                 failures.append(str(exc))
             time.sleep(0.005)
 
-    thread = threading.Thread(target=read_b)
+    def reads_past(n: int) -> None:
+        deadline = time.monotonic() + RECOVERY_BUDGET
+        while reads <= n:
+            assert thread.is_alive() and time.monotonic() < deadline, f"reads of b stalled at {reads}"
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=read_b, daemon=True)
     thread.start()
     try:
-        time.sleep(0.2)
+        reads_past(10)                      # b is being read when a's session dies...
         os.kill(pid_a, signal.SIGKILL)
         _wait_readable(f"{target_a}/file.txt", "a\n", RECOVERY_BUDGET)
-        time.sleep(0.2)
+        reads_past(reads + 10)              # ...and after a has recovered
     finally:
         stop.set()
-        thread.join()
-    assert failures == [] and reads > 20
+        thread.join(30)
+    assert failures == []
 
     with node.client() as c:
         infos = {v.volume_id: v for v in c.list()}
