@@ -33,7 +33,7 @@ pytestmark = pytest.mark.privileged
 
 MiB = 1 << 20
 #: How long a test waits for recovery before calling it failed: a generous
-#: bound, not a speed goal (recovery takes about a second; bench/ times it).
+#: bound, not a speed goal (recovery takes about a second: bench/recovery.py).
 RECOVERY_BUDGET = 30.0
 
 
