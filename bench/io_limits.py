@@ -13,7 +13,6 @@ on the machine's speed: that a limit is never exceeded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import os
@@ -26,6 +25,10 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+import common  # noqa: E402
+
 MiB = 1 << 20
 
 #: (name, bytes/s limit, ops/s limit, operation, chunk size)
@@ -95,11 +98,8 @@ def run_case(base: Path, case: tuple, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.runs_parser(__doc__, Path("/var/tmp/fusepath-bench-limits"))
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--base", type=Path, default=Path("/var/tmp/fusepath-bench-limits"))
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.base.mkdir(parents=True, exist_ok=True)
     results = []

@@ -14,7 +14,6 @@ generous bound.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -26,7 +25,9 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+import common  # noqa: E402
 
 from fusefs.client import FuseFSClient  # noqa: E402
 
@@ -91,11 +92,8 @@ def one_run(base: Path, volumes: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.runs_parser(__doc__, Path("/var/tmp/fusepath-bench-recovery"))
     p.add_argument("--volumes", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--base", type=Path, default=Path("/var/tmp/fusepath-bench-recovery"))
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     seconds = [one_run(args.base, args.volumes) for _ in range(args.runs)]
     median = statistics.median(seconds)
