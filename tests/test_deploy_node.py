@@ -123,6 +123,9 @@ def test_distributed_snapshotters_do_not_probe_for_group_snapshots() -> None:
     ds = node_daemonset()
     snap = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-snapshotter")
     assert "--feature-gates=CSIVolumeGroupSnapshot=false" in snap["args"]
+    rbac = [d for d in yaml.safe_load_all((REPO / "deploy" / "manifests" / "rbac-node.yaml").read_text()) if d]
+    groups = {g for d in rbac for rule in d.get("rules", []) for g in rule.get("apiGroups", [])}
+    assert "snapshot.storage.k8s.io" in groups and "groupsnapshot.storage.k8s.io" not in groups
     overlay = next(d for d in yaml.safe_load_all(SINGLE_NODE_YAML.read_text()) if d)
     snap = next(c for c in overlay["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-snapshotter")
     assert "--feature-gates=CSIVolumeGroupSnapshot=true" in snap["args"]
