@@ -2,7 +2,7 @@
 
 Health is what NodeGetVolumeStats turns into a VolumeCondition. A volume is
 unhealthy when its session is not serving, when its staging mount is missing
-or dead (ENOTCONN, or no answer to stat()), and when a publication predates
+or dead (ENOTCONN, or no answer to stat()/statfs()), and when a publication predates
 the last session restart: the daemon re-bound it on the host, but a
 container without HostToContainer propagation still holds the old, dead
 mount, and the daemon cannot see into it. So that last case says "may".
@@ -19,21 +19,25 @@ from typing import Any
 from fusefs import mountinfo
 from fusefs.state import Publication, VolumeRecord
 
-#: A mount point that does not answer stat() within this is reported hung.
+#: A mount point that does not answer stat() and statfs() within this is reported hung.
 PROBE_TIMEOUT = 2.0
 
 
 def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """'' when ``stat(path)`` works; else what is wrong (ENOTCONN, hung...).
+    """'' when ``stat(path)`` and ``statvfs(path)`` work; else what is wrong (ENOTCONN, hung...).
 
-    The stat runs in a throwaway thread because a hung FUSE server would
-    block it forever, and a health check must answer.
+    stat alone is not enough: the kernel answers it from the attribute cache
+    of a FUSE mount whose server is gone. statfs always reaches the server,
+    so a dead mount answers ENOTCONN. The calls run in a throwaway thread
+    because a hung FUSE server would block them forever, and a health check
+    must answer.
     """
     result: list[str] = []
 
     def check() -> None:
         try:
             os.stat(path)
+            os.statvfs(path)
             result.append("")
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -42,7 +46,7 @@ def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
     thread = threading.Thread(target=check, name="probe", daemon=True)
     thread.start()
     thread.join(timeout)
-    return result[0] if result else f"{path}: did not answer stat() within {timeout:.0f}s"
+    return result[0] if result else f"{path}: did not answer stat()/statfs() within {timeout:.0f}s"
 
 
 def stale_publications(record: VolumeRecord) -> list[Publication]:

@@ -193,7 +193,8 @@ class Container:
                     return tick
             time.sleep(0.02)
         raise AssertionError(f"{self.kind} container: {what} not seen within {timeout}s; "
-                             f"last ticks {self.ticks[-5:]}")
+                             f"last ticks {self.ticks[-5:]}; its mounts at {self.cpath}: "
+                             f"{mountinfo.mounts_at(str(self.cpath), mountinfo.read(self.proc.pid))}")
 
     def reopen_held(self) -> None:
         """Open the held file afresh (before a kill), and wait until appends through it work."""
@@ -338,8 +339,14 @@ def _remount_phase(setup: Setup, kind: str, kill: Callable[[Setup], None]) -> fl
     rslave.reopen_held()
     killed = time.monotonic()
     kill(setup)
-    back = rslave.wait("a new open by path that works again",
-                       lambda t: t.path == "ok" and t.held != "ok", killed)
+    try:
+        back = rslave.wait("a new open by path that works again",
+                           lambda t: t.path == "ok" and t.held != "ok", killed)
+    except AssertionError as exc:
+        k = str(setup.driver.kubelet_dir)
+        raise AssertionError(f"{exc}; on the host: " + " | ".join(
+            f"{e.mount_id} {e.parent_id} {e.major_minor} {e.mount_point[len(k):]} {e.optional}"
+            for e in mountinfo.read() if e.mount_point.startswith(k))) from None
     pause = back.stamp - killed
     # The descriptor opened before the kill belongs to the dead connection.
     settled = rslave.wait("a few more ticks", lambda t: True, back.stamp + SETTLE)
@@ -386,3 +393,53 @@ def test_what_runc_like_containers_see_across_each_restart(setup: Setup) -> None
     print(f"pauses (kill to first working open by path, rslave container): "
           + ", ".join(f"{k} {v:.2f}s" for k, v in pauses.items()))
     _assert_fsynced_lines_kept(setup)
+
+
+def test_driver_starts_a_new_embedded_daemon_when_it_dies(tmp_path: Path) -> None:
+    """``--fusefs=embedded``: SIGKILL of the daemon, twice; each time volumes are served again."""
+    driver = Driver(tmp_path)
+    try:
+        driver.start()
+        cap = mount_cap()
+        name = f"pvc-{uuid.uuid4().hex[:12]}"
+        vol = driver.create_volume(name, size=8 * MiB, cap=cap)
+        staging = driver.kubelet_dir / "plugins" / name / "globalmount"
+        target = driver.kubelet_dir / "pods" / name / "volumes" / "mount"
+        staging.parent.mkdir(parents=True)
+        target.parent.mkdir(parents=True)
+        driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap))
+        driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap))
+        (target / "kept").write_text("kept")
+        pids = [embedded.daemon_pid(driver.data_dir)]
+        for _ in range(2):
+            assert pids[-1] is not None
+            os.kill(pids[-1], signal.SIGKILL)
+            _wait_gone(pids[-1])
+            deadline = time.monotonic() + RECOVERY_DEADLINE
+            while time.monotonic() < deadline:
+                try:
+                    if (target / "kept").read_text() == "kept":
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            assert (target / "kept").read_text() == "kept", driver.log_tail()
+            pids.append(embedded.daemon_pid(driver.data_dir))
+            assert pids[-1] not in pids[:-1]
+        assert driver.proc.poll() is None
+        assert driver.log_path.read_text().count("the embedded fusefs daemon had died") == 2
+        # The driver talks to the new daemon: stats, unpublish and unstage work.
+        stats = driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=vol.volume_id, volume_path=str(target)))
+        assert stats.usage
+        driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vol.volume_id, target_path=str(target)))
+        assert not mountinfo.mounts_at(str(target))
+        driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)))
+        assert not mountinfo.mounts_at(str(staging))
+    finally:
+        driver.teardown()
