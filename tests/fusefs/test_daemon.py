@@ -400,15 +400,22 @@ def test_metrics_and_healthz(node: Node) -> None:
 
 
 class NamespaceReader:
-    """A process in its own mount namespace, a slave of ours, reading a file every 100 ms.
+    """A process set up as runc sets up a container with HostToContainer, reading a file every 100 ms.
 
-    It stands for a container with HostToContainer propagation: it was started
-    before the crash, keeps running, and never re-mounts anything itself.
+    Its own mount namespace, the root made ``rslave``, and the publish target
+    rbind-mounted at a container path (``cpath``): the container's mount is a
+    slave of the target mount itself, not of the kubelet directory. It was
+    started before the crash, keeps running, and never re-mounts anything.
     """
 
     SCRIPT = (
-        "import sys, time\n"
-        "path = sys.argv[1]\n"
+        "import ctypes, sys, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]\n"
+        "target, cpath = sys.argv[1:3]\n"
+        "assert libc.mount(None, b'/', None, (1 << 19) | 0x4000, None) == 0  # MS_SLAVE|MS_REC\n"
+        "assert libc.mount(target.encode(), cpath.encode(), None, 0x1000 | 0x4000, None) == 0  # rbind\n"
+        "path = cpath + '/file.txt'\n"
         "while True:\n"
         "    try:\n"
         "        with open(path) as f: line = 'ok ' + f.read().strip()\n"
@@ -417,13 +424,18 @@ class NamespaceReader:
         "    time.sleep(0.1)\n"
     )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, target: str, cpath: Path) -> None:
+        cpath.mkdir()
+        self.cpath = str(cpath)
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "slave", sys.executable, "-c", self.SCRIPT, path],
-            stdout=subprocess.PIPE, text=True, start_new_session=True)
+            ["unshare", "--mount", "--propagation", "unchanged", sys.executable, "-c", self.SCRIPT,
+             target, self.cpath], stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: list[tuple[float, str]] = []
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
+
+    def mount_entry(self) -> mountinfo.MountEntry | None:
+        return mountinfo.top_mount(self.cpath, mountinfo.read(self.proc.pid))
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -446,7 +458,7 @@ class NamespaceReader:
         self.proc.wait()
 
 
-def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node) -> None:
+def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node, tmp_path: Path) -> None:
     daemon = node.start()
     vid = node.new_volume("hello\n")
     stage, rw, ro = node.stage(vid), node.target("pod-a"), node.target("pod-b")
@@ -454,9 +466,10 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node) 
         c.mount(vid, stage, 10 * MiB)
         c.publish(vid, rw, False)
         c.publish(vid, ro, True)
-    reader = NamespaceReader(f"{rw}/file.txt")
+    reader = NamespaceReader(rw, tmp_path / "container")
     try:
         reader.wait_for(lambda r: r == "ok hello", after=0, timeout=10)
+        assert reader.mount_entry() is not None and reader.mount_entry().master, reader.mount_entry()
 
         killed_at = time.monotonic()
         daemon.kill()
@@ -481,7 +494,10 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node) 
             Path(ro, "after2.txt").write_text("no")
         assert err.value.errno == errno.EROFS
         assert mountinfo.is_volume_mount(mountinfo.top_mount(stage), vid)
-        assert len(mountinfo.mounts_at(rw)) == 1 and len(mountinfo.mounts_at(stage)) == 1
+        # The fresh bind sits on top of the dead one, which is what reached the container.
+        assert len(mountinfo.mounts_at(stage)) == 1
+        assert [mountinfo.is_volume_mount(e, vid) for e in mountinfo.mounts_at(rw)] == [True, True]
+        assert len(mountinfo.mounts_at(reader.cpath, mountinfo.read(reader.proc.pid))) == 2
 
         with node.client() as c:
             stats = c.stats(vid)
@@ -493,6 +509,9 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node) 
             c.publish(vid, fresh, False)
             assert c.stats(vid, fresh).healthy
             assert [v.remount_count for v in c.list()] == [1]
+            # Unpublish peels every layer, the dead one at the bottom included.
+            c.unpublish(vid, rw)
+            assert not mountinfo.mounts_at(rw) and not os.path.exists(rw)
     finally:
         reader.stop()
 
