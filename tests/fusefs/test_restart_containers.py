@@ -3,7 +3,9 @@
 A real driver (embedded fusefs daemon) stages and publishes one volume to two
 pretend pods. The kubelet directory is made an rshared mount first, which is
 what kubelet's root dir is on a node (and what ``mountPropagation:
-Bidirectional`` hands the node plugin).
+Bidirectional`` hands the node plugin). The driver runs either in the test's
+mount namespace or, as the node plugin pod does, in a namespace of its own
+whose kubelet directory is a peer of the test's ("the host").
 
 Two "containers", each a process in its own mount namespace, set up as runc
 does before it execs the container's entrypoint:
@@ -250,9 +252,24 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"pid {pid} still runs")
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    driver = Driver(tmp_path)
+class NodePluginDriver(Driver):
+    """The driver (and so its embedded fusefs daemon) in a mount namespace of its own.
+
+    That is the node plugin pod: its containers get the kubelet directory
+    with ``mountPropagation: Bidirectional``, a copy that is a peer of the
+    host's (here: a new namespace copied from the test's, where the kubelet
+    directory is rshared). The containers are then built from the host's
+    copy of each target, as containerd builds them, and a replaced node
+    plugin pod is a new namespace.
+    """
+
+    def command(self) -> list[str]:
+        return ["unshare", "--mount", "--propagation", "unchanged", "--", *super().command()]
+
+
+@pytest.fixture(params=["host-namespace", "own-namespace"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    driver = (Driver if request.param == "host-namespace" else NodePluginDriver)(tmp_path)
     _make_rshared(driver.kubelet_dir)
     # Container paths must be reachable by uid 1000 from /, as in a container's rootfs.
     rootfs = Path(tempfile.mkdtemp(prefix="fusefs-ctr-", dir="/tmp"))
@@ -383,6 +400,8 @@ def test_what_runc_like_containers_see_across_each_restart(setup: Setup) -> None
         seen = [t for t in container.after(killed) if t.stamp <= settled.stamp]
         assert seen and all(t.held == "ok" and t.path == "ok" for t in seen), seen
     assert not setup.condition("private").abnormal
+    if isinstance(setup.driver, NodePluginDriver):
+        assert os.readlink(f"/proc/{setup.driver.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
     pauses = {
         "session SIGKILL": _remount_phase(setup, "session SIGKILL", _kill_session),
