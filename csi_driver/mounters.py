@@ -133,7 +133,8 @@ class FuseMounter(BindMounter):
         message = stats.message or "healthy"
         if dead:
             message = (f"{path} answers ENOTCONN: the FUSE session behind it is gone. "
-                       "fusefs re-mounts the volume; pods without HostToContainer propagation must restart")
+                       "fusefs re-mounts the volume; containers without HostToContainer mount propagation keep "
+                       "ENOTCONN until they are restarted")
         return Usage(
             bytes_total=stats.capacity_bytes or vol.capacity, bytes_used=stats.used_bytes,
             bytes_available=stats.available_bytes, inodes_total=stats.total_inodes, inodes_used=stats.used_inodes,

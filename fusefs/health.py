@@ -3,9 +3,10 @@
 Health is what NodeGetVolumeStats turns into a VolumeCondition. A volume is
 unhealthy when its session is not serving, when its staging mount is missing
 or dead (ENOTCONN, or no answer to stat()/statfs()), and when a publication predates
-the last session restart: the daemon re-bound it on the host, but a
-container without HostToContainer propagation still holds the old, dead
-mount, and the daemon cannot see into it. So that last case says "may".
+the last session restart: the daemon bound the new mount on top of it, which
+reaches containers with HostToContainer propagation, but a container
+without it still holds the old, dead mount, and the daemon cannot see into
+containers to tell them apart.
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def assess(record: VolumeRecord, serving: bool, problem: str, target_path: str =
     else:
         stale = stale_publications(record)
     if stale:
-        return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it may show "
-                       "ENOTCONN in containers without HostToContainer mount propagation until they restart")
+        return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it: containers "
+                       "without HostToContainer mount propagation still see ENOTCONN there until they are "
+                       "restarted; containers with it see the new mount, except files they held open. The "
+                       "daemon cannot tell which containers are which, so this stays until the volume is "
+                       "published again")
     return True, record.last_restart
 
 

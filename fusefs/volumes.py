@@ -457,9 +457,13 @@ class VolumeManager:
 
     @staticmethod
     def _restart_message(record: VolumeRecord) -> str:
-        return (f"{record.last_restart}. fusefs re-mounted volume {record.volume_id} and re-bound its "
-                "targets; containers that mount it without HostToContainer mount propagation see ENOTCONN "
-                "until they restart.")
+        """The FuseSessionRestarted Event: what each kind of container sees now."""
+        return (f"{record.last_restart}. fusefs mounted volume {record.volume_id} again and bound it on top "
+                "of each target. Containers that mount it with mountPropagation HostToContainer see the new "
+                "mount: new opens work again, while files and directories they had open (a working "
+                "directory in the volume too) return ENOTCONN until opened again. Containers without mount "
+                "propagation keep the dead mount and get ENOTCONN until they are restarted. Data written "
+                "but not fsynced before the restart may be lost.")
 
     def _post_events(self, volume: Volume, reason: str, message: str) -> None:
         pods = {(p.namespace, p.name): p for p in [volume.record.pod] + [
