@@ -646,3 +646,31 @@ def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> No
         c.unmount(lost)
         assert [v.volume_id for v in c.list()] == [kept]
         assert not mountinfo.mounts_at(node.stage(lost))
+
+
+def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node) -> None:
+    """Each session restart stacks a fresh bind on the dead one; at MAX_LAYERS the dead ones go first."""
+    from fusefs.volumes import MAX_LAYERS
+
+    node.start()
+    vid = node.new_volume("stacked\n")
+    stage, target = node.stage(vid), node.target("pod-a")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        c.publish(vid, target, True)
+        depths = []
+        for restart in range(1, MAX_LAYERS + 2):
+            pid = next(v.pid for v in c.list() if v.volume_id == vid)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while c.stats(vid).remount_count < restart and time.monotonic() < deadline:
+                time.sleep(0.02)
+            _wait_readable(f"{target}/file.txt", "stacked\n", RECOVERY_BUDGET)
+            stack = mountinfo.mounts_at(target)
+            assert all(mountinfo.is_volume_mount(e, vid) and e.read_only for e in stack), stack
+            depths.append(len(stack))
+        assert depths == [*range(2, MAX_LAYERS + 1), 1, 2]
+        c.unpublish(vid, target)
+        assert not mountinfo.mounts_at(target) and not os.path.exists(target)
+        c.unmount(vid)
+    assert not mountinfo.mounts_at(stage)
