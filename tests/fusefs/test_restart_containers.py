@@ -285,18 +285,18 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap))
         targets = {}
-        for kind in ("rslave", "private"):
+        for kind in ("rslave", "private", "readonly"):
             target = driver.kubelet_dir / "pods" / f"{kind}-{uuid.uuid4().hex[:8]}" / "volumes" / "mount"
             target.parent.mkdir(parents=True)
             driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
                 volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
-                volume_capability=cap))
+                volume_capability=cap, readonly=kind == "readonly"))
             targets[kind] = target
         shared = targets["rslave"] / "shared"
         shared.mkdir()
         os.chown(shared, UID, UID)
-        for kind, target in targets.items():
-            cpath = rootfs / kind
+        for kind in ("rslave", "private"):
+            target, cpath = targets[kind], rootfs / kind
             cpath.mkdir(mode=0o755)
             containers[kind] = Container(kind, target, cpath, kind)
         for container in containers.values():
@@ -314,6 +314,22 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
             container.stop()
         driver.teardown()
         shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _assert_host_view(setup: Setup) -> None:
+    """What this namespace (the host's, when the driver has its own) holds at each target.
+
+    Each target's top mount is this volume's, shared, in a peer group of its
+    own (so a mount on one never lands on another), and the read-only
+    publication is read-only here too: a bind made writable and remounted
+    read-only afterwards would have propagated a writable copy.
+    """
+    tops = {kind: mountinfo.top_mount(str(t)) for kind, t in setup.targets.items()}
+    for kind, top in tops.items():
+        assert mountinfo.is_volume_mount(top, setup.volume_id), (kind, top)
+        assert top.read_only == (kind == "readonly"), (kind, top)
+        assert top.peer_group, (kind, top)
+    assert len({top.peer_group for top in tops.values()}) == len(tops), tops
 
 
 def _assert_fsynced_lines_kept(setup: Setup) -> None:
@@ -376,6 +392,10 @@ def _remount_phase(setup: Setup, kind: str, kill: Callable[[Setup], None]) -> fl
     assert private.mount_entry().fs_type == "fuse.fusefs"
     condition = setup.condition("private")
     assert condition.abnormal, condition.message
+    _assert_host_view(setup)
+    with pytest.raises(OSError) as err:
+        (setup.targets["readonly"] / "shared" / "nope").write_text("no")
+    assert err.value.errno == errno.EROFS
     print(f"{kind}: rslave container's new opens worked again {pause:.2f}s after the kill; "
           f"private container: {seen[-1].path}; condition: {condition.message}")
     return pause
@@ -388,6 +408,7 @@ def test_what_runc_like_containers_see_across_each_restart(setup: Setup) -> None
     assert not private.mount_entry().optional, private.mount_entry()
     for container in (rslave, private):
         assert mountinfo.is_volume_mount(container.mount_entry(), setup.volume_id)
+    _assert_host_view(setup)
 
     # A driver restart disturbs nothing: the daemon and every session keep running.
     for container in (rslave, private):
