@@ -325,11 +325,12 @@ def _assert_host_view(setup: Setup) -> None:
     read-only afterwards would have propagated a writable copy.
     """
     tops = {kind: mountinfo.top_mount(str(t)) for kind, t in setup.targets.items()}
+    groups = {kind: [f for f in top.optional if f.startswith("shared:")] for kind, top in tops.items()}
     for kind, top in tops.items():
         assert mountinfo.is_volume_mount(top, setup.volume_id), (kind, top)
         assert top.read_only == (kind == "readonly"), (kind, top)
-        assert top.peer_group, (kind, top)
-    assert len({top.peer_group for top in tops.values()}) == len(tops), tops
+        assert groups[kind], (kind, top)
+    assert len({tuple(g) for g in groups.values()}) == len(tops), tops
 
 
 def _assert_fsynced_lines_kept(setup: Setup) -> None:
