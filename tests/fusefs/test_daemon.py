@@ -467,6 +467,7 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node, 
         c.publish(vid, rw, False)
         c.publish(vid, ro, True)
     reader = NamespaceReader(rw, tmp_path / "container")
+    ro_reader = NamespaceReader(ro, tmp_path / "ro-container")
     try:
         reader.wait_for(lambda r: r == "ok hello", after=0, timeout=10)
         entry = reader.mount_entry()
@@ -499,6 +500,10 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node, 
         assert len(mountinfo.mounts_at(stage)) == 1
         assert [mountinfo.is_volume_mount(e, vid) for e in mountinfo.mounts_at(rw)] == [True, True]
         assert len(mountinfo.mounts_at(reader.cpath, mountinfo.read(reader.proc.pid))) == 2
+        # What reached the container of the read-only target is read-only (it was before it was attached).
+        ro_reader.wait_for(lambda r: r == "ok hello", after=restarted_at, timeout=RECOVERY_BUDGET)
+        ro_stack = mountinfo.mounts_at(ro_reader.cpath, mountinfo.read(ro_reader.proc.pid))
+        assert len(ro_stack) == 2 and all(e.read_only for e in ro_stack), ro_stack
 
         with node.client() as c:
             stats = c.stats(vid)
@@ -515,6 +520,7 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace_within_5s(node: Node, 
             assert not mountinfo.mounts_at(rw) and not os.path.exists(rw)
     finally:
         reader.stop()
+        ro_reader.stop()
 
 
 def test_session_sigkill_is_remounted_while_other_volume_keeps_serving(node: Node) -> None:
