@@ -566,7 +566,8 @@ class VolumeManager:
                 raise rpcerrors.already_exists(f"{target} already has a {top.fs_type} mount of {top.source}")
             bound = top is not None and top.read_only == effective_ro and not health.probe_path(target)
             if not bound:
-                os.makedirs(target, mode=0o750, exist_ok=True)
+                if top is None:  # a dead mount there answers ENOTCONN to makedirs' isdir()
+                    os.makedirs(target, mode=0o750, exist_ok=True)
                 self._bind_target(volume, target, effective_ro)
             if pub is None:
                 record.publications[target] = Publication(target, read_only, pod, generation=record.generation)

@@ -680,3 +680,27 @@ def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node)
         assert not mountinfo.mounts_at(target) and not os.path.exists(target)
         c.unmount(vid)
     assert not mountinfo.mounts_at(stage)
+
+
+def test_publish_onto_a_dead_bind_of_the_volume_stacks_on_it(node: Node) -> None:
+    """A target that already holds a dead bind of this volume (e.g. a re-bind that failed) is published on top."""
+    node.start()
+    vid = node.new_volume("again\n")
+    stage, target = node.stage(vid), node.target("pod-a")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        os.mkdir(target)
+        bindmount.bind(stage, target, False)  # a bind fusefs does not know about
+        os.kill(c.list()[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while c.stats(vid).remount_count < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(OSError) as err:
+            os.listdir(target)
+        assert err.value.errno == errno.ENOTCONN
+        c.publish(vid, target, False)
+        assert _read(f"{target}/file.txt") == "again\n"
+        assert len(mountinfo.mounts_at(target)) == 2
+        c.unpublish(vid, target)
+        assert not mountinfo.mounts_at(target)
+        c.unmount(vid)
