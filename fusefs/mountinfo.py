@@ -44,14 +44,6 @@ class MountEntry:
         return 0
 
     @property
-    def master(self) -> int:
-        """The ``master:N`` peer group this mount receives from, or 0."""
-        for tag in self.optional:
-            if tag.startswith("master:"):
-                return int(tag.partition(":")[2])
-        return 0
-
-    @property
     def propagation(self) -> str:
         """``shared``, ``slave``, ``shared+slave`` or ``private``."""
         kinds = [f.split(":")[0] for f in self.optional]

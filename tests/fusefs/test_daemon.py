@@ -654,6 +654,15 @@ def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> No
         assert not mountinfo.mounts_at(node.stage(lost))
 
 
+def _kill_session_and_wait(c: FuseFSClient, vid: str, remounts: int) -> None:
+    """SIGKILL the volume's session and wait until the daemon has counted ``remounts`` re-mounts."""
+    os.kill(next(v.pid for v in c.list() if v.volume_id == vid), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while c.stats(vid).remount_count < remounts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c.stats(vid).remount_count >= remounts
+
+
 def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node) -> None:
     """Each session restart stacks a fresh bind on the dead one; at MAX_LAYERS the dead ones go first."""
     from fusefs.volumes import MAX_LAYERS
@@ -666,11 +675,7 @@ def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node)
         c.publish(vid, target, True)
         depths = []
         for restart in range(1, MAX_LAYERS + 2):
-            pid = next(v.pid for v in c.list() if v.volume_id == vid)
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 15
-            while c.stats(vid).remount_count < restart and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _kill_session_and_wait(c, vid, restart)
             _wait_readable(f"{target}/file.txt", "stacked\n", RECOVERY_BUDGET)
             stack = mountinfo.mounts_at(target)
             assert all(mountinfo.is_volume_mount(e, vid) and e.read_only for e in stack), stack
@@ -691,10 +696,7 @@ def test_publish_onto_a_dead_bind_of_the_volume_stacks_on_it(node: Node) -> None
         c.mount(vid, stage, MiB)
         os.mkdir(target)
         bindmount.bind(stage, target, False)  # a bind fusefs does not know about
-        os.kill(c.list()[0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while c.stats(vid).remount_count < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _kill_session_and_wait(c, vid, 1)
         with pytest.raises(OSError) as err:
             os.listdir(target)
         assert err.value.errno == errno.ENOTCONN
