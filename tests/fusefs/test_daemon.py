@@ -706,3 +706,35 @@ def test_publish_onto_a_dead_bind_of_the_volume_stacks_on_it(node: Node) -> None
         c.unpublish(vid, target)
         assert not mountinfo.mounts_at(target)
         c.unmount(vid)
+
+
+def test_binds_from_older_releases_sharing_a_peer_group_never_leak_a_mode(node: Node) -> None:
+    """Binds made the old way (plain bind of the staging mount) are peers of each other.
+
+    Stacking on one would land on the other too, with its read-only mode;
+    so the first is detached and re-bound, and the last one, alone in its
+    group by then, is stacked on.
+    """
+    node.start()
+    vid = node.new_volume("legacy\n")
+    stage, rw, ro = node.stage(vid), node.target("pod-rw"), node.target("pod-ro")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        c.publish(vid, rw, False)
+        c.publish(vid, ro, True)
+        for target, read_only in ((rw, False), (ro, True)):  # re-made as older releases made them
+            bindmount.detach_all(target)
+            bindmount.bind(stage, target, read_only)
+        groups = {tuple(f for f in mountinfo.top_mount(p).optional if f.startswith("shared:")) for p in (rw, ro)}
+        assert len(groups) == 1 and groups != {()}, groups
+        _kill_session_and_wait(c, vid, 1)
+        for target in (rw, ro):
+            _wait_readable(f"{target}/file.txt", "legacy\n", RECOVERY_BUDGET)
+        assert [e.read_only for e in mountinfo.mounts_at(rw)] == [False]
+        assert [e.read_only for e in mountinfo.mounts_at(ro)] == [True, True]
+        Path(rw, "w.txt").write_text("w")
+        with pytest.raises(OSError) as err:
+            Path(ro, "w.txt").write_text("no")
+        assert err.value.errno == errno.EROFS
+        c.unmount(vid, force=True)
+        assert not mountinfo.mounts_at(rw) and not mountinfo.mounts_at(ro) and not mountinfo.mounts_at(stage)
