@@ -3,7 +3,13 @@
 The daemon may be embedded (a detached child we start, and re-use after our
 own restart) or a sidecar container reached over a unix socket. Either way
 the driver only ever holds a client; it never owns a FUSE session, so a
-driver crash or upgrade disturbs no mount (DESIGN §1).
+driver crash or upgrade disturbs no mount.
+
+In embedded mode nothing else would bring back a daemon that died (in a
+cluster, kubelet restarts the fusefs container), so a watcher thread checks
+every ``WATCH_INTERVAL`` that the daemon's process still runs and starts a
+new one when it does not, with a backoff between failed starts. The new
+daemon re-mounts every volume from its state file and re-binds each target.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ log = logging.getLogger("fusepath.fusefs")
 
 #: How long the daemon keeps a volume frozen if we die mid-snapshot.
 FREEZE_TIMEOUT_SECONDS = 120
+#: How often the embedded daemon's process is checked, and the backoff
+#: between failed attempts to start a new one.
+WATCH_INTERVAL = 0.25
+RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX = 0.5, 30.0
 
 
 class FuseFSLink:
@@ -33,10 +43,57 @@ class FuseFSLink:
         self._kubelet_dir = kubelet_dir
         self._client: Any = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
-        """Make sure a daemon is there (starting the embedded one if needed)."""
+        """Make sure a daemon is there (starting the embedded one if needed), and
+        in embedded mode keep it there."""
         self.client()
+        if self._target == "embedded" and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="fusefs-watcher", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop watching (the daemon itself is left running, with every mount)."""
+        self._stop.set()
+
+    def _watch(self) -> None:
+        """Start a new embedded daemon whenever the current one's process is gone."""
+        from fusefs.embedded import daemon_pid
+
+        backoff = RESTART_BACKOFF_MIN
+        while not self._stop.wait(WATCH_INTERVAL):
+            if daemon_pid(self._data_dir) is not None:
+                backoff = RESTART_BACKOFF_MIN
+                continue
+            try:
+                self._restart_embedded()
+                backoff = RESTART_BACKOFF_MIN
+            except Exception as exc:  # noqa: BLE001 - logged and retried with backoff
+                log.error("starting a new embedded fusefs daemon failed; retrying in %.1fs: %s", backoff, exc)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    def _restart_embedded(self) -> None:
+        """Start a new daemon (it re-mounts every volume) and talk to it on a fresh channel.
+
+        A fresh channel, because the old one may be in gRPC's reconnect
+        backoff after the socket went away, which would delay the first
+        calls to the new daemon by up to minutes.
+        """
+        from fusefs.client import FuseFSClient
+        from fusefs.embedded import ensure_daemon
+
+        started = time.monotonic()
+        endpoint = ensure_daemon(self._data_dir, self._kubelet_dir, log_path=self._data_dir / "fusefs.log")
+        with self._lock:
+            old, self._client = self._client, FuseFSClient(endpoint)
+        if old is not None:
+            old.close()
+        log.warning("the embedded fusefs daemon had died; started a new one in %.2fs, which re-mounts "
+                    "every volume", time.monotonic() - started)
 
     def client(self) -> Any:
         with self._lock:

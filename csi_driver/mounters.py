@@ -117,8 +117,14 @@ class FuseMounter(BindMounter):
 
     def publish(self, volume_id: str, staging: Path, target: Path, read_only: bool, loop_device: str,
                 pod: dict[str, str] | None = None) -> None:
-        """The daemon binds the target itself, so it can re-bind it after its own restart."""
-        mounts.be_directory(target)
+        """The daemon binds the target itself, so it can re-bind it after its own restart.
+
+        A dead bind of this volume at the target is left for the daemon, which
+        binds on top of it: detaching it here would cut off the containers
+        that follow it (HostToContainer).
+        """
+        if not self.owns(volume_id, target):
+            mounts.be_directory(target)
         self._client().publish(volume_id, str(target), read_only, pod=pod)
 
     def unpublish(self, volume_id: str, target: Path) -> None:
@@ -133,7 +139,8 @@ class FuseMounter(BindMounter):
         message = stats.message or "healthy"
         if dead:
             message = (f"{path} answers ENOTCONN: the FUSE session behind it is gone. "
-                       "fusefs re-mounts the volume; pods without HostToContainer propagation must restart")
+                       "fusefs re-mounts the volume; containers without HostToContainer mount propagation keep "
+                       "ENOTCONN until they are restarted")
         return Usage(
             bytes_total=stats.capacity_bytes or vol.capacity, bytes_used=stats.used_bytes,
             bytes_available=stats.available_bytes, inodes_total=stats.total_inodes, inodes_used=stats.used_inodes,

@@ -4,7 +4,10 @@ The daemon is started detached (its own session, so signals aimed at the
 driver's process group miss it) and is *reused* when it already answers: a
 driver that crashes or is restarted finds its daemon still there, with every
 FUSE mount untouched. That is the same guarantee the separate container
-gives in a cluster (DESIGN §1), for workstations, CI and csi-sanity.
+gives in a cluster, for workstations, CI and csi-sanity. A daemon that dies
+is started again by the driver's watcher (``csi_driver.fusefs_link``), as
+kubelet restarts the fusefs container in a cluster; the new daemon re-mounts
+every volume from its state file.
 """
 
 from __future__ import annotations

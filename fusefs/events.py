@@ -1,9 +1,11 @@
 """Kubernetes Events on the pods that use a volume, when the daemon can post them.
 
 An Event on the pod is how a user learns that the FUSE session under their
-volume was restarted, and that a container without HostToContainer mount
-propagation may be reading a dead mount (ENOTCONN) until it restarts. The pod
-comes from the Mount/Publish requests (podInfoOnMount).
+volume was restarted: a container without HostToContainer mount propagation
+is left on a dead mount (ENOTCONN) until it is restarted, and one with it
+sees the new mount but gets ENOTCONN from files it held open across the
+restart (``VolumeManager._restart_message`` has the text). The pod comes
+from the Mount/Publish requests (podInfoOnMount).
 
 Posting is best effort and never blocks recovery: events are queued to one
 background thread. Without a kube config (no in-cluster service account, no

@@ -2,10 +2,11 @@
 
 Health is what NodeGetVolumeStats turns into a VolumeCondition. A volume is
 unhealthy when its session is not serving, when its staging mount is missing
-or dead (ENOTCONN, or no answer to stat()), and when a publication predates
-the last session restart: the daemon re-bound it on the host, but a
-container without HostToContainer propagation still holds the old, dead
-mount, and the daemon cannot see into it. So that last case says "may".
+or dead (ENOTCONN, or no answer to stat()/statfs()), and when a publication predates
+the last session restart: the daemon bound the new mount on top of it, which
+reaches containers with HostToContainer propagation, but a container
+without it still holds the old, dead mount, and the daemon cannot see into
+containers to tell them apart.
 """
 
 from __future__ import annotations
@@ -19,21 +20,25 @@ from typing import Any
 from fusefs import mountinfo
 from fusefs.state import Publication, VolumeRecord
 
-#: A mount point that does not answer stat() within this is reported hung.
+#: A mount point that does not answer stat() and statfs() within this is reported hung.
 PROBE_TIMEOUT = 2.0
 
 
 def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """'' when ``stat(path)`` works; else what is wrong (ENOTCONN, hung...).
+    """'' when ``stat(path)`` and ``statvfs(path)`` work; else what is wrong (ENOTCONN, hung...).
 
-    The stat runs in a throwaway thread because a hung FUSE server would
-    block it forever, and a health check must answer.
+    stat alone is not enough: the kernel answers it from the attribute cache
+    of a FUSE mount whose server is gone. statfs always reaches the server,
+    so a dead mount answers ENOTCONN. The calls run in a throwaway thread
+    because a hung FUSE server would block them forever, and a health check
+    must answer.
     """
     result: list[str] = []
 
     def check() -> None:
         try:
             os.stat(path)
+            os.statvfs(path)
             result.append("")
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -42,7 +47,7 @@ def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
     thread = threading.Thread(target=check, name="probe", daemon=True)
     thread.start()
     thread.join(timeout)
-    return result[0] if result else f"{path}: did not answer stat() within {timeout:.0f}s"
+    return result[0] if result else f"{path}: did not answer stat()/statfs() within {timeout:.0f}s"
 
 
 def stale_publications(record: VolumeRecord) -> list[Publication]:
@@ -67,8 +72,11 @@ def assess(record: VolumeRecord, serving: bool, problem: str, target_path: str =
     else:
         stale = stale_publications(record)
     if stale:
-        return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it may show "
-                       "ENOTCONN in containers without HostToContainer mount propagation until they restart")
+        return False, (f"{record.last_restart}; {len(stale)} publication(s) made before it: containers "
+                       "without HostToContainer mount propagation still see ENOTCONN there until they are "
+                       "restarted; containers with it see the new mount, except files they held open. The "
+                       "daemon cannot tell which containers are which, so this stays until the volume is "
+                       "published again")
     return True, record.last_restart
 
 

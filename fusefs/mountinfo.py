@@ -36,6 +36,14 @@ class MountEntry:
         return "ro" in self.options
 
     @property
+    def peer_group(self) -> int:
+        """The ``shared:N`` peer group, or 0 when the mount is not shared."""
+        for tag in self.optional:
+            if tag.startswith("shared:"):
+                return int(tag.partition(":")[2])
+        return 0
+
+    @property
     def propagation(self) -> str:
         """``shared``, ``slave``, ``shared+slave`` or ``private``."""
         kinds = [f.split(":")[0] for f in self.optional]
@@ -98,9 +106,20 @@ def read(pid: int | str = "self") -> list[MountEntry]:
 
 
 def mounts_at(path: str | Path, table: list[MountEntry] | None = None) -> list[MountEntry]:
-    """Every mount stacked at ``path``, bottom first (the last one is visible)."""
+    """Every mount stacked at ``path``, bottom first (the last one is visible).
+
+    The order follows the kernel's parent links (each layer's parent is the
+    one below it) when they form one chain, not the order of the lines,
+    which a propagated mount can break.
+    """
     target = str(path)
-    return [e for e in (table if table is not None else read()) if e.mount_point == target]
+    found = [e for e in (table if table is not None else read()) if e.mount_point == target]
+    ids = {e.mount_id for e in found}
+    by_parent = {e.parent_id: e for e in found if e.parent_id in ids}
+    stack = [e for e in found if e.parent_id not in ids][:1]
+    while stack and stack[-1].mount_id in by_parent and len(stack) < len(found):
+        stack.append(by_parent[stack[-1].mount_id])
+    return stack if len(stack) == len(found) else found  # not one chain: the kernel's line order
 
 
 def top_mount(path: str | Path, table: list[MountEntry] | None = None) -> MountEntry | None:

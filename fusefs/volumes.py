@@ -15,11 +15,22 @@ Three things restart a session, all through ``_remount``:
 - a Mount of a volume whose session is down.
 
 ``_remount`` first makes sure the old session is dead, detaches the dead
-(ENOTCONN) staging mount, starts a new session, and then replaces each
-publication's stale bind with a fresh one. Because the kubelet directory is
-a shared mount, the detach and the new bind propagate into every mount
-namespace that holds a slave copy (containers with HostToContainer), so
-processes there see the volume again without doing anything.
+(ENOTCONN) staging mount (kubelet binds only targets into containers, so no
+container follows the staging mount), starts a new session, and then binds
+the fresh staging mount onto each publication's target *on top of* the dead
+bind there, never after detaching it. A container runtime mounts a volume
+into a container as a bind of the target mount itself; with
+``mountPropagation: HostToContainer`` that bind is a slave of the target, so
+a mount made on the target reaches it and the container's new opens work
+again without doing anything. Detaching the dead bind first would cut it off
+for good. Each target's bind gets a peer group of its own (see
+``bindmount.bind_on_top``), so a mount on one target never lands on another.
+
+Dead layers pile up at a target, one per restart, in the host's namespace and
+in each following container; Unpublish and a forced Unmount peel them all,
+bottom included. After ``MAX_LAYERS`` of them, a re-bind detaches the dead
+ones first: bounded memory beats reaching a container through the twentieth
+crash of a session.
 
 Locking: ``self._lock`` guards the table; each volume has its own RLock held
 for the whole of any change to it (mount, publish, remount...), so two
@@ -64,6 +75,8 @@ MOUNTED, RESTARTING, FAILED = "mounted", "restarting", "failed"
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 #: How long a request waits for a volume that start-up recovery is restoring.
 SETTLE_TIMEOUT = 30.0
+#: At most this many of a volume's mounts are stacked at one target.
+MAX_LAYERS = 8
 
 
 @dataclass(frozen=True)
@@ -373,18 +386,60 @@ class VolumeManager:
         return failures
 
     def _rebind(self, volume: Volume, pub: Publication) -> None:
-        """Detach whatever is stale at the target and bind the live staging mount.
+        """Bind the live staging mount onto the target, on top of the dead bind there.
 
         A target whose parent directory is gone belongs to a pod that was
         deleted meanwhile; it is left for Unpublish rather than recreated.
         """
         target = validate.kubelet_path(pub.target_path, "target_path", self.config.kubelet_dir)
-        bindmount.detach_all(target)
         if not os.path.isdir(os.path.dirname(target)):
             raise OSError(errno.ENOENT, f"parent of {target} is gone")
-        if not os.path.isdir(target):
+        read_only = pub.read_only or volume.record.read_only
+        top = mountinfo.top_mount(target)
+        if top is None and not os.path.isdir(target):
             os.mkdir(target, 0o750)
-        bindmount.bind(volume.record.staging_path, target, pub.read_only or volume.record.read_only)
+        elif mountinfo.is_volume_mount(top, volume.volume_id) and top.read_only == read_only \
+                and not health.probe_path(target):
+            return  # already live: an earlier target's bind propagated here (binds made before this release)
+        self._bind_target(volume, target, read_only)
+
+    def _bind_target(self, volume: Volume, target: str, read_only: bool) -> None:
+        """Bind the staging mount at ``target``, stacked on this volume's dead binds there.
+
+        Stacking is what reaches containers that follow the target (see the
+        module docstring). The dead layers are detached first only when
+        stacking would do harm: a live bind of the wrong mode (it would stay
+        reachable underneath), ``MAX_LAYERS`` reached, or a dead bind made by
+        an older release that shares its peer group with another target of
+        this volume (a mount on it would land on that target too). A mount
+        that is not this volume's is never touched: FAILED_PRECONDITION.
+        """
+        vid = volume.volume_id
+        table = mountinfo.read()
+        stack = mountinfo.mounts_at(target, table)
+        if stack and not mountinfo.is_volume_mount(stack[-1], vid):
+            raise rpcerrors.failed_precondition(
+                f"{target} already has a {stack[-1].fs_type} mount of {stack[-1].source}")
+        reason = ""
+        if stack and not health.probe_path(target):
+            reason = "a live bind with the other read-only mode"
+        elif len(stack) >= MAX_LAYERS:
+            reason = f"{len(stack)} dead binds stacked already"
+        elif stack and self._shares_group_with_other_target(vid, target, stack[-1], table):
+            reason = "a dead bind whose peer group spans another target (made by an older release)"
+        if reason:
+            log.warning("detaching the old binds before binding; containers that follow this target "
+                        "keep the dead mount", extra={"fields": {
+                            "volume_id": vid, "target_path": target, "reason": reason}})
+            bindmount.detach_ours(target, lambda e: mountinfo.is_volume_mount(e, vid))
+        bindmount.bind_on_top(volume.record.staging_path, target, read_only)
+
+    @staticmethod
+    def _shares_group_with_other_target(vid: str, target: str, top: mountinfo.MountEntry,
+                                        table: list[mountinfo.MountEntry]) -> bool:
+        group = top.peer_group
+        return bool(group) and any(e.peer_group == group and e.mount_point != target
+                                   and mountinfo.is_volume_mount(e, vid) for e in table)
 
     def _mark_failed(self, volume: Volume, reason: str, exc: BaseException) -> None:
         """Record a failed re-mount and schedule a retry; one Event per failure streak."""
@@ -402,9 +457,13 @@ class VolumeManager:
 
     @staticmethod
     def _restart_message(record: VolumeRecord) -> str:
-        return (f"{record.last_restart}. fusefs re-mounted volume {record.volume_id} and re-bound its "
-                "targets; containers that mount it without HostToContainer mount propagation see ENOTCONN "
-                "until they restart.")
+        """The FuseSessionRestarted Event: what each kind of container sees now."""
+        return (f"{record.last_restart}. fusefs mounted volume {record.volume_id} again and bound it on top "
+                "of each target. Containers that mount it with mountPropagation HostToContainer see the new "
+                "mount: new opens work again, while files and directories they had open (a working "
+                "directory in the volume too) return ENOTCONN until opened again. Containers without mount "
+                "propagation keep the dead mount and get ENOTCONN until they are restarted. Data written "
+                "but not fsynced before the restart may be lost.")
 
     def _post_events(self, volume: Volume, reason: str, message: str) -> None:
         pods = {(p.namespace, p.name): p for p in [volume.record.pod] + [
@@ -507,9 +566,9 @@ class VolumeManager:
                 raise rpcerrors.already_exists(f"{target} already has a {top.fs_type} mount of {top.source}")
             bound = top is not None and top.read_only == effective_ro and not health.probe_path(target)
             if not bound:
-                bindmount.detach_all(target)
-                os.makedirs(target, mode=0o750, exist_ok=True)
-                bindmount.bind(record.staging_path, target, effective_ro)
+                if top is None:  # a dead mount there answers ENOTCONN to makedirs' isdir()
+                    os.makedirs(target, mode=0o750, exist_ok=True)
+                self._bind_target(volume, target, effective_ro)
             if pub is None:
                 record.publications[target] = Publication(target, read_only, pod, generation=record.generation)
             elif pod:
@@ -532,9 +591,9 @@ class VolumeManager:
 
     @staticmethod
     def _unbind(volume_id: str, target: str) -> None:
-        """Detach this volume's mounts at ``target`` (never someone else's) and rmdir it."""
-        while mountinfo.is_volume_mount(mountinfo.top_mount(target), volume_id):
-            bindmount.detach(target)
+        """Detach every layer of this volume's mounts at ``target`` (never someone
+        else's), the dead ones left by restarts included, and rmdir it."""
+        bindmount.detach_ours(target, lambda e: mountinfo.is_volume_mount(e, volume_id))
         if not mountinfo.mounts_at(target):
             _rmdir_quietly(target)
 

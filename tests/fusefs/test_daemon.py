@@ -401,15 +401,22 @@ def test_metrics_and_healthz(node: Node) -> None:
 
 
 class NamespaceReader:
-    """A process in its own mount namespace, a slave of ours, reading a file every 100 ms.
+    """A process set up as runc sets up a container with HostToContainer, reading a file every 100 ms.
 
-    It stands for a container with HostToContainer propagation: it was started
-    before the crash, keeps running, and never re-mounts anything itself.
+    Its own mount namespace, the root made ``rslave``, and the publish target
+    rbind-mounted at a container path (``cpath``): the container's mount is a
+    slave of the target mount itself, not of the kubelet directory. It was
+    started before the crash, keeps running, and never re-mounts anything.
     """
 
     SCRIPT = (
-        "import sys, time\n"
-        "path = sys.argv[1]\n"
+        "import ctypes, sys, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]\n"
+        "target, cpath = sys.argv[1:3]\n"
+        "assert libc.mount(None, b'/', None, (1 << 19) | 0x4000, None) == 0  # MS_SLAVE|MS_REC\n"
+        "assert libc.mount(target.encode(), cpath.encode(), None, 0x1000 | 0x4000, None) == 0  # rbind\n"
+        "path = cpath + '/file.txt'\n"
         "while True:\n"
         "    try:\n"
         "        with open(path) as f: line = 'ok ' + f.read().strip()\n"
@@ -418,13 +425,18 @@ class NamespaceReader:
         "    time.sleep(0.1)\n"
     )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, target: str, cpath: Path) -> None:
+        cpath.mkdir()
+        self.cpath = str(cpath)
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "slave", sys.executable, "-c", self.SCRIPT, path],
-            stdout=subprocess.PIPE, text=True, start_new_session=True)
+            ["unshare", "--mount", "--propagation", "unchanged", sys.executable, "-c", self.SCRIPT,
+             target, self.cpath], stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: list[tuple[float, str]] = []
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
+
+    def mount_entry(self) -> mountinfo.MountEntry | None:
+        return mountinfo.top_mount(self.cpath, mountinfo.read(self.proc.pid))
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -447,7 +459,7 @@ class NamespaceReader:
         self.proc.wait()
 
 
-def test_daemon_sigkill_recovers_host_and_slave_namespace(node: Node) -> None:
+def test_daemon_sigkill_recovers_host_and_slave_namespace(node: Node, tmp_path: Path) -> None:
     daemon = node.start()
     vid = node.new_volume("hello\n")
     stage, rw, ro = node.stage(vid), node.target("pod-a"), node.target("pod-b")
@@ -455,9 +467,12 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace(node: Node) -> None:
         c.mount(vid, stage, 10 * MiB)
         c.publish(vid, rw, False)
         c.publish(vid, ro, True)
-    reader = NamespaceReader(f"{rw}/file.txt")
+    reader = NamespaceReader(rw, tmp_path / "container")
+    ro_reader = NamespaceReader(ro, tmp_path / "ro-container")
     try:
         reader.wait_for(lambda r: r == "ok hello", after=0, timeout=10)
+        entry = reader.mount_entry()
+        assert entry is not None and any(f.startswith("master:") for f in entry.optional), entry
 
         killed_at = time.monotonic()
         daemon.kill()
@@ -480,7 +495,14 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace(node: Node) -> None:
             Path(ro, "after2.txt").write_text("no")
         assert err.value.errno == errno.EROFS
         assert mountinfo.is_volume_mount(mountinfo.top_mount(stage), vid)
-        assert len(mountinfo.mounts_at(rw)) == 1 and len(mountinfo.mounts_at(stage)) == 1
+        # The fresh bind sits on top of the dead one, which is what reached the container.
+        assert len(mountinfo.mounts_at(stage)) == 1
+        assert [mountinfo.is_volume_mount(e, vid) for e in mountinfo.mounts_at(rw)] == [True, True]
+        assert len(mountinfo.mounts_at(reader.cpath, mountinfo.read(reader.proc.pid))) == 2
+        # What reached the container of the read-only target is read-only (it was before it was attached).
+        ro_reader.wait_for(lambda r: r == "ok hello", after=restarted_at, timeout=RECOVERY_BUDGET)
+        ro_stack = mountinfo.mounts_at(ro_reader.cpath, mountinfo.read(ro_reader.proc.pid))
+        assert len(ro_stack) == 2 and all(e.read_only for e in ro_stack), ro_stack
 
         with node.client() as c:
             stats = c.stats(vid)
@@ -492,8 +514,12 @@ def test_daemon_sigkill_recovers_host_and_slave_namespace(node: Node) -> None:
             c.publish(vid, fresh, False)
             assert c.stats(vid, fresh).healthy
             assert [v.remount_count for v in c.list()] == [1]
+            # Unpublish peels every layer, the dead one at the bottom included.
+            c.unpublish(vid, rw)
+            assert not mountinfo.mounts_at(rw) and not os.path.exists(rw)
     finally:
         reader.stop()
+        ro_reader.stop()
 
 
 def test_session_sigkill_is_remounted_while_other_volume_keeps_serving(node: Node) -> None:
@@ -631,3 +657,89 @@ def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> No
         c.unmount(lost)
         assert [v.volume_id for v in c.list()] == [kept]
         assert not mountinfo.mounts_at(node.stage(lost))
+
+
+def _kill_session_and_wait(c: FuseFSClient, vid: str, remounts: int) -> None:
+    """SIGKILL the volume's session and wait until the daemon has counted ``remounts`` re-mounts."""
+    os.kill(next(v.pid for v in c.list() if v.volume_id == vid), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while c.stats(vid).remount_count < remounts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c.stats(vid).remount_count >= remounts
+
+
+def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node) -> None:
+    """Each session restart stacks a fresh bind on the dead one; at MAX_LAYERS the dead ones go first."""
+    from fusefs.volumes import MAX_LAYERS
+
+    node.start()
+    vid = node.new_volume("stacked\n")
+    stage, target = node.stage(vid), node.target("pod-a")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        c.publish(vid, target, True)
+        depths = []
+        for restart in range(1, MAX_LAYERS + 2):
+            _kill_session_and_wait(c, vid, restart)
+            _wait_readable(f"{target}/file.txt", "stacked\n", RECOVERY_BUDGET)
+            stack = mountinfo.mounts_at(target)
+            assert all(mountinfo.is_volume_mount(e, vid) and e.read_only for e in stack), stack
+            depths.append(len(stack))
+        assert depths == [*range(2, MAX_LAYERS + 1), 1, 2]
+        c.unpublish(vid, target)
+        assert not mountinfo.mounts_at(target) and not os.path.exists(target)
+        c.unmount(vid)
+    assert not mountinfo.mounts_at(stage)
+
+
+def test_publish_onto_a_dead_bind_of_the_volume_stacks_on_it(node: Node) -> None:
+    """A target that already holds a dead bind of this volume (e.g. a re-bind that failed) is published on top."""
+    node.start()
+    vid = node.new_volume("again\n")
+    stage, target = node.stage(vid), node.target("pod-a")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        os.mkdir(target)
+        bindmount.bind(stage, target, False)  # a bind fusefs does not know about
+        _kill_session_and_wait(c, vid, 1)
+        with pytest.raises(OSError) as err:
+            os.listdir(target)
+        assert err.value.errno == errno.ENOTCONN
+        c.publish(vid, target, False)
+        assert _read(f"{target}/file.txt") == "again\n"
+        assert len(mountinfo.mounts_at(target)) == 2
+        c.unpublish(vid, target)
+        assert not mountinfo.mounts_at(target)
+        c.unmount(vid)
+
+
+def test_binds_from_older_releases_sharing_a_peer_group_never_leak_a_mode(node: Node) -> None:
+    """Binds made the old way (plain bind of the staging mount) are peers of each other.
+
+    Stacking on one would land on the other too, with its read-only mode;
+    so the first is detached and re-bound, and the last one, alone in its
+    group by then, is stacked on.
+    """
+    node.start()
+    vid = node.new_volume("legacy\n")
+    stage, rw, ro = node.stage(vid), node.target("pod-rw"), node.target("pod-ro")
+    with node.client() as c:
+        c.mount(vid, stage, MiB)
+        c.publish(vid, rw, False)
+        c.publish(vid, ro, True)
+        for target, read_only in ((rw, False), (ro, True)):  # re-made as older releases made them
+            bindmount.detach_all(target)
+            bindmount.bind(stage, target, read_only)
+        groups = {tuple(f for f in mountinfo.top_mount(p).optional if f.startswith("shared:")) for p in (rw, ro)}
+        assert len(groups) == 1 and groups != {()}, groups
+        _kill_session_and_wait(c, vid, 1)
+        for target in (rw, ro):
+            _wait_readable(f"{target}/file.txt", "legacy\n", RECOVERY_BUDGET)
+        assert [e.read_only for e in mountinfo.mounts_at(rw)] == [False]
+        assert [e.read_only for e in mountinfo.mounts_at(ro)] == [True, True]
+        Path(rw, "w.txt").write_text("w")
+        with pytest.raises(OSError) as err:
+            Path(ro, "w.txt").write_text("no")
+        assert err.value.errno == errno.EROFS
+        c.unmount(vid, force=True)
+        assert not mountinfo.mounts_at(rw) and not mountinfo.mounts_at(ro) and not mountinfo.mounts_at(stage)

@@ -108,6 +108,19 @@ def test_mountinfo_parsing() -> None:
     assert len(mountinfo.volume_mounts(VID, table)) == 2
 
 
+
+def test_mountinfo_stack_follows_parent_links_not_line_order() -> None:
+    """A stack of binds at one target, listed out of order (as propagation can list them)."""
+    target = "/var/lib/kubelet/pods/p/mount"
+    line = "{} {} 0:40 / " + target + " rw shared:{} - fuse.fusefs fusepath:" + VID + " rw\n"
+    table = mountinfo.parse(MOUNTINFO.splitlines(keepends=True)[1] + line.format(50, 42, 7)
+                            + line.format(52, 51, 9) + line.format(51, 50, 8))
+    stack = mountinfo.mounts_at(target, table)
+    assert [e.mount_id for e in stack] == [50, 51, 52]
+    assert mountinfo.top_mount(target, table).peer_group == 9
+    assert mountinfo.top_mount("/var/lib/kubelet", table).peer_group == 5
+    assert mountinfo.parse("60 42 0:1 / /x rw master:3 - tmpfs t rw\n")[0].peer_group == 0
+
 # ------------------------------------------------------------------- metrics
 
 
