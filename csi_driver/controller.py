@@ -42,16 +42,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # -- capabilities ----------------------------------------------------------
     def ControllerGetCapabilities(self, request, context):  # noqa: N802
         if self.ctx.config.mode == "controller":
-            kinds = [Cap.EXPAND_VOLUME]
+            # MODIFY_VOLUME so that csi-resizer asks, and gets a clear refusal
+            # it shows on the PVC (see ControllerModifyVolume), instead of
+            # never asking and leaving a new VolumeAttributesClass unapplied
+            # without a word.
+            kinds = [Cap.EXPAND_VOLUME, Cap.MODIFY_VOLUME]
         else:
             kinds = [
                 Cap.CREATE_DELETE_VOLUME, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.LIST_VOLUMES,
                 Cap.GET_CAPACITY, Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION,
-                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME,
+                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME, Cap.GET_SNAPSHOT,
             ]
-            # GetSnapshot is served, but its capability (alpha in CSI 1.12) is
-            # not advertised: csi-sanity v5.4 rejects it as unknown, and no
-            # released sidecar asks for it yet.
             if self.ctx.config.enable_attach:
                 kinds += [Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY, Cap.LIST_VOLUMES_PUBLISHED_NODES]
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[_rpc_cap(k) for k in kinds])
@@ -300,8 +301,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # -- ControllerModifyVolume -----------------------------------------------------
     def ControllerModifyVolume(self, request, context):  # noqa: N802
-        self._require_local_state()
         volume_id = validation.require_volume_id(request.volume_id)
+        if self.ctx.config.mode == "controller":
+            self._refuse_remote_modify(volume_id, request.mutable_parameters)
         with self.ctx.locks.hold(f"vol:{volume_id}"):
             vol = self._existing_volume(volume_id)
             changes = parameters.mutable_parameters(request.mutable_parameters)
@@ -309,6 +311,25 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.ctx.store.set_mutable_parameters(volume_id, merged)
             self._apply_limits(volume_id, {**vol.parameters, **merged})
         return csi_pb2.ControllerModifyVolumeResponse()
+
+    def _refuse_remote_modify(self, volume_id: str, mutable: dict[str, str]) -> None:
+        """The cluster-wide controller cannot change a volume: say so, never succeed silently.
+
+        A volume's I/O limits live in the fusefs session on the node that holds
+        it, and this process has no way to reach that node. INVALID_ARGUMENT is
+        the code csi-resizer treats as final ("Infeasible"): it sets the PVC's
+        ``status.modifyVolumeStatus`` to Infeasible, adds a ModifyVolumeError
+        condition and posts a VolumeModifyFailed Warning event with this
+        message, and does not hammer the driver with retries.
+        """
+        if not validation.is_id(volume_id, "vol-"):
+            raise errors.not_found(f"volume {volume_id} does not exist")
+        parameters.mutable_parameters(mutable)  # a bad key is reported as such first
+        raise errors.invalid(
+            f"volume {volume_id} was not modified: VolumeAttributesClass changes cannot be applied in the "
+            "distributed layout, because the cluster-wide controller cannot reach the node that holds the "
+            "volume; the volume keeps the I/O limits it was created with. Use the single-node overlay, or "
+            "clone the PVC with the new class (docs/deploy.md, 'VolumeAttributesClass changes')")
 
     def _apply_limits(self, volume_id: str, params: dict[str, str]) -> None:
         """Push new I/O limits to a live fusefs mount; stored limits apply at the next stage otherwise."""
