@@ -38,8 +38,20 @@ def test_controller_capabilities(shared_driver):
     R = csi_pb2.ControllerServiceCapability.RPC
     for want in (R.CREATE_DELETE_VOLUME, R.CREATE_DELETE_SNAPSHOT, R.LIST_VOLUMES, R.LIST_SNAPSHOTS,
                  R.GET_CAPACITY, R.CLONE_VOLUME, R.EXPAND_VOLUME, R.GET_VOLUME, R.VOLUME_CONDITION,
-                 R.SINGLE_NODE_MULTI_WRITER, R.MODIFY_VOLUME, R.PUBLISH_UNPUBLISH_VOLUME):
-        assert want in got, R.Name(want)
+                 R.SINGLE_NODE_MULTI_WRITER, R.MODIFY_VOLUME, R.PUBLISH_UNPUBLISH_VOLUME, R.GET_SNAPSHOT):
+        assert want in got, R.Type.Name(want)
+
+
+def test_default_flags_report_a_volume_limit(tmp_path):
+    """csi-sanity's attach-limit spec, and the scheduler, need a limit without any flag."""
+    from tests.harness import Driver
+
+    d = Driver(tmp_path).start()  # the harness adds no --max-volumes-per-node
+    try:
+        info = d.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+        assert info.max_volumes_per_node == 256
+    finally:
+        d.teardown()
 
 
 # -- CreateVolume ------------------------------------------------------------------
