@@ -74,17 +74,29 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self.ctx.locks.hold(f"volname:{name}"):
             existing = self.ctx.store.volume_by_name(name)
             if existing is not None:
-                return self._repeat_create(existing, spec, required, limit)
+                return self._repeat_create(existing, spec, required, limit, request.parameters)
             vol = self.volumes.create(spec, validation.new_id(validation.VOLUME_PREFIX))
-        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(vol))
+        return self._created(vol, request.parameters)
 
-    def _repeat_create(self, vol: Volume, spec: VolumeSpec, required: int, limit: int):  # type: ignore[no-untyped-def]
+    def _created(self, vol: Volume, params) -> csi_pb2.CreateVolumeResponse:  # type: ignore[no-untyped-def]
+        """The answer to CreateVolume: the volume, its context carrying the PVC it is for.
+
+        The PVC's name and namespace go into the PV's volume attributes, so
+        that the node, which sees only those at publish, can have fusefs
+        post Events on the PVC as well as on the pod. They are taken from the
+        request each time, so a repeat answers the same without storing them.
+        """
+        msg = self._volume_message(vol)
+        msg.volume_context.update(parameters.claim_context(params))
+        return csi_pb2.CreateVolumeResponse(volume=msg)
+
+    def _repeat_create(self, vol: Volume, spec: VolumeSpec, required: int, limit: int, params):  # type: ignore[no-untyped-def]
         reason = compatible(vol, spec, required, limit)
         if reason:
             raise errors.already_exists(f"volume {vol.name!r} already exists ({vol.id}) but {reason}")
         if vol.state != READY:
             raise errors.aborted(f"volume {vol.name!r} is being {vol.state}; retry")
-        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(vol))
+        return self._created(vol, params)
 
     def _capacity_range(self, request) -> tuple[int, int]:  # type: ignore[no-untyped-def]
         required = request.capacity_range.required_bytes
