@@ -1,9 +1,11 @@
-"""Kubernetes Events on the pods that use a volume, when the daemon can post them.
+"""Kubernetes Events on the pods that use a volume, and on their PVCs, when the daemon can post them.
 
-An Event on the pod is how a user learns that the FUSE session under their
-volume was restarted, and that a container without HostToContainer mount
-propagation may be reading a dead mount (ENOTCONN) until it restarts. The pod
-comes from the Mount/Publish requests (podInfoOnMount).
+An Event on the pod and on its PVC is how a user learns that the FUSE
+session under their volume was restarted, and that a container without
+HostToContainer mount propagation may be reading a dead mount (ENOTCONN)
+until it restarts; it needs no feature gate. The pod comes from the
+Mount/Publish requests (podInfoOnMount), the PVC from the volume context the
+driver's CreateVolume returned.
 
 Posting is best effort and never blocks recovery: events are queued to one
 background thread. Without a kube config (no in-cluster service account, no
