@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver.state import schema
+from csi_driver.state.writelock import FifoLock
 
 CREATING, READY, DELETING = "creating", "ready", "deleting"
 
@@ -108,10 +109,11 @@ class Store:
         # that finds SQLite's write lock taken sleeps in its busy handler in
         # steps of up to 100 ms, whenever the lock is freed, so 16 concurrent
         # writers made the control plane's p99 ten times its p50 (86% of the
-        # handlers' time was spent asleep in BEGIN IMMEDIATE). A lock wakes
-        # the next writer the moment the previous one commits. Only this
-        # process writes state.db; the busy timeout stays as a safety net.
-        self._write_lock = threading.Lock()
+        # handlers' time was spent asleep in BEGIN IMMEDIATE). This queue
+        # wakes the oldest waiting writer the moment the previous one
+        # commits. Only this process writes state.db; the busy timeout stays
+        # as a safety net.
+        self._write_lock = FifoLock()
         conn = self._conn()
         schema.migrate(conn)
 
