@@ -8,69 +8,22 @@ kubeconfig, as it would find a real one.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from csi_driver.gen import csi_pb2
 from tests.harness import MiB, Driver, mount_cap
+from tests.test_promises import FakeApiServer, api_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.privileged
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    events: list[dict] = []
-    lock = threading.Lock()
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        if self.path.startswith("/api/v1/namespaces/") and self.path.endswith("/events"):
-            with self.lock:
-                self.events.append(body)
-            self._answer(201, {**body, "metadata": {**body.get("metadata", {}), "name": "e1"}})
-        else:
-            self._answer(404, {"kind": "Status", "code": 404})
-
-    def _answer(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def api_server(tmp_path: Path):
-    _Recorder.events = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    config = tmp_path / "kubeconfig"
-    config.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
-        "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-    }))
-    yield config
-    server.shutdown()
-    server.server_close()
-
-
-def test_a_killed_session_posts_events_on_the_pod_and_the_pvc(tmp_path, api_server):
-    env = {"KUBECONFIG": str(api_server), "HOME": str(tmp_path)}
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    d = Driver(tmp_path / "drv", env=env)
+def test_a_killed_session_posts_events_on_the_pod_and_the_pvc(tmp_path, api_server: FakeApiServer):
+    kubeconfig = api_server.kubeconfig(tmp_path / "kubeconfig", "not-a-secret")
+    d = Driver(tmp_path / "drv", env={"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""})
     d.start()
     try:
         req = csi_pb2.CreateVolumeRequest(name="pvc-1234", volume_capabilities=[mount_cap()], parameters={
@@ -95,7 +48,7 @@ def test_a_killed_session_posts_events_on_the_pod_and_the_pvc(tmp_path, api_serv
         d.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
             volume_capability=mount_cap(), volume_context=context))
-        assert _Recorder.events == []  # nothing to report yet
+        assert api_server.requests == []  # nothing to report yet
 
         from fusefs.client import FuseFSClient
 
@@ -103,14 +56,11 @@ def test_a_killed_session_posts_events_on_the_pod_and_the_pvc(tmp_path, api_serv
             pid = next(v.pid for v in fusefs.list() if v.volume_id == vol.volume_id)
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with _Recorder.lock:
-                if len(_Recorder.events) >= 2:
-                    break
+        while len(api_server.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # and no third one
-        with _Recorder.lock:
-            events = list(_Recorder.events)
+        assert {r["path"] for r in api_server.requests} == {"/api/v1/namespaces/shop/events"}
+        events = [r["body"] for r in api_server.requests]
         by_kind = {e["involvedObject"]["kind"]: e for e in events}
         assert len(events) == 2 and set(by_kind) == {"Pod", "PersistentVolumeClaim"}, events
         pod, claim = by_kind["Pod"], by_kind["PersistentVolumeClaim"]
