@@ -32,7 +32,16 @@ class FifoLock:
             turn = threading.Lock()
             turn.acquire()
             self._waiters.append(turn)
-        turn.acquire()  # released by the holder that hands the lock over; _held stays True
+        try:
+            turn.acquire()  # released by the holder that hands the lock over; _held stays True
+        except BaseException:  # e.g. KeyboardInterrupt in the main thread: never strand the lock
+            with self._guard:
+                handed_over = turn not in self._waiters
+                if not handed_over:
+                    self._waiters.remove(turn)
+            if handed_over:
+                self.release()
+            raise
 
     def release(self) -> None:
         with self._guard:
