@@ -41,7 +41,7 @@ from common import (MiB, BenchDriver, Options, Section, Target, latency_summary,
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from tests.harness import mount_cap
 
-VOLUME_BYTES = 16 * MiB  # small promises: 5,000 volumes must fit the node's capacity
+VOLUME_BYTES = MiB  # small promises: 5,000 volumes must fit what the disk has free (5 GiB)
 CLIENTS = 16
 
 
@@ -56,11 +56,12 @@ class Plan:
     conc_snap_pairs_per_client: int = 20
     warmup: int = 30
     profile_seconds: float = 8.0
+    conc_runs: int = 3
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(levels=(0, 20, 40, 100), seq_pairs=20, conc_pairs_per_client=2, seq_snap_pairs=10,
-                   conc_snap_pairs_per_client=1, warmup=3, profile_seconds=0.0)
+                   conc_snap_pairs_per_client=1, warmup=3, profile_seconds=0.0, conc_runs=1)
 
 
 @dataclass
@@ -260,7 +261,7 @@ CATEGORIES = (  # (label, frame-name suffixes); the innermost matching frame dec
                                  "state/store.py:Store.set_volume_state", "state/store.py:Store._conn")),
     ("rmtree of the discarded directory", ("shutil.py:rmtree", "shutil.py:_rmtree_safe_fd")),
     ("rename/mkdir/chmod", ("pathlib.py:Path.mkdir", ":publish_dir", ":discard")),
-    ("statvfs (capacity check)", (":DriverContext.filesystem_bytes",)),
+    ("statvfs (capacity check)", (":DriverContext.max_committed",)),
     ("logging", ("logging/__init__.py:", "csi_driver/logs.py:")),
     ("metrics", ("csi_driver/metrics.py:",)),
 )
@@ -367,10 +368,32 @@ def measure_level(driver: BenchDriver, plan: Plan, sources: list[str], full: boo
     out["snapshot_sequential"] = sequential(
         driver, plan.seq_snap_pairs, lambda stub, t: snapshot_pair(stub, sources[0], t)).summary()
     if full:
-        out["volume_concurrent"] = concurrent(driver, plan.conc_pairs_per_client, lambda i: volume_pair).summary()
+        out["volume_concurrent"] = concurrent_median(driver, plan)
         out["snapshot_concurrent"] = concurrent(
             driver, plan.conc_snap_pairs_per_client,
             lambda i: (lambda stub, t: snapshot_pair(stub, sources[i], t))).summary()
+    return out
+
+
+def concurrent_median(driver: BenchDriver, plan: Plan) -> dict[str, Any]:
+    """The 16-client create+delete run, ``plan.conc_runs`` times: the run with the median p99, and all of them.
+
+    One run's p99 is its 7th-worst pair of 640, so a single run on a shared
+    machine says little about the tail; the ratio p99/p50 is judged on the
+    medians of the runs.
+    """
+    runs = []
+    for _ in range(plan.conc_runs):
+        settle()
+        runs.append(concurrent(driver, plan.conc_pairs_per_client, lambda i: volume_pair).summary())
+    runs.sort(key=lambda s: s["pair"]["p99_ms"])
+    out = dict(runs[len(runs) // 2])
+    p50s = sorted(s["pair"]["p50_ms"] for s in runs)
+    p99s = sorted(s["pair"]["p99_ms"] for s in runs)
+    out["runs"] = [{"p50_ms": s["pair"]["p50_ms"], "p99_ms": s["pair"]["p99_ms"], "pairs_per_s": s["pairs_per_s"]}
+                   for s in runs]
+    out["median_p50_ms"], out["median_p99_ms"] = p50s[len(p50s) // 2], p99s[len(p99s) // 2]
+    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
@@ -418,6 +441,13 @@ def add_targets(section: Section, levels: dict[str, Any], plan: Plan) -> None:
     section.targets.append(Target(
         "cp_seq_5k_vs_empty", f"pairs/s at {plan.levels[-1]} volumes / empty (within 20%)", r, ">=", 0.8, "ratio",
         detail=f"{full} vs {empty} pairs/s"))
+    for level in (plan.levels[0], plan.levels[-1]):
+        conc = levels[str(level)]["volume_concurrent"]
+        tail = ratio(conc["median_p99_ms"], conc["median_p50_ms"])
+        section.targets.append(Target(
+            f"cp_conc_tail_{level}", f"16 clients, {level} volumes: create+delete p99 / p50 (medians of runs)",
+            tail, "<=", 3.0, "ratio",
+            detail=f"p50 {conc['median_p50_ms']} ms, p99 {conc['median_p99_ms']} ms, load {conc['load_average']}"))
 
 
 if __name__ == "__main__":

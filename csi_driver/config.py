@@ -32,7 +32,10 @@ class Config:
     log_level: str = "info"
     kubelet_dir: Path = Path("/var/lib/kubelet")
     enable_attach: bool = False
-    max_volumes_per_node: int = 0
+    #: Reported in NodeGetInfo, so the scheduler never packs more of our
+    #: volumes on a node than it can serve: each staged volume is a FUSE
+    #: session process of 20-30 MiB, so 256 is about 7 GiB at most.
+    max_volumes_per_node: int = 256
     reserve: int = 0
     overcommit_ratio: float = 1.0
     default_capacity: int = GiB
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("log-format", defaults.log_format, "json or text", choices=("json", "text"))
     add("log-level", defaults.log_level, "debug, info, warning or error")
     add("kubelet-dir", str(defaults.kubelet_dir), "staging and target paths must be under it")
-    add("max-volumes-per-node", defaults.max_volumes_per_node, "0 means no limit", type=int)
+    add("max-volumes-per-node", defaults.max_volumes_per_node, "volumes this node reports it can hold (NodeGetInfo); 0 means no limit", type=int)
     add("reserve", "0", "bytes of the filesystem never promised to volumes (e.g. 10Gi)")
     add("overcommit-ratio", defaults.overcommit_ratio, "promise up to this many times the filesystem size",
         type=float)

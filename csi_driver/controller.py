@@ -42,16 +42,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # -- capabilities ----------------------------------------------------------
     def ControllerGetCapabilities(self, request, context):  # noqa: N802
         if self.ctx.config.mode == "controller":
-            kinds = [Cap.EXPAND_VOLUME]
+            # MODIFY_VOLUME so that csi-resizer asks, and gets a clear refusal
+            # it shows on the PVC (see ControllerModifyVolume), instead of
+            # never asking and leaving a new VolumeAttributesClass unapplied
+            # without a word.
+            kinds = [Cap.EXPAND_VOLUME, Cap.MODIFY_VOLUME]
         else:
             kinds = [
                 Cap.CREATE_DELETE_VOLUME, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.LIST_VOLUMES,
                 Cap.GET_CAPACITY, Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION,
-                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME,
+                Cap.SINGLE_NODE_MULTI_WRITER, Cap.MODIFY_VOLUME, Cap.GET_SNAPSHOT,
             ]
-            # GetSnapshot is served, but its capability (alpha in CSI 1.12) is
-            # not advertised: csi-sanity v5.4 rejects it as unknown, and no
-            # released sidecar asks for it yet.
             if self.ctx.config.enable_attach:
                 kinds += [Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY, Cap.LIST_VOLUMES_PUBLISHED_NODES]
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[_rpc_cap(k) for k in kinds])
@@ -73,17 +74,29 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self.ctx.locks.hold(f"volname:{name}"):
             existing = self.ctx.store.volume_by_name(name)
             if existing is not None:
-                return self._repeat_create(existing, spec, required, limit)
+                return self._repeat_create(existing, spec, required, limit, request.parameters)
             vol = self.volumes.create(spec, validation.new_id(validation.VOLUME_PREFIX))
-        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(vol))
+        return self._created(vol, request.parameters)
 
-    def _repeat_create(self, vol: Volume, spec: VolumeSpec, required: int, limit: int):  # type: ignore[no-untyped-def]
+    def _created(self, vol: Volume, params) -> csi_pb2.CreateVolumeResponse:  # type: ignore[no-untyped-def]
+        """The answer to CreateVolume: the volume, its context carrying the PVC it is for.
+
+        The PVC's name and namespace go into the PV's volume attributes, so
+        that the node, which sees only those at publish, can have fusefs
+        post Events on the PVC as well as on the pod. They are taken from the
+        request each time, so a repeat answers the same without storing them.
+        """
+        msg = self._volume_message(vol)
+        msg.volume_context.update(parameters.claim_context(params))
+        return csi_pb2.CreateVolumeResponse(volume=msg)
+
+    def _repeat_create(self, vol: Volume, spec: VolumeSpec, required: int, limit: int, params):  # type: ignore[no-untyped-def]
         reason = compatible(vol, spec, required, limit)
         if reason:
             raise errors.already_exists(f"volume {vol.name!r} already exists ({vol.id}) but {reason}")
         if vol.state != READY:
             raise errors.aborted(f"volume {vol.name!r} is being {vol.state}; retry")
-        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(vol))
+        return self._created(vol, params)
 
     def _capacity_range(self, request) -> tuple[int, int]:  # type: ignore[no-untyped-def]
         required = request.capacity_range.required_bytes
@@ -300,8 +313,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # -- ControllerModifyVolume -----------------------------------------------------
     def ControllerModifyVolume(self, request, context):  # noqa: N802
-        self._require_local_state()
         volume_id = validation.require_volume_id(request.volume_id)
+        if self.ctx.config.mode == "controller":
+            self._refuse_remote_modify(volume_id, request.mutable_parameters)
         with self.ctx.locks.hold(f"vol:{volume_id}"):
             vol = self._existing_volume(volume_id)
             changes = parameters.mutable_parameters(request.mutable_parameters)
@@ -309,6 +323,25 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.ctx.store.set_mutable_parameters(volume_id, merged)
             self._apply_limits(volume_id, {**vol.parameters, **merged})
         return csi_pb2.ControllerModifyVolumeResponse()
+
+    def _refuse_remote_modify(self, volume_id: str, mutable: dict[str, str]) -> None:
+        """The cluster-wide controller cannot change a volume: say so, never succeed silently.
+
+        A volume's I/O limits live in the fusefs session on the node that holds
+        it, and this process has no way to reach that node. INVALID_ARGUMENT is
+        the code csi-resizer treats as final ("Infeasible"): it sets the PVC's
+        ``status.modifyVolumeStatus`` to Infeasible, adds a ModifyVolumeError
+        condition and posts a VolumeModifyFailed Warning event with this
+        message, and does not hammer the driver with retries.
+        """
+        if not validation.is_id(volume_id, "vol-"):
+            raise errors.not_found(f"volume {volume_id} does not exist")
+        parameters.mutable_parameters(mutable)  # a bad key is reported as such first
+        raise errors.invalid(
+            f"volume {volume_id} was not modified: VolumeAttributesClass changes cannot be applied in the "
+            "distributed layout, because the cluster-wide controller cannot reach the node that holds the "
+            "volume; the volume keeps the I/O limits it was created with. Use the single-node overlay, or "
+            "clone the PVC with the new class (docs/deploy.md, 'VolumeAttributesClass changes')")
 
     def _apply_limits(self, volume_id: str, params: dict[str, str]) -> None:
         """Push new I/O limits to a live fusefs mount; stored limits apply at the next stage otherwise."""

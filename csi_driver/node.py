@@ -267,6 +267,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 def _pod_info(volume_context: dict[str, str]) -> dict[str, str] | None:
     """The pod a publish is for (podInfoOnMount), so fusefs can post Events on it."""
     pod = {key: volume_context.get(f"csi.storage.k8s.io/pod.{key}", "") for key in ("namespace", "name", "uid")}
+    # The PVC, from the context CreateVolume returned; a pod can only use claims in its own namespace.
+    if volume_context.get(parameters.PVC_NAMESPACE) == pod["namespace"]:
+        pod["claim"] = volume_context.get(parameters.PVC_NAME, "")
     return pod if pod["name"] else None
 
 

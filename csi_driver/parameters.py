@@ -23,6 +23,18 @@ COMPRESSIONS = ("none", "gzip", "zstd")
 EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 EPHEMERAL_SIZE = "size"
 SIDECAR_PREFIX = "csi.storage.k8s.io/"
+#: Set by csi-provisioner --extra-create-metadata; returned in the volume
+#: context so the node knows the PVC to post Events on.
+PVC_NAME = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
+
+
+def claim_context(params: Mapping[str, str]) -> dict[str, str]:
+    """The PVC's name and namespace from CreateVolume parameters, when the provisioner gave both."""
+    name, namespace = params.get(PVC_NAME, ""), params.get(PVC_NAMESPACE, "")
+    if not name or not namespace or len(name) > 253 or len(namespace) > 63:
+        return {}
+    return {PVC_NAME: name, PVC_NAMESPACE: namespace}
 
 
 def _non_negative_int(key: str, value: str) -> int:

@@ -27,6 +27,9 @@ POD_CONTEXT_KEYS = {
     "namespace": "csi.storage.k8s.io/pod.namespace",
     "name": "csi.storage.k8s.io/pod.name",
     "uid": "csi.storage.k8s.io/pod.uid",
+    # Not from kubelet: the driver's CreateVolume copies the claim the
+    # provisioner named (--extra-create-metadata) into the volume context.
+    "claim": "csi.storage.k8s.io/pvc/name",
 }
 
 
@@ -35,6 +38,7 @@ class Pod:
     namespace: str = ""
     name: str = ""
     uid: str = ""
+    claim: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def pod_message(pod: Pod | Mapping[str, str] | None) -> pb.PodInfo:
     if pod is None:
         return pb.PodInfo()
     if isinstance(pod, Pod):
-        return pb.PodInfo(namespace=pod.namespace, name=pod.name, uid=pod.uid)
+        return pb.PodInfo(namespace=pod.namespace, name=pod.name, uid=pod.uid, claim=pod.claim)
     fields = {key: pod.get(key) or pod.get(ctx_key) or "" for key, ctx_key in POD_CONTEXT_KEYS.items()}
     return pb.PodInfo(**fields)
 

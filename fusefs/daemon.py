@@ -69,11 +69,12 @@ def socket_path(endpoint: str) -> str:
 
 def _pod(msg: pb.PodInfo) -> PodRef:
     return PodRef(namespace=validate.pod_field(msg.namespace, "namespace"),
-                  name=validate.pod_field(msg.name, "name"), uid=validate.pod_field(msg.uid, "uid"))
+                  name=validate.pod_field(msg.name, "name"), uid=validate.pod_field(msg.uid, "uid"),
+                  claim=validate.pod_field(msg.claim, "claim"))
 
 
 def _pod_msg(pod: PodRef) -> pb.PodInfo:
-    return pb.PodInfo(namespace=pod.namespace, name=pod.name, uid=pod.uid)
+    return pb.PodInfo(namespace=pod.namespace, name=pod.name, uid=pod.uid, claim=pod.claim)
 
 
 def volume_message(described: dict[str, Any]) -> pb.Volume:

@@ -1,11 +1,13 @@
-"""Kubernetes Events on the pods that use a volume, when the daemon can post them.
+"""Kubernetes Events on the pods that use a volume, and on their PVCs, when the daemon can post them.
 
-An Event on the pod is how a user learns that the FUSE session under their
-volume was restarted: a container without HostToContainer mount propagation
-is left on a dead mount (ENOTCONN) until it is restarted, and one with it
-sees the new mount but gets ENOTCONN from files it held open across the
-restart (``VolumeManager._restart_message`` has the text). The pod comes
-from the Mount/Publish requests (podInfoOnMount).
+An Event on the pod and on its PVC is how a user learns that the FUSE
+session under their volume was restarted: a container without
+HostToContainer mount propagation is left on a dead mount (ENOTCONN) until it
+is restarted, and one with it sees the new mount but gets ENOTCONN from files
+it held open across the restart (``VolumeManager._restart_message`` has the
+text); it needs no feature gate. The pod comes from the Mount/Publish
+requests (podInfoOnMount), the PVC from the volume context the driver's
+CreateVolume returned.
 
 Posting is best effort and never blocks recovery: events are queued to one
 background thread. Without a kube config (no in-cluster service account, no
@@ -40,22 +42,27 @@ REASON_FAILED = "FuseSessionFailed"
 
 
 def build_event(pod: PodRef, reason: str, message: str, node: str, event_type: str = "Warning",
-                now: datetime.datetime | None = None) -> dict[str, Any]:
-    """A core/v1 Event about ``pod``, as the dict the API server accepts.
+                now: datetime.datetime | None = None, on_claim: bool = False) -> dict[str, Any]:
+    """A core/v1 Event about ``pod`` (or, ``on_claim``, its PVC), as the dict the API server accepts.
 
     ``generateName`` lets the server pick a unique name; the message is cut to
-    the API's 1 KiB limit.
+    the API's 1 KiB limit. An Event on the PVC is what ``kubectl describe
+    pvc`` shows, with no feature gate, and outlives the pod.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     micro = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    involved: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace, "name": pod.name}
-    if pod.uid:
-        involved["uid"] = pod.uid
+    if on_claim:
+        involved: dict[str, Any] = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                    "namespace": pod.namespace, "name": pod.claim}
+    else:
+        involved = {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace, "name": pod.name}
+        if pod.uid:
+            involved["uid"] = pod.uid
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{pod.name}.", "namespace": pod.namespace},
+        "metadata": {"generateName": f"{involved['name']}.", "namespace": pod.namespace},
         "involvedObject": involved,
         "reason": reason,
         "message": message[:1024],
@@ -107,11 +114,12 @@ class EventPoster:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def post(self, pod: PodRef, reason: str, message: str, event_type: str = "Warning") -> None:
-        """Queue an Event on ``pod``; returns at once. Pods without a name are ignored."""
-        if not pod:
+    def post(self, pod: PodRef, reason: str, message: str, event_type: str = "Warning",
+             on_claim: bool = False) -> None:
+        """Queue an Event on ``pod`` (or its PVC); returns at once. Pods without a name are ignored."""
+        if not pod or (on_claim and not pod.claim):
             return
-        body = build_event(pod, reason, message, self.node, event_type)
+        body = build_event(pod, reason, message, self.node, event_type, on_claim=on_claim)
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fusefs-events", daemon=True)
@@ -141,7 +149,7 @@ class EventPoster:
         meta, involved = body["metadata"], body["involvedObject"]
         if self._api is None:
             log.debug("no kube config; skipping event", extra={"fields": {
-                "reason": body["reason"], "pod": f"{involved['namespace']}/{involved['name']}"}})
+                "reason": body["reason"], "object": f"{involved['kind']} {involved['namespace']}/{involved['name']}"}})
             return False
         try:
             self._api.create_namespaced_event(meta["namespace"], body)

@@ -27,11 +27,12 @@ FILE_NAME = "state.json"
 
 @dataclass
 class PodRef:
-    """A pod, for Events; from podInfoOnMount."""
+    """A pod, for Events; from podInfoOnMount. ``claim``: its PVC for this volume, if any."""
 
     namespace: str = ""
     name: str = ""
     uid: str = ""
+    claim: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.namespace and self.name)

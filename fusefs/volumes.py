@@ -466,10 +466,14 @@ class VolumeManager:
                 "but not fsynced before the restart may be lost.")
 
     def _post_events(self, volume: Volume, reason: str, message: str) -> None:
+        """One Event on every pod using the volume, and one on each PVC it is bound through."""
         pods = {(p.namespace, p.name): p for p in [volume.record.pod] + [
             pub.pod for pub in volume.record.publications.values()] if p}
         for pod in pods.values():
             self.events.post(pod, reason, message)
+        claims = {(p.namespace, p.claim): p for p in pods.values() if p.claim}
+        for pod in claims.values():
+            self.events.post(pod, reason, message, on_claim=True)
 
     # -------------------------------------------------------------- watcher
 

@@ -58,7 +58,8 @@ def test_modes_serve_only_their_services(tmp_path):
     ctrl = Driver(tmp_path / "c", "--mode=controller").start()
     try:
         caps = ctrl.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
-        assert [c.rpc.type for c in caps] == [csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME]
+        R = csi_pb2.ControllerServiceCapability.RPC
+        assert [c.rpc.type for c in caps] == [R.EXPAND_VOLUME, R.MODIFY_VOLUME]  # modify: to refuse it aloud
         resp = ctrl.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
             volume_id="vol-" + "1" * 32, capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30)))
         assert resp.node_expansion_required and resp.capacity_bytes == 1 << 30

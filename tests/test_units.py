@@ -93,3 +93,31 @@ def test_store_schema_and_capacity_counter(tmp_path):
     store.close()
     again = Store(tmp_path / "state.db")  # migrations are idempotent
     assert again.schema_version() == SCHEMA_VERSION
+
+
+def test_fifo_lock_hands_over_in_arrival_order():
+    """The state database's writers get the write lock first come, first served."""
+    import threading
+    import time
+
+    from csi_driver.state.writelock import FifoLock
+
+    lock, order, threads = FifoLock(), [], []
+    lock.acquire()
+    for i in range(8):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while len(lock._waiters) < i + 1 and time.monotonic() < deadline:  # queued before the next one asks
+            time.sleep(0.001)
+        assert len(lock._waiters) == i + 1
+    lock.release()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == list(range(8))
+    with lock:  # free again, and usable as a context manager
+        assert lock._held
+    assert not lock._held
+    with pytest.raises(RuntimeError):
+        lock.release()

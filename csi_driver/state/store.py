@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver.state import schema
+from csi_driver.state.writelock import FifoLock
 
 CREATING, READY, DELETING = "creating", "ready", "deleting"
 
@@ -104,6 +105,15 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        # One writer at a time, queued here rather than in SQLite: a writer
+        # that finds SQLite's write lock taken sleeps in its busy handler in
+        # steps of up to 100 ms, whenever the lock is freed, so 16 concurrent
+        # writers made the control plane's p99 ten times its p50 (86% of the
+        # handlers' time was spent asleep in BEGIN IMMEDIATE). This queue
+        # wakes the oldest waiting writer the moment the previous one
+        # commits. Only this process writes state.db; the busy timeout stays
+        # as a safety net.
+        self._write_lock = FifoLock()
         conn = self._conn()
         schema.migrate(conn)
 
@@ -143,13 +153,14 @@ class Store:
         (see ``csi_driver.volumes``). A process crash loses nothing either way.
         """
         conn = self._conn(durable)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _one(self, sql: str, args: tuple | dict = ()) -> sqlite3.Row | None:
         return self._conn().execute(sql, args).fetchone()
