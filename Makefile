@@ -2,6 +2,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 RUN_DIR ?= $(CURDIR)/.run
+# Empty turns the driver's /metrics and /healthz off.
+METRICS_ADDRESS ?= 127.0.0.1:9808
 STAMP   := $(VENV)/.installed
 
 .PHONY: run test test-quick proto bench bench-quick image clean
@@ -16,7 +18,7 @@ run: $(STAMP)
 	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/kubelet
 	$(VENV)/bin/fusepath-csi --mode=all --fusefs=embedded \
 	    --endpoint=unix://$(RUN_DIR)/csi.sock --data-dir=$(RUN_DIR)/data \
-	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=127.0.0.1:9808 --log-format=text
+	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=$(METRICS_ADDRESS) --log-format=text
 
 ## test: the whole suite; privileged tests run when root (FUSEPATH_REQUIRE_PRIVILEGED=1 makes a skip fail)
 test: $(STAMP)
@@ -39,5 +41,6 @@ IMAGE ?= ghcr.io/fusepath/fusepath:v0.1.0
 image:
 	$(CONTAINER_ENGINE) build -t $(IMAGE) .
 
+## clean: delete .venv and .run; unmounts what is mounted under them first, and refuses while a driver runs
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache
+	python3 scripts/clean.py --run-dir $(RUN_DIR) $(RUN_DIR) $(VENV) .pytest_cache

@@ -18,8 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.from_args(args)
     logs.configure(cfg.log_format, cfg.log_level)
     from csi_driver.app import run
+    from csi_driver.instance import StartupError
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except StartupError as exc:
+        print(f"fusepath-csi: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
