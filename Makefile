@@ -8,6 +8,14 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: run test test-quick proto bench bench-quick image clean
 
+# A venv whose python is gone is made again even when its stamp looks fresh;
+# install.sh also remakes one that is half-made (no stamp, python or pip broken).
+ifeq ($(wildcard $(PY)),)
+$(STAMP): reinstall
+endif
+.PHONY: reinstall
+reinstall:
+
 $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh system-test
 	scripts/install.sh venv $(VENV) dev
