@@ -59,27 +59,33 @@ def run(config: Config) -> int:
     repaired: another driver on the data dir, or a live socket at our endpoint.
     """
     started = time.monotonic()
+    # Installed first, so that a Ctrl-C during start-up also ends in the orderly
+    # shutdown below (which stops the embedded daemon) instead of a traceback.
+    stopped_by: list[int] = []
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: (stopped_by.append(signum), stop.set()))
     lock_fd = hold_data_dir(config.data_dir)  # noqa: F841 - held for the life of the process
     refuse_live_socket(config.socket_path)
     ctx = build_context(config)
+    metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
+    # The metrics port is taken before anything starts (a busy port must not leave
+    # a fusefs daemon behind); /healthz answers 503 until the driver serves.
+    ready: list[Callable[[], bool]] = [lambda: False]
+    http = _serve_metrics(config.metrics_address, lambda: ready[0]())
     if config.mode != "controller":
         reconcile(ctx)
     if ctx.fusefs is not None:
         ctx.fusefs.start()
-    metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
     server, identity = build_grpc(ctx)
-    http = _serve_metrics(config.metrics_address, identity.ready)
     listen_unix(server, config.socket_path)
     server.start()
+    ready[0] = identity.ready
     os.chmod(config.socket_path, 0o600)
     log.info("serving", extra={"fields": {
         "endpoint": config.endpoint, "mode": config.mode, "node_id": config.node_id,
         "data_dir": str(config.data_dir), "startup_seconds": round(time.monotonic() - started, 3)}})
 
-    stopped_by: list[int] = []
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: (stopped_by.append(signum), stop.set()))
     stop.wait()
     interactive = bool(stopped_by) and stopped_by[0] == signal.SIGINT
     log.info("shutting down: in-flight RPCs get 10s to finish")

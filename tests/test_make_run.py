@@ -220,3 +220,20 @@ def test_make_clean_never_deletes_through_a_mount(run_dir: Path, tmp_path: Path)
     assert (outside / "precious").read_text() == "keep me", cleaned.stdout + cleaned.stderr
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert not mounts_under(run_dir) and not run_dir.exists()
+
+
+def test_a_busy_metrics_port_is_one_line_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """`make run` while something else holds 127.0.0.1:9808: say so, start no fusefs daemon."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        data = tmp_path / "data"
+        proc = subprocess.run([str(CSI), f"--endpoint=unix://{tmp_path}/csi.sock", f"--data-dir={data}",
+                               f"--kubelet-dir={tmp_path}", f"--metrics-address={address}", "--log-format=text"],
+                              capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fusepath-csi:"), proc.stderr
+    assert address in proc.stderr and "--metrics-address" in proc.stderr
+    assert not processes_mentioning(str(data)), "a fusefs daemon was left behind"
+    assert not (tmp_path / "csi.sock").exists()
