@@ -45,6 +45,10 @@ def tree_state(root: Path) -> dict[str, tuple]:
     state: dict[str, tuple] = {}
     first_path_of_inode: dict[tuple[int, int], str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        # Sorted, so the hard-link group's "first path" does not depend on readdir
+        # order (tmpfs lists newest first: the restored tree would differ from its source).
+        dirnames.sort()
+        filenames.sort()
         for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
             path = os.path.normpath(os.path.join(dirpath, name))
             rel = os.path.relpath(path, root)
