@@ -74,6 +74,15 @@ def standalone(description: str, run: Callable[[Options], dict[str, Any]]) -> No
 # -- statistics ---------------------------------------------------------------
 
 
+def runs_parser(doc: str, base: Path) -> argparse.ArgumentParser:
+    """The options of the small standalone scripts (io_limits, recovery): runs, scratch base, JSON out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3, help="repeat each measurement; the median is reported")
+    p.add_argument("--base", type=Path, default=base, help="scratch directory, on the disk to measure")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     """Nearest-rank percentile: p99 of 300 samples is the 297th, not an interpolation."""
     if not samples:

@@ -139,10 +139,13 @@ SNAPSHOT_PROGRESS = Gauge("fusepath_snapshot_in_progress_bytes", "bytes done by 
 LOST_FOUND = Counter("fusepath_lost_found_total", "stray volume directories moved to lost+found at start-up")
 COMMITTED_BYTES = Gauge("fusepath_committed_bytes", "capacity promised to volumes")
 VOLUMES_ABNORMAL = Counter("fusepath_volume_abnormal_total", "abnormal volume conditions reported", ("volume_id",))
+#: Probe's answer at scrape time, so an alert can say "not ready" without kube-state-metrics.
+READY = Gauge("fusepath_ready", "1 when the driver is ready (what Probe and /healthz answer), else 0")
 
 
 def serve(address: str, healthy: Callable[[], bool]) -> ThreadingHTTPServer | None:
     """Serve ``/metrics`` and ``/healthz`` (503 until Probe is ready) on ``host:port``."""
     if not address:
         return None
+    READY.bind(lambda: 1.0 if healthy() else 0.0)
     return start_metrics_server(address, render, healthy)

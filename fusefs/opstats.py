@@ -197,6 +197,11 @@ def render_prometheus(volumes: Mapping[str, Mapping[str, Any]]) -> str:
         family(metric, "gauge", help_text)
         for vid, st in items:
             out.append(f'{metric}{{volume_id="{_escape(vid)}"}} {_num(st.get(key, 0) or 0)}')
+    family("fusefs_frozen_since_timestamp_seconds", "gauge",
+           "Unix time the volume's current freeze began (0: not frozen); time() minus it is how long it is held.")
+    for vid, st in items:
+        out.append(f'fusefs_frozen_since_timestamp_seconds{{volume_id="{_escape(vid)}"}} '
+                   f'{_num((st.get("freeze") or {}).get("frozen_since", 0) or 0)}')
     family("fusefs_limit_bytes_per_second", "gauge", "I/O byte rate limit (0: unlimited).")
     for vid, st in items:
         out.append(f'fusefs_limit_bytes_per_second{{volume_id="{_escape(vid)}"}} '

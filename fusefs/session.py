@@ -346,7 +346,9 @@ class Session:
             with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
                 f.write(str(self.read_ahead_kb))
         except OSError as exc:
-            log.warning("could not set read-ahead", extra={"fields": {"error": str(exc)}})
+            log.warning("could not set read-ahead", extra={"fields": {
+                "error": str(exc), "read_ahead_kb": self.read_ahead_kb,
+                "hint": "in a container, /sys/devices/virtual/bdi must be writable (docs/deploy.md, Read-ahead)"}})
 
     # ------------------------------------------------------------ stopping
 

@@ -3,6 +3,7 @@ tables, idempotent repeats, paging, and concurrent duplicates."""
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -151,8 +152,23 @@ def test_delete_volume_errors(shared_driver, volume_id, code):
 
 
 def test_delete_unknown_or_foreign_volume_is_ok(shared_driver):
-    for volume_id in ("fake-vol-id", "../../../etc", "vol-" + "1" * 32):
+    """OK, and nothing on disk changes, even where an ID read as a path would land."""
+    volumes = shared_driver.data_dir / "volumes"
+    victims = {"../../../etc": volumes.parent.parent.parent / "etc", "../../victim": volumes.parent.parent / "victim"}
+    for victim in victims.values():
+        victim.mkdir(exist_ok=True)
+        (victim / f"keep-{os.getpid()}").write_text("kept")
+
+    def disk() -> dict[str, list[str]]:
+        return {str(d): sorted(os.listdir(d)) for d in [shared_driver.data_dir, volumes, *victims.values()]}
+
+    before = disk()
+    for volume_id in ("fake-vol-id", *victims, "vol-" + "1" * 32):
         shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+    assert disk() == before
+    for victim in victims.values():
+        assert (victim / f"keep-{os.getpid()}").read_text() == "kept"
+        (victim / f"keep-{os.getpid()}").unlink()
 
 
 def test_delete_volume_published_to_a_node_is_failed_precondition(shared_driver):
@@ -233,13 +249,19 @@ def test_list_volumes_pages_through_everything_once(shared_driver):
 
 
 def test_list_volumes_survives_deletion_of_the_page_boundary(shared_driver):
+    """A page that ends on our first volume; that volume is deleted; the next page still starts right after it."""
     vols = [shared_driver.create_volume(uniq()).volume_id for _ in range(3)]
-    first = shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=1))
-    boundary = first.entries[0].volume.volume_id
-    if boundary in vols:
-        shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=boundary))
+    everything = [e.volume.volume_id for e in shared_driver.controller.ListVolumes(
+        csi_pb2.ListVolumesRequest()).entries]
+    first = shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(
+        max_entries=everything.index(vols[0]) + 1))
+    boundary = first.entries[-1].volume.volume_id
+    assert boundary == vols[0] and first.next_token
+    shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=boundary))
     rest = shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(starting_token=first.next_token))
-    assert boundary not in [e.volume.volume_id for e in rest.entries]
+    listed = [e.volume.volume_id for e in rest.entries]
+    assert boundary not in listed
+    assert listed[:2] == vols[1:]
 
 
 @pytest.mark.parametrize("token", ["invalid-token", "-1", "1e5", "９"])

@@ -12,6 +12,7 @@ import pytest
 
 from csi_driver.gen import csi_pb2
 from csi_driver.mounts import is_mounted, top_mount
+from fusefs import mountinfo
 from tests.harness import MiB, AccessMode, block_cap, code_of, mount_cap
 
 C = grpc.StatusCode
@@ -125,11 +126,13 @@ def test_single_writer_refuses_a_second_target(driver):
 def test_stage_errors(driver):
     vol = driver.create_volume(uniq(), parameters=BIND)
     staging, _ = paths(driver, "stage-errors")
+    outside = driver.root / "outside-kubelet-dir"  # where a missing path check would mount (never /etc)
+    outside.mkdir()
     cases = [
         (dict(staging_target_path=str(staging), volume_capability=mount_cap()), C.INVALID_ARGUMENT),
         (dict(volume_id=vol.volume_id, volume_capability=mount_cap()), C.INVALID_ARGUMENT),
         (dict(volume_id=vol.volume_id, staging_target_path=str(staging)), C.INVALID_ARGUMENT),
-        (dict(volume_id=vol.volume_id, staging_target_path="/etc", volume_capability=mount_cap()),
+        (dict(volume_id=vol.volume_id, staging_target_path=str(outside), volume_capability=mount_cap()),
          C.INVALID_ARGUMENT),
         (dict(volume_id=vol.volume_id, staging_target_path=str(staging) + "/../../x",
               volume_capability=mount_cap()), C.INVALID_ARGUMENT),
@@ -144,7 +147,10 @@ def test_stage_errors(driver):
         with pytest.raises(grpc.RpcError) as exc:
             driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(**fields))
         assert code_of(exc) == code, (fields, exc.value.details())
-    assert not is_mounted(Path("/etc")) or top_mount("/etc") is None or "volumes" not in top_mount("/etc").root
+    # A refused stage leaves nothing behind: no mount of the volume anywhere, nothing at the paths.
+    assert not is_mounted(staging) and not is_mounted(outside)
+    assert [m for m in mountinfo.read() if m.root.endswith(f"/volumes/{vol.volume_id}")] == []
+    assert list(outside.iterdir()) == [] and list(staging.iterdir()) == []
 
 
 def test_stage_same_volume_at_another_path_is_already_exists(driver):

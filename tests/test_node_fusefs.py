@@ -238,17 +238,24 @@ def test_snapshot_during_fsynced_appends_holds_a_prefix_of_whole_records(driver)
                 os.fsync(f.fileno())
                 written[0] = i = i + 1
 
-    thread = threading.Thread(target=writer)
+    def written_past(n: int) -> None:
+        """Wait until the writer has fsynced more than ``n`` records (it must not stall or die)."""
+        deadline = time.monotonic() + 30
+        while written[0] <= n:
+            assert thread.is_alive() and time.monotonic() < deadline, f"writer stuck at {written[0]}"
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    while written[0] < 50:
-        time.sleep(0.01)
+    written_past(49)
     snaps = []
-    for n in range(3):  # several cuts while the writer runs
+    for n in range(3):  # several cuts while the writer runs, each after more records
         snaps.append(driver.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
             name=uniq("snap"), source_volume_id=pod.vol.volume_id)).snapshot)
-        time.sleep(0.05)
+        written_past(written[0])
     stop.set()
-    thread.join()
+    thread.join(30)
+    assert not thread.is_alive()
     for snap in snaps:
         req = csi_pb2.CreateVolumeRequest(name=uniq(), volume_capabilities=[mount_cap()])
         req.capacity_range.required_bytes = 64 * MiB

@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -260,8 +261,13 @@ def test_group_snapshot_lifecycle(shared_driver):
         shared_driver.group.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(
             group_snapshot_id=group.group_snapshot_id, snapshot_ids=member_ids[:1]))
     assert code_of(exc) == C.INVALID_ARGUMENT
-    restored = restore(shared_driver, member_ids[1])
-    assert (shared_driver.volume_dir(restored.volume_id) / "n").read_text() in {"0", "1", "2"}
+    index = {v.volume_id: i for i, v in enumerate(vols)}
+    assert sorted(index[s.source_volume_id] for s in group.snapshots) == [0, 1, 2]
+    for member in group.snapshots:  # each member holds its own volume's data, not another's
+        restored = restore(shared_driver, member.snapshot_id)
+        got = (shared_driver.volume_dir(restored.volume_id) / "n").read_text()
+        assert got == str(index[member.source_volume_id]), member.source_volume_id
+        shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=restored.volume_id))
     for _ in range(2):
         shared_driver.group.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(
             group_snapshot_id=group.group_snapshot_id, snapshot_ids=member_ids))
@@ -304,7 +310,20 @@ def test_a_long_snapshot_does_not_block_unrelated_rpcs(shared_driver):
     snapper = threading.Thread(target=lambda: (snapshot(shared_driver, busy.volume_id, compression="gzip"),
                                                 order.append("snapshot")))
     snapper.start()
-    threading.Event().wait(0.3)  # let the cut start
+    tmp = shared_driver.data_dir / "tmp"
+    deadline = time.monotonic() + 60
+    def archive_growing() -> bool:
+        for entry in os.scandir(tmp):
+            try:
+                if entry.name.startswith(".snapshot-") and entry.stat().st_size:
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return False
+
+    while not archive_growing():
+        assert snapper.is_alive() and time.monotonic() < deadline, "the cut never started"
+        time.sleep(0.01)  # the archive is being written: the cut is under way
     other = shared_driver.create_volume(uniq("pvc"))
     shared_driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=other.volume_id))
     shared_driver.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=5))

@@ -76,8 +76,12 @@ def test_cut_under_freeze_has_no_torn_record(mounted: Mounted) -> None:
     thread.start()
     counts = []
     try:
+        synced = 0
         for _ in range(CUTS):
-            time.sleep(0.15)
+            deadline = time.monotonic() + 15  # the writer makes progress between cuts
+            while written[0] <= synced and not errors:
+                assert time.monotonic() < deadline, "the writer made no progress after a thaw"
+                time.sleep(0.01)
             mounted.client.freeze(60)
             try:
                 synced = written[0]
