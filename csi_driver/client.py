@@ -67,16 +67,21 @@ def socket_of(endpoint: str) -> str:
 
 # --- argument types: each turns bad input into one line ---------------------------
 
+def _checked(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], complaint: str) -> Any:
+    """``convert(text)`` when it works and passes ``ok``; else argparse's one-line error."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(complaint) from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(complaint)
+    return value
+
+
 def size(text: str) -> int:
     """Bytes, from ``4096``, ``512Mi``, ``1Gi``, ``10G``."""
-    try:
-        value = parse_size(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with "
-                                         f"{SIZE_UNITS}, e.g. 1Gi")
-    return value
+    return _checked(text, parse_size, lambda v: v >= 0,
+                    f"{text!r} is not a size: give bytes, or a number with {SIZE_UNITS}, e.g. 1Gi")
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -101,13 +106,7 @@ def our_id(prefix: str, what: str, where: str) -> Callable[[str], str]:
 
 
 def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
-    return value
+    return _checked(text, float, lambda v: v > 0, f"{text!r} is not a number of seconds above 0")
 
 
 def non_negative(text: str) -> int:
