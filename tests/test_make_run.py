@@ -232,8 +232,11 @@ def test_a_busy_metrics_port_is_one_line_and_leaves_nothing_running(tmp_path: Pa
         proc = subprocess.run([str(CSI), f"--endpoint=unix://{tmp_path}/csi.sock", f"--data-dir={data}",
                                f"--kubelet-dir={tmp_path}", f"--metrics-address={address}", "--log-format=text"],
                               capture_output=True, text=True, timeout=START_TIMEOUT)
+    left = processes_mentioning(str(data))
+    for pid in left:  # the old code left a fusefs daemon here: never leave it to the machine
+        os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fusepath-csi:"), proc.stderr
     assert address in proc.stderr and "--metrics-address" in proc.stderr
-    assert not processes_mentioning(str(data)), "a fusefs daemon was left behind"
+    assert not left, "a fusefs daemon was left behind"
     assert not (tmp_path / "csi.sock").exists()
