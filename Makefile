@@ -2,9 +2,19 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 RUN_DIR ?= $(CURDIR)/.run
+# Empty turns the driver's /metrics and /healthz off.
+METRICS_ADDRESS ?= 127.0.0.1:9808
 STAMP   := $(VENV)/.installed
 
 .PHONY: run test test-quick proto bench bench-quick image clean
+
+# A venv whose python is gone is made again even when its stamp looks fresh;
+# install.sh also remakes one that is half-made (no stamp, python or pip broken).
+ifeq ($(wildcard $(PY)),)
+$(STAMP): reinstall
+endif
+.PHONY: reinstall
+reinstall:
 
 $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh system-test
@@ -16,7 +26,7 @@ run: $(STAMP)
 	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/kubelet
 	$(VENV)/bin/fusepath-csi --mode=all --fusefs=embedded \
 	    --endpoint=unix://$(RUN_DIR)/csi.sock --data-dir=$(RUN_DIR)/data \
-	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=127.0.0.1:9808 --log-format=text
+	    --kubelet-dir=$(RUN_DIR)/kubelet --metrics-address=$(METRICS_ADDRESS) --log-format=text
 
 ## test: the whole suite; privileged tests run when root (FUSEPATH_REQUIRE_PRIVILEGED=1 makes a skip fail)
 test: $(STAMP)
@@ -39,5 +49,6 @@ IMAGE ?= ghcr.io/fusepath/fusepath:v0.1.0
 image:
 	$(CONTAINER_ENGINE) build -t $(IMAGE) .
 
+## clean: delete .venv and .run; unmounts what is mounted under them first, and refuses while a driver runs
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache
+	python3 scripts/clean.py --run-dir $(RUN_DIR) $(RUN_DIR) $(VENV) .pytest_cache

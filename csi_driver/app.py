@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -18,6 +20,8 @@ from csi_driver.fusefs_link import FuseFSLink
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.group_controller import GroupControllerService
 from csi_driver.identity import IdentityService
+from csi_driver.instance import StartupError, hold_data_dir, refuse_live_socket
+from csi_driver.interactive import stop_embedded
 from csi_driver.layout import Layout
 from csi_driver.locks import KeyedLocks
 from csi_driver.node import NodeService
@@ -49,30 +53,55 @@ def build_grpc(ctx: DriverContext) -> tuple[grpc.Server, IdentityService]:
 
 
 def run(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit code."""
+    """Run until SIGTERM or SIGINT; returns the exit code.
+
+    Refusals come first, before anything in the data directory is read or
+    repaired: another driver on the data dir, or a live socket at our endpoint.
+    """
     started = time.monotonic()
+    # Installed first, so that a Ctrl-C during start-up also ends in the orderly
+    # shutdown below (which stops the embedded daemon) instead of a traceback.
+    stopped_by: list[int] = []
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: (stopped_by.append(signum), stop.set()))
+    lock_fd = hold_data_dir(config.data_dir)  # noqa: F841 - held for the life of the process
+    refuse_live_socket(config.socket_path)
     ctx = build_context(config)
+    metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
+    # The metrics port is taken before anything starts (a busy port must not leave
+    # a fusefs daemon behind); /healthz answers 503 until the driver serves.
+    ready: list[Callable[[], bool]] = [lambda: False]
+    http = _serve_metrics(config.metrics_address, lambda: ready[0]())
     if config.mode != "controller":
         reconcile(ctx)
     if ctx.fusefs is not None:
         ctx.fusefs.start()
-    metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
     server, identity = build_grpc(ctx)
     listen_unix(server, config.socket_path)
     server.start()
+    ready[0] = identity.ready
     os.chmod(config.socket_path, 0o600)
-    http = metrics.serve(config.metrics_address, identity.ready)
     log.info("serving", extra={"fields": {
         "endpoint": config.endpoint, "mode": config.mode, "node_id": config.node_id,
         "data_dir": str(config.data_dir), "startup_seconds": round(time.monotonic() - started, 3)}})
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down: in-flight RPCs get 10s to finish; mounts are left alone")
+    interactive = bool(stopped_by) and stopped_by[0] == signal.SIGINT
+    log.info("shutting down: in-flight RPCs get 10s to finish")
     server.stop(grace=10).wait()
     if http is not None:
         http.shutdown()
     ctx.store.close()
+    if interactive and config.fusefs == "embedded" and config.runs_node:
+        stop_embedded(config)
     return 0
+
+
+def _serve_metrics(address: str, ready: Callable[[], bool]) -> Any:
+    """The metrics endpoint, or one clear line when its port is taken."""
+    try:
+        return metrics.serve(address, ready)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {address}: {exc.strerror}; choose another "
+                           "--metrics-address, or turn it off with --metrics-address=") from None

@@ -18,6 +18,7 @@ import grpc
 
 from csi_driver import metrics
 from csi_driver.errors import CSIError
+from csi_driver.instance import refuse_live_socket
 from csi_driver.logs import redacted
 
 log = logging.getLogger("fusepath.rpc")
@@ -105,8 +106,12 @@ def build_server(workers: int) -> grpc.Server:
 
 
 def listen_unix(server: grpc.Server, socket_path: Path) -> None:
-    """Bind a 0600 root-owned unix socket, replacing a stale one from a crash."""
+    """Bind a 0600 root-owned unix socket, replacing a stale one from a crash.
+
+    A socket that still answers is not stale: ``StartupError``, never unlink.
+    """
     socket_path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_live_socket(socket_path)
     try:
         socket_path.unlink()
     except FileNotFoundError:

@@ -154,10 +154,15 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path)
     n.kubelet.mkdir()
     n.volumes.mkdir(parents=True)
-    # What kubelet does to its root dir: a shared mount, so that mounts below
-    # propagate to the slave copies that containers get.
-    subprocess.run(["mount", "--bind", str(n.kubelet), str(n.kubelet)], check=True)
-    subprocess.run(["mount", "--make-shared", str(n.kubelet)], check=True)
+    # What kubelet does to its root dir: make it a shared mount, so that mounts
+    # below propagate to the slave copies that containers get. Like kubelet, only
+    # when it is not on a shared mount already: with systemd, / is shared, and a
+    # bind of the directory onto itself would join /'s peer group and show every
+    # mount below it twice.
+    containing = mountinfo.containing_mount(str(n.kubelet))
+    if containing is None or not containing.propagation.startswith("shared"):
+        subprocess.run(["mount", "--bind", str(n.kubelet), str(n.kubelet)], check=True)
+        subprocess.run(["mount", "--make-shared", str(n.kubelet)], check=True)
     try:
         yield n
     finally:
