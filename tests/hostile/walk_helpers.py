@@ -163,3 +163,19 @@ def write_bytes_of(pid: int) -> int:
         if line.startswith("write_bytes:"):
             return int(line.split()[1])
     raise AssertionError("no write_bytes in /proc/<pid>/io")
+
+
+def remove_deep(root: Path) -> None:
+    """Remove a test's tmp dir that may hold trees too deep for pytest's own
+    (recursive) cleanup, which would otherwise fail every later session."""
+    from csi_driver.fdtree import remove_tree_at
+
+    if not root.exists():
+        return
+    parent = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_tree_at(parent, root.name)
+    except OSError:
+        pass  # a mount left behind; the test's own teardown reports that
+    finally:
+        os.close(parent)
