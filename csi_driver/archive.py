@@ -128,6 +128,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, TypeVar
 
+from csi_driver import fdtree
+
 __all__ = [
     "COMPRESSIONS",
     "ArchiveError",
@@ -155,7 +157,7 @@ _PIPE_SIZE = 1 << 20  # larger pipes mean fewer wakeups between tar and its cons
 _STDERR_TAIL = 2000  # characters of a tool's stderr quoted in an error
 _MAX_EXCLUDE_ARGV = 1 << 20  # bytes of --exclude arguments we are willing to pass
 _DIR_FD_CACHE = 64  # open directory fds kept while extracting
-_RESTORED_XATTR_PREFIXES = ("user.", "security.capability")
+_RESTORED_XATTR_PREFIXES = ("user.",)  # never security.capability: see "What is kept"
 
 # Member types we refuse outright, with the reason shown to the user.
 _REFUSED_TYPES = {
@@ -361,28 +363,26 @@ def create_archive(
 
 
 def _scan_source(source_dir: Path) -> list[str]:
-    """Walk the volume before tar does: return the special files to exclude,
-    and raise ArchiveError for a symlink that restore would refuse."""
-    if not source_dir.is_dir():
-        raise ArchiveError(f"snapshot source {source_dir} is not a directory")
-    root_real = os.path.realpath(source_dir)
+    """Walk the volume before tar does (by directory fds, iteratively: see
+    ``fdtree.walk``): return the special files to exclude, and raise
+    ArchiveError for a symlink that restore would refuse."""
+    try:
+        root_fd = os.open(source_dir, fdtree.DIR_FLAGS)
+    except OSError as exc:
+        raise ArchiveError(f"snapshot source {source_dir} is not a directory: {exc}", exc.errno) from exc
     excluded: list[str] = []
-    for entry, parts in _walk(source_dir):
-        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-            continue
-        rel = "/".join(parts)
-        if entry.is_symlink():
-            target = os.readlink(entry.path)
-            problem = symlink_target_problem(parts, target)
-            if problem is None and not _inside(root_real, entry.path):
-                problem = f"symlink target {target!r} resolves outside the volume"
-            if problem is not None:
-                raise ArchiveError(
-                    f"cannot snapshot: {rel!r}: {problem}; restore refuses such links, "
-                    "so this snapshot could never be restored"
-                )
-            continue
-        excluded.append(rel)
+    try:
+        for dir_fd, entry, names in fdtree.walk(root_fd):
+            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                continue
+            if entry.is_symlink():
+                _check_symlink(dir_fd, entry.name, names)
+                continue
+            excluded.append("/".join((*names, entry.name)))
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {source_dir}: {exc}", exc.errno) from exc
+    finally:
+        os.close(root_fd)
     if excluded:
         _log.warning(
             "snapshot of %s leaves out %d special file(s) (FIFOs, sockets, device nodes), e.g. %s",
@@ -391,32 +391,54 @@ def _scan_source(source_dir: Path) -> list[str]:
     return excluded
 
 
-def _walk(root: Path) -> Iterator[tuple[os.DirEntry, tuple[str, ...]]]:
-    """Every entry below ``root`` with its path components; never follows symlinks."""
-    stack: list[tuple[str, tuple[str, ...]]] = [(os.fspath(root), ())]
-    while stack:
-        path, parts = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                entries = list(it)
-        except OSError as exc:
-            raise ArchiveError(f"cannot read {path}: {exc}", exc.errno) from exc
-        for entry in entries:
-            entry_parts = (*parts, entry.name)
-            yield entry, entry_parts
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((entry.path, entry_parts))
+def _check_symlink(dir_fd: int, name: str, names: list[str]) -> None:
+    """Refuse a symlink restore would refuse: by its text, then (through the
+    directory fd, never a path the pod could redirect) by where it resolves."""
+    try:
+        target = os.readlink(name, dir_fd=dir_fd)
+    except (FileNotFoundError, OSError):
+        return  # gone or replaced meanwhile: tar sees what is there then
+    problem = symlink_target_problem((*names, name), target)
+    if problem is None and not _resolves_inside(dir_fd, name, len(names)):
+        problem = f"symlink target {target!r} resolves outside the volume"
+    if problem is not None:
+        rel = "/".join((*names, name))
+        raise ArchiveError(
+            f"cannot snapshot: {rel[-200:]!r}: {problem}; restore refuses such links, "
+            "so this snapshot could never be restored"
+        )
+
+
+def _resolves_inside(dir_fd: int, name: str, depth: int) -> bool:
+    """Whether a link resolves below the volume root ``depth`` levels above
+    ``dir_fd``: resolve it from the fd (``/proc/self/fd``), then check that
+    climbing ``depth`` levels from the result's directory ... is the root.
+    A link whose resolution fails (dangling, a loop) stays inside."""
+    try:
+        fd = os.open(f"/proc/self/fd/{dir_fd}/{name}", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        here = os.readlink(f"/proc/self/fd/{dir_fd}")
+    except OSError:
+        return True  # too long to name: restore's own final check still runs
+    finally:
+        os.close(fd)
+    root = here.rsplit("/", depth)[0] if depth else here
+    return real == root or real.startswith(root.rstrip("/") + "/")
 
 
 def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
     """GNU tar arguments: pax format (nanosecond mtimes, xattrs, long names,
     big uids), numeric ids (host user names mean nothing to the volume),
+    only ``user.*`` xattrs (never ``security.capability``: see "What is kept"),
     holes kept, atime/ctime left out (not restored, and they would make every
     header bigger). --anchored/--no-wildcards must come before the excludes
     so each one matches exactly one path, whatever characters it holds."""
     argv = [
         "tar", "--create", "--file=-", f"--directory={source_dir}",
-        "--format=posix", "--numeric-owner", "--xattrs", "--sparse",
+        "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=user.*", "--sparse",
         "--pax-option=delete=atime,delete=ctime",
         "--anchored", "--no-wildcards",
     ]
@@ -536,10 +558,14 @@ def _gzip_stream(source: IO[bytes], out_fd: int, tracker: _Progress) -> int:
 # Extracting
 
 
-def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None = None) -> None:
+def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None = None,
+                    budget: fdtree.Budget | None = None) -> None:
     """Extract ``archive`` into the existing, empty directory ``dest_dir``.
 
-    Raises :class:`UnsafeArchiveError` before making anything unsafe, or
+    Raises :class:`UnsafeArchiveError` before making anything unsafe,
+    :class:`fdtree.BudgetExceeded` before a member would take the tree past
+    ``budget`` (the target volume's capacity and inode limit: a member is
+    charged what its header claims before any of its data is written), or
     :class:`ArchiveError` for a corrupt archive, a failing decompressor or a
     failing filesystem (``.errno`` set, e.g. ENOSPC). Either way, nothing
     outside ``dest_dir`` was touched; the caller removes ``dest_dir``.
@@ -548,11 +574,13 @@ def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None =
     tracker = _Progress(progress)
     try:
         compression = _detect_compression(archive)
-        with open(archive, "rb") as raw, _Extractor(dest_dir) as extractor:
+        with open(archive, "rb") as raw, _Extractor(dest_dir, budget or fdtree.Budget()) as extractor:
             if compression == "none":
                 total = _extract_plain(raw, extractor, tracker)
             else:
                 total = _extract_compressed(raw, compression, extractor, tracker)
+    except fdtree.BudgetExceeded:
+        raise
     except OSError as exc:
         raise ArchiveError(f"cannot extract {archive}: {exc}", exc.errno) from exc
     tracker.final(total)
@@ -602,7 +630,7 @@ def _parsing(step: Callable[[], _T]) -> _T:
     TarError, and all of them mean the same: the archive is corrupt."""
     try:
         return step()
-    except (UnsafeArchiveError, ArchiveError, OSError):
+    except (UnsafeArchiveError, ArchiveError, OSError):  # fdtree.BudgetExceeded is an OSError
         raise
     except (tarfile.TarError, ValueError, EOFError, OverflowError, IndexError) as exc:
         raise ArchiveError(f"corrupt archive: {exc}") from exc
@@ -904,6 +932,7 @@ class _Attrs:
     gid: int
     mtime_ns: int
     xattrs: tuple[tuple[str, bytes], ...]
+    is_dir: bool = False
 
 
 def _attrs_of(member: tarfile.TarInfo) -> _Attrs:
@@ -913,7 +942,7 @@ def _attrs_of(member: tarfile.TarInfo) -> _Attrs:
         if key.startswith("SCHILY.xattr.")
         and key[len("SCHILY.xattr."):].startswith(_RESTORED_XATTR_PREFIXES)
     )
-    return _Attrs(stat.S_IMODE(member.mode), member.uid, member.gid, _mtime_ns(member), xattrs)
+    return _Attrs(stat.S_IMODE(member.mode), member.uid, member.gid, _mtime_ns(member), xattrs, member.isdir())
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
@@ -1012,7 +1041,8 @@ class _DirFds:
 class _Extractor:
     """Makes members inside ``dest_dir`` only, through directory fds."""
 
-    def __init__(self, dest_dir: Path) -> None:
+    def __init__(self, dest_dir: Path, budget: fdtree.Budget) -> None:
+        self._budget = budget
         self._root_fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with os.scandir(self._root_fd) as it:
@@ -1046,6 +1076,7 @@ class _Extractor:
                 f"unsafe archive member {name!r}: {_REFUSED_TYPES[member.type]} "
                 "(restored volumes may not contain device nodes or FIFOs)"
             )
+        self._charge(member, parts)
         if member.isdir():
             self._make_dir(parts, member)
         elif not parts:
@@ -1064,6 +1095,15 @@ class _Extractor:
             raise UnsafeArchiveError(
                 f"unsafe archive member {name!r}: unsupported member type {member.type!r}"
             )
+
+    def _charge(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        """Charge what the header claims (apparent size, one inode) before
+        anything is written; a hard link is another name for a charged inode
+        and the root is the volume itself."""
+        if member.islnk() or (member.isdir() and not parts):
+            return
+        mode = stat.S_IFREG if member.isreg() else stat.S_IFDIR if member.isdir() else stat.S_IFLNK
+        self._budget.charge_stat(mode, member.size if member.isreg() else 0)
 
     def _make_dir(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
         if parts:
@@ -1166,6 +1206,8 @@ class _Extractor:
         """Owner, then mode (chown clears setuid), then xattrs (chown clears
         security.capability), then mtime (every other step touches ctime only)."""
         mode = attrs.mode
+        if not attrs.is_dir:
+            mode &= ~fdtree.STRIPPED_BITS
         if self._is_root:
             os.fchown(fd, attrs.uid, attrs.gid)
         else:

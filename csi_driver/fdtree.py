@@ -37,7 +37,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger("fusepath.fdtree")
 
@@ -317,43 +317,60 @@ class Usage:
     skipped_mounts: int = 0
 
 
-def measure(root_fd: int, stop: Callable[[], bool] | None = None) -> Usage:
-    """Charged bytes, inodes and allocated bytes below ``root_fd`` (not the
-    root itself). Hard links count once while at most MAX_LINK_FDS are seen."""
-    usage = Usage()
+def walk(root_fd: int) -> Iterator[tuple[int, os.DirEntry, list[str]]]:
+    """Every entry below ``root_fd``, depth first: ``(dir_fd, entry, names)``
+    where ``dir_fd`` is the entry's directory and ``names`` the directory
+    names from the root down to it (one shared list: copy it to keep it).
+    Directories on another device (mounts) are yielded but not entered."""
     chain = _Chain(root_fd, resume=True)
-    seen: set[int] = set()
+    names: list[str] = []
     try:
         root_dev = chain.levels[0].dev
         while True:
             entry = chain.next_entry()
             if entry is None:
                 if chain.depth == 0:
-                    usage.max_depth = chain.max_depth
-                    return usage
+                    return
                 chain.pop()
+                names.pop()
                 continue
-            if stop is not None and stop():
-                raise TreeError(errno.ECANCELED, "measuring stopped")
-            st = entry.stat(follow_symlinks=False)
-            if st.st_dev != root_dev:
-                usage.skipped_mounts += 1
-                continue
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                if st.st_ino in seen:
-                    continue
-                if len(seen) < MAX_LINK_FDS * 64:
-                    seen.add(st.st_ino)
-            nbytes, inodes = charge_of(st.st_mode, st.st_size)
-            usage.bytes += nbytes
-            usage.inodes += inodes
-            usage.allocated += st.st_blocks * 512
-            if stat.S_ISDIR(st.st_mode):
+            yield chain.fd, entry, names
+            if entry.is_dir(follow_symlinks=False):
                 fd = _open_dir(chain.fd, entry.name)
-                if fd is not None:
-                    chain.push(fd)
+                if fd is None:
+                    continue
+                if os.fstat(fd).st_dev != root_dev:
+                    os.close(fd)
+                    continue
+                chain.push(fd)
+                names.append(entry.name)
     finally:
         chain.close()
+
+
+def measure(root_fd: int) -> Usage:
+    """Charged bytes, inodes and allocated bytes below ``root_fd`` (not the
+    root itself), and the deepest level. Hard links count once (while at
+    most ``MAX_LINK_FDS * 64`` linked inodes have been seen)."""
+    usage = Usage()
+    seen: set[int] = set()
+    root_dev = os.fstat(root_fd).st_dev
+    for _, entry, names in walk(root_fd):
+        st = entry.stat(follow_symlinks=False)
+        usage.max_depth = max(usage.max_depth, len(names) + 1)
+        if st.st_dev != root_dev:
+            usage.skipped_mounts += 1
+            continue
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if st.st_ino in seen:
+                continue
+            if len(seen) < MAX_LINK_FDS * 64:
+                seen.add(st.st_ino)
+        nbytes, inodes = charge_of(st.st_mode, st.st_size)
+        usage.bytes += nbytes
+        usage.inodes += inodes
+        usage.allocated += st.st_blocks * 512
+    return usage
 
 
 # --------------------------------------------------------------------------
