@@ -21,7 +21,7 @@ from csi_driver.identity import IdentityService
 from csi_driver.layout import Layout
 from csi_driver.locks import KeyedLocks
 from csi_driver.node import NodeService
-from csi_driver.reconcile import reconcile
+from csi_driver.reconcile import TrashJanitor, reconcile
 from csi_driver.server import build_server, listen_unix
 from csi_driver.state import Store
 
@@ -54,6 +54,7 @@ def run(config: Config) -> int:
     ctx = build_context(config)
     if config.mode != "controller":
         reconcile(ctx)
+    janitor = TrashJanitor(ctx.layout.trash).start()  # whatever start-up could not remove, retried
     if ctx.fusefs is not None:
         ctx.fusefs.start()
     metrics.COMMITTED_BYTES.bind(ctx.store.committed_bytes)
@@ -72,6 +73,7 @@ def run(config: Config) -> int:
     stop.wait()
     log.info("shutting down: in-flight RPCs get 10s to finish; mounts are left alone")
     server.stop(grace=10).wait()
+    janitor.stop()
     if http is not None:
         http.shutdown()
     ctx.store.close()

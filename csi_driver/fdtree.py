@@ -32,10 +32,12 @@ sockets and device nodes are left out. Sparse files stay sparse
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -106,6 +108,27 @@ class Budget:
 
 
 # --------------------------------------------------------------------------
+# Mounts: st_dev alone misses a bind mount of the same filesystem
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_EMPTY_PATH = 0x1000
+_STATX_MNT_ID = 0x1000
+_STATX_BUF = 256
+_STX_MNT_ID_OFFSET = 144
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` is on (statx STATX_MNT_ID), or -1 where the
+    kernel cannot tell (then only ``st_dev`` tells mounts apart)."""
+    buf = ctypes.create_string_buffer(_STATX_BUF)
+    if _libc.statx(fd, b"", _AT_EMPTY_PATH, _STATX_MNT_ID, buf) != 0:
+        return -1
+    if not int.from_bytes(buf.raw[0:4], "little") & _STATX_MNT_ID:
+        return -1
+    return int.from_bytes(buf.raw[_STX_MNT_ID_OFFSET:_STX_MNT_ID_OFFSET + 8], "little")
+
+
+# --------------------------------------------------------------------------
 # The stack of open directories
 
 
@@ -126,6 +149,7 @@ class _Chain:
     def __init__(self, root_fd: int, resume: bool) -> None:
         st = os.fstat(root_fd)
         self.levels = [_Level(root_fd, st.st_dev, st.st_ino)]
+        self.root_mount = mount_id(root_fd)
         self.resume = resume  # skip already-consumed entries when a level is reopened
         self.max_depth = 0
 
@@ -138,6 +162,10 @@ class _Chain:
         fd = self.levels[-1].fd
         assert fd is not None
         return fd
+
+    def crosses_mount(self, fd: int) -> bool:
+        """Whether the directory ``fd`` is on another mount than the root."""
+        return os.fstat(fd).st_dev != self.levels[0].dev or mount_id(fd) != self.root_mount
 
     def push(self, fd: int) -> None:
         st = os.fstat(fd)
@@ -206,11 +234,13 @@ class _Chain:
 # Remove
 
 
-def remove_tree_at(parent_fd: int, name: str) -> int:
+def remove_tree_at(parent_fd: int, name: str, deadline: float | None = None) -> int:
     """Remove ``name`` (a tree or a single entry) inside ``parent_fd``.
 
     Iterative, by fds; returns the number of entries removed. A mount found
-    inside the tree stops the removal (EBUSY) rather than being crossed."""
+    inside the tree stops the removal (EBUSY) rather than being crossed;
+    passing ``deadline`` (time.monotonic) stops it with ETIMEDOUT. Either
+    way what is left is a smaller tree that a later call finishes."""
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -220,20 +250,21 @@ def remove_tree_at(parent_fd: int, name: str) -> int:
         return 1
     root_fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
-        removed = _empty_dir(root_fd)
+        removed = _empty_dir(root_fd, deadline)
     finally:
         os.close(root_fd)
     _rmdir(parent_fd, name)
     return removed + 1
 
 
-def _empty_dir(root_fd: int) -> int:
+def _empty_dir(root_fd: int, deadline: float | None) -> int:
     chain = _Chain(root_fd, resume=False)
     names: list[str] = []  # names of the levels below the root, for rmdir on the way up
     removed = 0
     try:
-        root_dev = chain.levels[0].dev
         while True:
+            if deadline is not None and removed % 1024 == 0 and time.monotonic() > deadline:
+                raise TreeError(errno.ETIMEDOUT, f"stopped after removing {removed} entries; the rest later")
             entry = chain.next_entry()
             if entry is None:
                 if chain.depth == 0:
@@ -248,7 +279,7 @@ def _empty_dir(root_fd: int) -> int:
                     if not _unlink(chain.fd, entry.name):
                         chain.restart_current()
                     continue
-                if os.fstat(fd).st_dev != root_dev:
+                if chain.crosses_mount(fd):
                     os.close(fd)
                     raise TreeError(errno.EBUSY, f"a mount inside the tree at {entry.name!r}; not crossing it")
                 chain.push(fd)
@@ -325,7 +356,6 @@ def walk(root_fd: int) -> Iterator[tuple[int, os.DirEntry, list[str]]]:
     chain = _Chain(root_fd, resume=True)
     names: list[str] = []
     try:
-        root_dev = chain.levels[0].dev
         while True:
             entry = chain.next_entry()
             if entry is None:
@@ -339,7 +369,7 @@ def walk(root_fd: int) -> Iterator[tuple[int, os.DirEntry, list[str]]]:
                 fd = _open_dir(chain.fd, entry.name)
                 if fd is None:
                     continue
-                if os.fstat(fd).st_dev != root_dev:
+                if chain.crosses_mount(fd):
                     os.close(fd)
                     continue
                 chain.push(fd)
@@ -475,7 +505,7 @@ class _Copier:
             return  # replaced by a non-directory meanwhile: left out
         try:
             fst = os.fstat(fd)
-            if fst.st_dev != self.dev:
+            if self.src.crosses_mount(fd):
                 self.report.skipped_mounts += 1
                 os.close(fd)
                 return
@@ -518,7 +548,7 @@ class _Copier:
             raise
         try:
             fst = os.fstat(fd)
-            if not stat.S_ISREG(fst.st_mode) or fst.st_dev != self.dev:
+            if not stat.S_ISREG(fst.st_mode) or fst.st_dev != self.dev or mount_id(fd) != self.src.root_mount:
                 self.report.skipped_special += 1
                 return
             if fst.st_nlink > 1 and self._link_again(name, fst):

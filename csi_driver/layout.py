@@ -21,6 +21,9 @@ log = logging.getLogger("fusepath.layout")
 #: trash, lost+found): only root may pass. 0711 would still let any host user
 #: who knows a path reach a volume and run a setuid file a pod left there.
 PRIVATE_DIR_MODE = 0o700
+#: An RPC spends at most this long removing a discarded tree; the trash
+#: janitor removes the rest in the background.
+DISCARD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,16 @@ def discard(path: Path, trash: Path) -> None:
     dest = trash / f"{path.name}.{time.time_ns()}"
     os.rename(path, dest)
     try:
-        remove_tree(dest)
-    except OSError as exc:  # e.g. a mount inside it: the trash janitor retries (csi_driver.reconcile)
+        remove_tree(dest, time.monotonic() + DISCARD_SECONDS)
+    except OSError as exc:  # a huge tree, a mount inside it: the trash janitor goes on (csi_driver.reconcile)
         log.warning("could not empty %s yet, will retry in the background: %s", dest, exc)
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, deadline: float | None = None) -> None:
     """Remove a tree a pod made: iterative, by directory fds, never following
     a symlink or crossing a mount (see ``csi_driver.fdtree``)."""
     parent = os.open(path.parent, fdtree.DIR_FLAGS)
     try:
-        fdtree.remove_tree_at(parent, path.name)
+        fdtree.remove_tree_at(parent, path.name, deadline)
     finally:
         os.close(parent)
