@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 
+import grpc
 import pytest
 
 from csi_driver.gen import csi_pb2
@@ -92,6 +93,19 @@ def test_snapshot_and_restore_of_a_tree_deeper_than_path_max(driver, compression
     snap = snapshot(driver, src.volume_id, compression=compression)
     restored = create_from(driver, "snapshot", snap.snapshot_id, size=256 << 20)
     assert deep_depth(driver.volume_dir(restored.volume_id)) == ARCHIVE_LEVELS
+
+
+def test_a_snapshot_of_a_tree_too_deep_to_archive_fails_clearly_and_at_once(driver):
+    """A tar archive names members by full path (size ~ depth squared): past
+    a bound the snapshot is refused with FAILED_PRECONDITION, nothing left."""
+    src = driver.create_volume(uniq(), size=256 << 20)
+    make_deep(driver.volume_dir(src.volume_id), LEVELS)
+    with pytest.raises(grpc.RpcError) as exc:
+        snapshot(driver, src.volume_id)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.value.details()[:300]
+    assert "too deep" in exc.value.details()
+    assert list((driver.data_dir / "snapshots").iterdir()) == []
+    assert list((driver.data_dir / "tmp").iterdir()) == []
 
 
 def test_a_million_entries_directory_is_streamed_by_every_walk(driver):
