@@ -82,18 +82,28 @@ Extracting
     (``s -> .``, then ``t -> s/..``) can escape when each link looked safe on
     its own.
 
-    What is kept: permission bits *including setuid, setgid and sticky* (GNU
-    tar keeps them too when run as root). This is the user's own volume
-    restored for the same user, and Kubernetes ``fsGroup`` relies on setgid
-    directories, so dropping them would break a restored volume. Also kept:
-    numeric uid/gid, mtimes to the nanosecond (pax), and the ``user.*`` and
-    ``security.capability`` xattrs (``security.capability`` is kept for the
-    same reason as setuid). Symlinks, hard links, empty dirs and sparse files
-    (holes stay holes) are kept too, and the attributes of the volume root
-    (the ``./`` member) go onto ``dest_dir``. Directory attributes are set
-    last, deepest first, so creating their contents does not change them.
-    Not kept: atime, POSIX ACLs and SELinux labels (``trusted.*`` and
-    ``security.selinux`` belong to the host, not to the user).
+    What is kept: permission bits, numeric uid/gid, mtimes to the nanosecond
+    (pax), ``user.*`` xattrs, symlinks, hard links, empty dirs and sparse
+    files (holes stay holes), and the attributes of the volume root (the
+    ``./`` member) go onto ``dest_dir``. Directory attributes are set last,
+    deepest first, so creating their contents does not change them.
+    Not kept, by policy: setuid and setgid bits on anything but a directory,
+    and the ``security.capability`` xattr (it is not even archived). A pod's
+    root process can make a setuid-root file or a file capability in its
+    volume; restored or cloned into a new volume, it would be a privilege
+    that nobody granted that volume's users, so restores and clones
+    (``fdtree.copy_tree``, same policy) drop them. A setgid directory is
+    kept: it only passes its group on, which Kubernetes ``fsGroup`` relies
+    on. Also not kept: atime, POSIX ACLs and SELinux labels (``trusted.*``
+    and ``security.*`` belong to the host, not to the user).
+
+    Bounded by the target: every member is charged against a budget (the
+    new volume's capacity and inode limit, counted as fusefs counts them:
+    apparent size of regular files, one inode per object, hard links free)
+    *before* anything is made for it, from what its header claims. So a
+    small compressed archive of a huge zero file, a sparse member with a
+    huge apparent size, or a flood of tiny members stops at the first
+    member that does not fit, after writing at most the target's size.
 
     Only when running as root are files chowned. Otherwise (a developer
     workstation) chown is skipped and setuid/setgid are dropped, as GNU tar
