@@ -442,7 +442,7 @@ def copy_tree(src_root: int, dst_root: int, budget: Budget | None = None,
         copier.run()
     finally:
         copier.close()
-    _apply_attrs(dst_root, os.fstat(src_root), None, report)
+    _apply_attrs(dst_root, os.fstat(src_root), src_root, report)
     report.max_depth = copier.src.max_depth
     return report
 
@@ -471,7 +471,7 @@ class _Copier:
 
     def _leave_dir(self) -> None:
         st = self.dir_stats.pop()
-        _apply_attrs(self.dst.fd, st, None, self.report)
+        _apply_attrs(self.dst.fd, st, self.src.fd, self.report)
         self.src.pop()
         self.dst.pop()
 
@@ -576,7 +576,12 @@ class _Copier:
         first = self.links.get(fst.st_ino)
         if first is None:
             return False
-        os.link(f"/proc/self/fd/{first}", name, dst_dir_fd=self.dst.fd, follow_symlinks=True)
+        try:  # linkat(AT_SYMLINK_FOLLOW) of an O_PATH fd's magic link needs CAP_DAC_READ_SEARCH
+            os.link(f"/proc/self/fd/{first}", name, dst_dir_fd=self.dst.fd, follow_symlinks=True)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
+                raise
+            return False  # copied as a file of its own (and charged again)
         self.report.hardlinks += 1
         return True
 

@@ -67,6 +67,21 @@ def test_a_crash_while_a_source_is_frozen_is_thawed_at_start_up(crashy, point):
     assert crashy.controller.CreateSnapshot(request).snapshot.ready_to_use
 
 
+@pytest.mark.privileged
+def test_a_crash_while_a_clone_source_is_frozen_is_thawed_at_start_up(crashy):
+    crashy.start()
+    name = uniq()
+    vol = crashy.create_volume(name, size=16 * MiB)
+    target = _stage(crashy, vol.volume_id, name)
+    request = csi_pb2.CreateVolumeRequest(name=uniq(), volume_capabilities=[mount_cap()])
+    request.capacity_range.required_bytes = 16 * MiB
+    request.volume_content_source.volume.volume_id = vol.volume_id
+    _crash_during(crashy, "clone.frozen", lambda: crashy.controller.CreateVolume(request))
+    assert not _frozen(crashy, vol.volume_id), "the restarted driver left the clone's source frozen"
+    (target / "after").write_text("2")
+    assert crashy.controller.CreateVolume(request).volume.volume_id
+
+
 @pytest.mark.parametrize("point", ["snapshot.delete_after_mark", "snapshot.delete_after_files"])
 def test_a_crash_during_delete_snapshot_never_leaves_a_ready_snapshot_without_its_archive(crashy, point):
     crashy.start()
