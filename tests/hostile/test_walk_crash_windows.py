@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import os
 
-import grpc
 import pytest
 
 from csi_driver.gen import csi_pb2
 from tests.harness import MiB, Driver, mount_cap
 from tests.hostile.walk_helpers import uniq
+from tests.test_crash import _crash_during, crashy  # noqa: F401 - crashy is a fixture
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def crashy(tmp_path):
-    d = Driver(tmp_path)
-    yield d
-    d.teardown()
-
-
-def _crash_during(driver: Driver, point: str, call) -> None:
-    driver.restart(env={"FUSEPATH_CRASH_AT": point})
-    with pytest.raises(grpc.RpcError) as exc:
-        call()
-    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert driver.wait_exit() == -9
-    driver.start()
 
 
 def _stage(driver: Driver, volume_id: str, name: str):
