@@ -449,12 +449,14 @@ def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
     """GNU tar arguments: pax format (nanosecond mtimes, xattrs, long names,
     big uids), numeric ids (host user names mean nothing to the volume),
     only ``user.*`` xattrs (never ``security.capability``: see "What is kept"),
+    never into another filesystem mounted inside the volume,
     holes kept, atime/ctime left out (not restored, and they would make every
     header bigger). --anchored/--no-wildcards must come before the excludes
     so each one matches exactly one path, whatever characters it holds."""
     argv = [
         "tar", "--create", "--file=-", f"--directory={source_dir}",
         "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=user.*", "--sparse",
+        "--one-file-system",
         "--pax-option=delete=atime,delete=ctime",
         "--anchored", "--no-wildcards",
     ]
