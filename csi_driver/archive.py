@@ -167,10 +167,13 @@ _PIPE_SIZE = 1 << 20  # larger pipes mean fewer wakeups between tar and its cons
 _STDERR_TAIL = 2000  # characters of a tool's stderr quoted in an error
 _MAX_EXCLUDE_ARGV = 1 << 20  # bytes of --exclude arguments we are willing to pass
 _DIR_FD_CACHE = 64  # open directory fds kept while extracting
-#: Sum of the path lengths of every member a snapshot may have. A tar names
-#: each member by its full path, so a pod's 100,000-level tree would need
-#: ~10 GB of names alone; such a snapshot is refused at once instead.
-MAX_ARCHIVE_NAME_BYTES = 64 << 20
+#: A tar names each member by its full path, so a pod's 100,000-level tree
+#: would need ~10 GB of names alone. Paths up to PATH_MAX are free (any
+#: ordinary tree, however many files); past it, what every member's path has
+#: beyond PATH_MAX is summed, and a snapshot whose sum passes this is refused
+#: at once (with 1-character names: past ~10,000 levels).
+MAX_LONG_NAME_BYTES = 64 << 20
+_PATH_MAX = 4096
 _RESTORED_XATTR_PREFIXES = ("user.",)  # never security.capability: see "What is kept"
 
 # Member types we refuse outright, with the reason shown to the user.
@@ -385,15 +388,15 @@ def _scan_source(source_dir: Path) -> list[str]:
     except OSError as exc:
         raise ArchiveError(f"snapshot source {source_dir} is not a directory: {exc}", exc.errno) from exc
     excluded: list[str] = []
-    name_bytes = 0
+    long_name_bytes = 0
     try:
         for dir_fd, entry, names, prefix in fdtree.walk(root_fd):
-            name_bytes += prefix + len(entry.name)
-            if name_bytes > MAX_ARCHIVE_NAME_BYTES:
+            long_name_bytes += max(0, prefix + len(entry.name) - _PATH_MAX)
+            if long_name_bytes > MAX_LONG_NAME_BYTES:
                 raise ArchiveError(
-                    f"cannot snapshot: the tree is too deep to archive (at depth {len(names) + 1}, its path "
-                    f"names alone pass {MAX_ARCHIVE_NAME_BYTES >> 20} MiB; a tar archive names every "
-                    "member by its full path, so its size grows with depth squared)")
+                    f"cannot snapshot: the tree is too deep to archive (at depth {len(names) + 1}, its paths "
+                    f"longer than {_PATH_MAX} bytes add up to more than {MAX_LONG_NAME_BYTES >> 20} MiB; a tar "
+                    "archive names every member by its full path, so its size grows with depth squared)")
             if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
                 continue
             if entry.is_symlink():
