@@ -545,16 +545,14 @@ class _Copier:
     def _copy_file(self, name: str, st: os.stat_result) -> None:
         if self._exists_in_dst(name):
             return
-        try:
-            fd = os.open(name, FILE_FLAGS, dir_fd=self.src.fd)
-        except (FileNotFoundError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ELOOP, errno.ENXIO):
-                return  # gone, or swapped for a symlink or special file: left out
-            raise
+        fd = _open_regular(self.src.fd, name)
+        if fd is None:
+            self.report.skipped_special += 1  # gone, or swapped for a symlink or special file: left out
+            return
         try:
             fst = os.fstat(fd)
-            if not stat.S_ISREG(fst.st_mode) or fst.st_dev != self.dev or mount_id(fd) != self.src.root_mount:
-                self.report.skipped_special += 1
+            if fst.st_dev != self.dev or mount_id(fd) != self.src.root_mount:
+                self.report.skipped_mounts += 1
                 return
             if fst.st_nlink > 1 and self._link_again(name, fst):
                 return
@@ -595,6 +593,25 @@ class _Copier:
         self.links.clear()
         self.src.close()
         self.dst.close()
+
+
+def _open_regular(dir_fd: int, name: str) -> int | None:
+    """Open ``name`` for reading only if it is a regular file, or None.
+
+    It is first opened with ``O_PATH | O_NOFOLLOW``, which opens nothing
+    (not a device a pod swapped in, not the target of a symlink), checked,
+    and only then reopened for reading through ``/proc/self/fd``, which
+    reaches that same inode whatever the name points at by then."""
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            return None
+        return os.open(f"/proc/self/fd/{path_fd}", FILE_FLAGS & ~os.O_NOFOLLOW)
+    finally:
+        os.close(path_fd)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
