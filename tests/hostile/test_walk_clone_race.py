@@ -11,8 +11,8 @@ to a few seconds; ``bench``-style longer runs: set FUSEPATH_RACE_SECONDS.
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
-import time
 
 import grpc
 import pytest
@@ -76,3 +76,28 @@ def test_snapshot_during_a_symlink_swap_never_archives_host_files(driver, tmp_pa
     print(f"snapshots={cut} refused={refused} escaped={escaped}")
     assert cut + refused > 0
     assert escaped == 0, f"{escaped} of {cut} snapshots held a root-only host file"
+
+
+@pytest.mark.parametrize("kind", ["bind", "tmpfs"])
+def test_a_mount_inside_the_source_is_never_copied(driver, tmp_path, kind):
+    """Something mounted inside a volume's directory (same filesystem or
+    not) is not the volume's: clones and snapshots leave it out."""
+    host = plant_host_secret(tmp_path)
+    src = driver.create_volume(uniq(), size=16 << 20)
+    inner = driver.volume_dir(src.volume_id) / "mnt"
+    inner.mkdir()
+    if kind == "bind":
+        subprocess.run(["mount", "--bind", str(host), str(inner)], check=True)
+    else:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+        (inner / "data").write_bytes(HOST_SECRET)
+    try:
+        clone = create_from(driver, "volume", src.volume_id, size=16 << 20)
+        assert files_holding(driver.volume_dir(clone.volume_id), HOST_SECRET) == []
+        if kind == "tmpfs":  # tar tells mounts apart by st_dev only
+            snap = snapshot(driver, src.volume_id)
+            archive = next((driver.data_dir / "snapshots").glob(f"{snap.snapshot_id}.tar*"))
+            with tarfile.open(archive) as tar:
+                assert not any(m.name.endswith("mnt/data") for m in tar)
+    finally:
+        subprocess.run(["umount", str(inner)], check=True)
