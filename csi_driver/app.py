@@ -25,7 +25,7 @@ from csi_driver.interactive import stop_embedded
 from csi_driver.layout import Layout
 from csi_driver.locks import KeyedLocks
 from csi_driver.node import NodeService
-from csi_driver.reconcile import reconcile
+from csi_driver.reconcile import TrashJanitor, reconcile
 from csi_driver.server import build_server, listen_unix
 from csi_driver.state import Store
 
@@ -75,6 +75,7 @@ def run(config: Config) -> int:
     http = _serve_metrics(config.metrics_address, lambda: ready[0]())
     if config.mode != "controller":
         reconcile(ctx)
+    janitor = TrashJanitor(ctx.layout.trash).start()  # whatever start-up could not remove, retried
     if ctx.fusefs is not None:
         ctx.fusefs.start()
     server, identity = build_grpc(ctx)
@@ -90,6 +91,7 @@ def run(config: Config) -> int:
     interactive = bool(stopped_by) and stopped_by[0] == signal.SIGINT
     log.info("shutting down: in-flight RPCs get 10s to finish")
     server.stop(grace=10).wait()
+    janitor.stop()
     if http is not None:
         http.shutdown()
     ctx.store.close()

@@ -82,18 +82,28 @@ Extracting
     (``s -> .``, then ``t -> s/..``) can escape when each link looked safe on
     its own.
 
-    What is kept: permission bits *including setuid, setgid and sticky* (GNU
-    tar keeps them too when run as root). This is the user's own volume
-    restored for the same user, and Kubernetes ``fsGroup`` relies on setgid
-    directories, so dropping them would break a restored volume. Also kept:
-    numeric uid/gid, mtimes to the nanosecond (pax), and the ``user.*`` and
-    ``security.capability`` xattrs (``security.capability`` is kept for the
-    same reason as setuid). Symlinks, hard links, empty dirs and sparse files
-    (holes stay holes) are kept too, and the attributes of the volume root
-    (the ``./`` member) go onto ``dest_dir``. Directory attributes are set
-    last, deepest first, so creating their contents does not change them.
-    Not kept: atime, POSIX ACLs and SELinux labels (``trusted.*`` and
-    ``security.selinux`` belong to the host, not to the user).
+    What is kept: permission bits, numeric uid/gid, mtimes to the nanosecond
+    (pax), ``user.*`` xattrs, symlinks, hard links, empty dirs and sparse
+    files (holes stay holes), and the attributes of the volume root (the
+    ``./`` member) go onto ``dest_dir``. Directory attributes are set last,
+    deepest first, so creating their contents does not change them.
+    Not kept, by policy: setuid and setgid bits on anything but a directory,
+    and the ``security.capability`` xattr (it is not even archived). A pod's
+    root process can make a setuid-root file or a file capability in its
+    volume; restored or cloned into a new volume, it would be a privilege
+    that nobody granted that volume's users, so restores and clones
+    (``fdtree.copy_tree``, same policy) drop them. A setgid directory is
+    kept: it only passes its group on, which Kubernetes ``fsGroup`` relies
+    on. Also not kept: atime, POSIX ACLs and SELinux labels (``trusted.*``
+    and ``security.*`` belong to the host, not to the user).
+
+    Bounded by the target: every member is charged against a budget (the
+    new volume's capacity and inode limit, counted as fusefs counts them:
+    apparent size of regular files, one inode per object, hard links free)
+    *before* anything is made for it, from what its header claims. So a
+    small compressed archive of a huge zero file, a sparse member with a
+    huge apparent size, or a flood of tiny members stops at the first
+    member that does not fit, after writing at most the target's size.
 
     Only when running as root are files chowned. Otherwise (a developer
     workstation) chown is skipped and setuid/setgid are dropped, as GNU tar
@@ -128,6 +138,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, TypeVar
 
+from csi_driver import fdtree
+
 __all__ = [
     "COMPRESSIONS",
     "ArchiveError",
@@ -155,7 +167,14 @@ _PIPE_SIZE = 1 << 20  # larger pipes mean fewer wakeups between tar and its cons
 _STDERR_TAIL = 2000  # characters of a tool's stderr quoted in an error
 _MAX_EXCLUDE_ARGV = 1 << 20  # bytes of --exclude arguments we are willing to pass
 _DIR_FD_CACHE = 64  # open directory fds kept while extracting
-_RESTORED_XATTR_PREFIXES = ("user.", "security.capability")
+#: A tar names each member by its full path, so a pod's 100,000-level tree
+#: would need ~10 GB of names alone. Paths up to PATH_MAX are free (any
+#: ordinary tree, however many files); past it, what every member's path has
+#: beyond PATH_MAX is summed, and a snapshot whose sum passes this is refused
+#: at once (with 1-character names: past ~10,000 levels).
+MAX_LONG_NAME_BYTES = 64 << 20
+_PATH_MAX = 4096
+_RESTORED_XATTR_PREFIXES = ("user.",)  # never security.capability: see "What is kept"
 
 # Member types we refuse outright, with the reason shown to the user.
 _REFUSED_TYPES = {
@@ -361,28 +380,33 @@ def create_archive(
 
 
 def _scan_source(source_dir: Path) -> list[str]:
-    """Walk the volume before tar does: return the special files to exclude,
-    and raise ArchiveError for a symlink that restore would refuse."""
-    if not source_dir.is_dir():
-        raise ArchiveError(f"snapshot source {source_dir} is not a directory")
-    root_real = os.path.realpath(source_dir)
+    """Walk the volume before tar does (by directory fds, iteratively: see
+    ``fdtree.walk``): return the special files to exclude, and raise
+    ArchiveError for a symlink that restore would refuse."""
+    try:
+        root_fd = os.open(source_dir, fdtree.DIR_FLAGS)
+    except OSError as exc:
+        raise ArchiveError(f"snapshot source {source_dir} is not a directory: {exc}", exc.errno) from exc
     excluded: list[str] = []
-    for entry, parts in _walk(source_dir):
-        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-            continue
-        rel = "/".join(parts)
-        if entry.is_symlink():
-            target = os.readlink(entry.path)
-            problem = symlink_target_problem(parts, target)
-            if problem is None and not _inside(root_real, entry.path):
-                problem = f"symlink target {target!r} resolves outside the volume"
-            if problem is not None:
+    long_name_bytes = 0
+    try:
+        for dir_fd, entry, names, prefix in fdtree.walk(root_fd):
+            long_name_bytes += max(0, prefix + len(entry.name) - _PATH_MAX)
+            if long_name_bytes > MAX_LONG_NAME_BYTES:
                 raise ArchiveError(
-                    f"cannot snapshot: {rel!r}: {problem}; restore refuses such links, "
-                    "so this snapshot could never be restored"
-                )
-            continue
-        excluded.append(rel)
+                    f"cannot snapshot: the tree is too deep to archive (at depth {len(names) + 1}, its paths "
+                    f"longer than {_PATH_MAX} bytes add up to more than {MAX_LONG_NAME_BYTES >> 20} MiB; a tar "
+                    "archive names every member by its full path, so its size grows with depth squared)")
+            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                continue
+            if entry.is_symlink():
+                _check_symlink(dir_fd, entry.name, names)
+                continue
+            excluded.append("/".join((*names, entry.name)))
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {source_dir}: {exc}", exc.errno) from exc
+    finally:
+        os.close(root_fd)
     if excluded:
         _log.warning(
             "snapshot of %s leaves out %d special file(s) (FIFOs, sockets, device nodes), e.g. %s",
@@ -391,32 +415,51 @@ def _scan_source(source_dir: Path) -> list[str]:
     return excluded
 
 
-def _walk(root: Path) -> Iterator[tuple[os.DirEntry, tuple[str, ...]]]:
-    """Every entry below ``root`` with its path components; never follows symlinks."""
-    stack: list[tuple[str, tuple[str, ...]]] = [(os.fspath(root), ())]
-    while stack:
-        path, parts = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                entries = list(it)
-        except OSError as exc:
-            raise ArchiveError(f"cannot read {path}: {exc}", exc.errno) from exc
-        for entry in entries:
-            entry_parts = (*parts, entry.name)
-            yield entry, entry_parts
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((entry.path, entry_parts))
+def _check_symlink(dir_fd: int, name: str, names: list[str]) -> None:
+    """Refuse a symlink restore would refuse: by its text, then (through the
+    directory fd, never a path the pod could redirect) by where it resolves."""
+    try:
+        target = os.readlink(name, dir_fd=dir_fd)
+    except (FileNotFoundError, OSError):
+        return  # gone or replaced meanwhile: tar sees what is there then
+    problem = symlink_target_problem((*names, name), target)
+    if problem is None and not _resolves_inside(dir_fd, name, len(names)):
+        problem = f"symlink target {target!r} resolves outside the volume"
+    if problem is not None:
+        rel = "/".join((*names, name))
+        raise ArchiveError(
+            f"cannot snapshot: {rel[-200:]!r}: {problem}; restore refuses such links, "
+            "so this snapshot could never be restored"
+        )
+
+
+def _resolves_inside(dir_fd: int, name: str, depth: int) -> bool:
+    """Whether a link resolves below the volume root ``depth`` levels above
+    ``dir_fd``. Resolution starts from the fd (``/proc/self/fd``), not from
+    a path the pod could redirect; a missing last part resolves as text. This
+    is a usability check (a snapshot restore would refuse fails now): the
+    safety check is restore's own, against the tree it made."""
+    try:
+        here = os.readlink(f"/proc/self/fd/{dir_fd}")
+        real = os.path.realpath(f"/proc/self/fd/{dir_fd}/{name}")
+    except OSError:
+        return True  # too long to name: restore's own final check still runs
+    root = here.rsplit("/", depth)[0] if depth else here
+    return real == root or real.startswith(root.rstrip("/") + "/")
 
 
 def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
     """GNU tar arguments: pax format (nanosecond mtimes, xattrs, long names,
     big uids), numeric ids (host user names mean nothing to the volume),
+    only ``user.*`` xattrs (never ``security.capability``: see "What is kept"),
+    never into another filesystem mounted inside the volume,
     holes kept, atime/ctime left out (not restored, and they would make every
     header bigger). --anchored/--no-wildcards must come before the excludes
     so each one matches exactly one path, whatever characters it holds."""
     argv = [
         "tar", "--create", "--file=-", f"--directory={source_dir}",
-        "--format=posix", "--numeric-owner", "--xattrs", "--sparse",
+        "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=user.*", "--sparse",
+        "--one-file-system",
         "--pax-option=delete=atime,delete=ctime",
         "--anchored", "--no-wildcards",
     ]
@@ -536,10 +579,14 @@ def _gzip_stream(source: IO[bytes], out_fd: int, tracker: _Progress) -> int:
 # Extracting
 
 
-def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None = None) -> None:
+def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None = None,
+                    budget: fdtree.Budget | None = None) -> None:
     """Extract ``archive`` into the existing, empty directory ``dest_dir``.
 
-    Raises :class:`UnsafeArchiveError` before making anything unsafe, or
+    Raises :class:`UnsafeArchiveError` before making anything unsafe,
+    :class:`fdtree.BudgetExceeded` before a member would take the tree past
+    ``budget`` (the target volume's capacity and inode limit: a member is
+    charged what its header claims before any of its data is written), or
     :class:`ArchiveError` for a corrupt archive, a failing decompressor or a
     failing filesystem (``.errno`` set, e.g. ENOSPC). Either way, nothing
     outside ``dest_dir`` was touched; the caller removes ``dest_dir``.
@@ -548,11 +595,13 @@ def extract_archive(archive: Path, dest_dir: Path, progress: ProgressFn | None =
     tracker = _Progress(progress)
     try:
         compression = _detect_compression(archive)
-        with open(archive, "rb") as raw, _Extractor(dest_dir) as extractor:
+        with open(archive, "rb") as raw, _Extractor(dest_dir, budget or fdtree.Budget()) as extractor:
             if compression == "none":
                 total = _extract_plain(raw, extractor, tracker)
             else:
                 total = _extract_compressed(raw, compression, extractor, tracker)
+    except fdtree.BudgetExceeded:
+        raise
     except OSError as exc:
         raise ArchiveError(f"cannot extract {archive}: {exc}", exc.errno) from exc
     tracker.final(total)
@@ -602,7 +651,7 @@ def _parsing(step: Callable[[], _T]) -> _T:
     TarError, and all of them mean the same: the archive is corrupt."""
     try:
         return step()
-    except (UnsafeArchiveError, ArchiveError, OSError):
+    except (UnsafeArchiveError, ArchiveError, OSError):  # fdtree.BudgetExceeded is an OSError
         raise
     except (tarfile.TarError, ValueError, EOFError, OverflowError, IndexError) as exc:
         raise ArchiveError(f"corrupt archive: {exc}") from exc
@@ -904,6 +953,7 @@ class _Attrs:
     gid: int
     mtime_ns: int
     xattrs: tuple[tuple[str, bytes], ...]
+    is_dir: bool = False
 
 
 def _attrs_of(member: tarfile.TarInfo) -> _Attrs:
@@ -913,7 +963,7 @@ def _attrs_of(member: tarfile.TarInfo) -> _Attrs:
         if key.startswith("SCHILY.xattr.")
         and key[len("SCHILY.xattr."):].startswith(_RESTORED_XATTR_PREFIXES)
     )
-    return _Attrs(stat.S_IMODE(member.mode), member.uid, member.gid, _mtime_ns(member), xattrs)
+    return _Attrs(stat.S_IMODE(member.mode), member.uid, member.gid, _mtime_ns(member), xattrs, member.isdir())
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
@@ -1012,7 +1062,8 @@ class _DirFds:
 class _Extractor:
     """Makes members inside ``dest_dir`` only, through directory fds."""
 
-    def __init__(self, dest_dir: Path) -> None:
+    def __init__(self, dest_dir: Path, budget: fdtree.Budget) -> None:
+        self._budget = budget
         self._root_fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with os.scandir(self._root_fd) as it:
@@ -1046,6 +1097,7 @@ class _Extractor:
                 f"unsafe archive member {name!r}: {_REFUSED_TYPES[member.type]} "
                 "(restored volumes may not contain device nodes or FIFOs)"
             )
+        self._charge(member, parts)
         if member.isdir():
             self._make_dir(parts, member)
         elif not parts:
@@ -1064,6 +1116,15 @@ class _Extractor:
             raise UnsafeArchiveError(
                 f"unsafe archive member {name!r}: unsupported member type {member.type!r}"
             )
+
+    def _charge(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        """Charge what the header claims (apparent size, one inode) before
+        anything is written; a hard link is another name for a charged inode
+        and the root is the volume itself."""
+        if member.islnk() or (member.isdir() and not parts):
+            return
+        mode = stat.S_IFREG if member.isreg() else stat.S_IFDIR if member.isdir() else stat.S_IFLNK
+        self._budget.charge_stat(mode, member.size if member.isreg() else 0)
 
     def _make_dir(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
         if parts:
@@ -1166,6 +1227,8 @@ class _Extractor:
         """Owner, then mode (chown clears setuid), then xattrs (chown clears
         security.capability), then mtime (every other step touches ctime only)."""
         mode = attrs.mode
+        if not attrs.is_dir:
+            mode &= ~fdtree.STRIPPED_BITS
         if self._is_root:
             os.fchown(fd, attrs.uid, attrs.gid)
         else:

@@ -7,13 +7,23 @@ forgets to validate cannot make a request's string into a path.
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_driver import validation
+from csi_driver import fdtree, validation
+
+log = logging.getLogger("fusepath.layout")
+
+#: Mode of every directory that holds volumes' data (volumes, snapshots, tmp,
+#: trash, lost+found): only root may pass. 0711 would still let any host user
+#: who knows a path reach a volume and run a setuid file a pod left there.
+PRIVATE_DIR_MODE = 0o700
+#: An RPC spends at most this long removing a discarded tree; the trash
+#: janitor removes the rest in the background.
+DISCARD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,14 @@ class Layout:
         return self.root / "lost+found"
 
     def create_dirs(self) -> None:
-        for path in (self.volumes, self.snapshots, self.tmp, self.trash, self.lost_found):
-            path.mkdir(parents=True, exist_ok=True)
+        """Make the layout, and (re)set the modes of an existing one: the
+        data dir is 0711 (sockets and logs below it are reached by name), every
+        directory holding volume data is 0700."""
+        self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
+        for path in (self.volumes, self.snapshots, self.tmp, self.trash, self.lost_found):
+            path.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+            os.chmod(path, PRIVATE_DIR_MODE)
 
     def volume_dir(self, volume_id: str) -> Path:
         _require(volume_id, validation.VOLUME_PREFIX)
@@ -105,20 +120,17 @@ def discard(path: Path, trash: Path) -> None:
         return
     dest = trash / f"{path.name}.{time.time_ns()}"
     os.rename(path, dest)
-    remove_tree(dest)
-
-
-def remove_tree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=False, onerror=_make_writable_and_retry)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _make_writable_and_retry(func, path, _exc_info) -> None:  # type: ignore[no-untyped-def]
-    """A volume may hold read-only directories: open them up and try again."""
     try:
-        os.chmod(os.path.dirname(path), 0o700)
-        func(path)
-    except FileNotFoundError:
-        pass
+        remove_tree(dest, time.monotonic() + DISCARD_SECONDS)
+    except OSError as exc:  # a huge tree, a mount inside it: the trash janitor goes on (csi_driver.reconcile)
+        log.warning("could not empty %s yet, will retry in the background: %s", dest, exc)
+
+
+def remove_tree(path: Path, deadline: float | None = None) -> None:
+    """Remove a tree a pod made: iterative, by directory fds, never following
+    a symlink or crossing a mount (see ``csi_driver.fdtree``)."""
+    parent = os.open(path.parent, fdtree.DIR_FLAGS)
+    try:
+        fdtree.remove_tree_at(parent, path.name, deadline)
+    finally:
+        os.close(parent)

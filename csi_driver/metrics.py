@@ -136,6 +136,8 @@ RPC_SECONDS = Histogram("fusepath_rpc_duration_seconds", "CSI RPC latency by met
 FREEZE_SECONDS = Histogram("fusepath_freeze_window_seconds", "how long writes were frozen for a snapshot cut")
 SNAPSHOT_BYTES = Counter("fusepath_snapshot_bytes_total", "bytes archived or restored", ("direction",))
 SNAPSHOT_PROGRESS = Gauge("fusepath_snapshot_in_progress_bytes", "bytes done by the running snapshot or restore")
+CLEANUP_FAILURES = Counter("fusepath_cleanup_failures_total",
+                           "trees in tmp/ or trash/ that could not be removed yet (retried in the background)")
 LOST_FOUND = Counter("fusepath_lost_found_total", "stray volume directories moved to lost+found at start-up")
 COMMITTED_BYTES = Gauge("fusepath_committed_bytes", "capacity promised to volumes")
 VOLUMES_ABNORMAL = Counter("fusepath_volume_abnormal_total", "abnormal volume conditions reported", ("volume_id",))

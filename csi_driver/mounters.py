@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_driver import block, errors, mounts, parameters
+from csi_driver import block, errors, fdtree, mounts, parameters
 from csi_driver.context import DriverContext
 from csi_driver.state.store import Volume
 
@@ -178,18 +178,15 @@ class BlockMounter(BindMounter):
 
 
 def _scan(root: Path) -> tuple[int, int]:
-    """Allocated bytes and inode count under ``root`` (bind volumes keep no accounting)."""
-    used, inodes = 0, 0
-    stack = [str(root)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                used += st.st_blocks * 512
-                inodes += 1
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return used, inodes
+    """Allocated bytes and inode count under ``root`` (bind volumes keep no
+    accounting), by an iterative fd walk that a pod's deep tree, long names
+    or symlink swaps cannot break or redirect (``fdtree.measure``)."""
+    fd = os.open(root, fdtree.DIR_FLAGS)
+    try:
+        usage = fdtree.measure(fd)
+    finally:
+        os.close(fd)
+    return usage.allocated, usage.inodes
 
 
 def mounter_for(ctx: DriverContext, vol: Volume) -> BindMounter:

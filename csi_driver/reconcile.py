@@ -8,9 +8,16 @@ The rules follow the commit points documented in ``volumes`` and
   happened, so it is finished; otherwise its ``tmp/`` work is rolled back.
 * volume ``deleting``: always finished (the CO was told nothing yet and will
   retry DeleteVolume, which then finds nothing, which is success).
+* before any of that, the source of every ``creating`` snapshot and clone is
+  thawed: that row was written before the freeze, so it is the record that
+  a freeze may be held by a driver that no longer exists.
 * snapshot ``creating``: finished if its archive is in ``snapshots/``,
   otherwise rolled back. A group is finished only if every member is.
-* ``tmp/`` and ``trash/`` hold only in-flight work and are emptied.
+* snapshot ``deleting``: always finished (archive removed, then the row).
+* ``tmp/`` and ``trash/`` hold only in-flight work and are emptied. A tree
+  that cannot be removed (a mount inside it, a pod still rearranging it) is
+  logged and left to the trash janitor, a background thread that retries
+  with backoff: it never stops start-up.
 * a directory in ``volumes/`` (or an archive in ``snapshots/``) with no row
   is somebody's data we cannot account for: it is moved to ``lost+found/``
   and logged, never deleted.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +41,10 @@ from csi_driver.volumes import VolumeManager
 
 log = logging.getLogger("fusepath.reconcile")
 
+#: Start-up spends at most this long emptying tmp/ and trash/ before serving;
+#: the trash janitor removes the rest (a pod's huge tree never delays start-up).
+STARTUP_CLEANUP_SECONDS = 5.0
+
 
 @dataclass
 class Report:
@@ -45,10 +57,12 @@ class Report:
 def reconcile(ctx: DriverContext) -> Report:
     ctx.layout.create_dirs()
     report = Report()
+    _thaw_interrupted(ctx)
     _volumes(ctx, report)
     _snapshots(ctx, report)
     _groups(ctx, report)
-    report.discarded += _empty(ctx.layout.tmp) + _empty(ctx.layout.trash)
+    deadline = time.monotonic() + STARTUP_CLEANUP_SECONDS
+    report.discarded += _empty(ctx.layout.tmp, ctx.layout.trash, deadline) + _empty(ctx.layout.trash, None, deadline)
     _strays(ctx, report)
     log.info("start-up reconciliation done", extra={"fields": {
         "finished": report.finished, "rolled_back": report.rolled_back,
@@ -63,7 +77,7 @@ def _volumes(ctx: DriverContext, report: Report) -> None:
             ctx.store.set_volume_state(vol.id, READY)
             report.finished.append(vol.id)
         else:
-            remove_tree(ctx.layout.volume_tmp(vol.id))
+            _remove_or_trash(ctx.layout.volume_tmp(vol.id), ctx.layout.trash, time.monotonic() + 1.0)
             ctx.store.delete_volume_row(vol.id)
             report.rolled_back.append(vol.id)
     for vol in ctx.store.volumes_in_state(DELETING):
@@ -71,7 +85,32 @@ def _volumes(ctx: DriverContext, report: Report) -> None:
         report.finished.append(vol.id)
 
 
+def _thaw_interrupted(ctx: DriverContext) -> None:
+    """Thaw the sources of snapshots and clones a crash interrupted. A
+    failure is logged, not fatal: the daemon's own freeze timeout still
+    bounds the freeze."""
+    if ctx.fusefs is None:
+        return
+    sources = {s.source_volume_id for s in ctx.store.snapshots_in_state(CREATING)}
+    sources |= {v.source_id for v in ctx.store.volumes_in_state(CREATING) if v.source_kind == "volume"}
+    staged = sorted(v for v in sources if (st := ctx.store.get_staging(v)) and st.mounter == "fusefs")
+    if not staged:
+        return
+    try:
+        ctx.fusefs.client().thaw(staged)
+        log.info("thawed volumes a crash left frozen", extra={"fields": {"volumes": staged}})
+    except Exception as exc:  # noqa: BLE001 - never fatal at start-up
+        log.warning("could not thaw %s at start-up (the daemon auto-thaws them): %s", ",".join(staged), exc)
+
+
 def _snapshots(ctx: DriverContext, report: Report) -> None:
+    manager = SnapshotManager(ctx)
+    for snap in ctx.store.snapshots_in_state(DELETING):
+        if snap.group_id:
+            manager.delete_group(snap.group_id)
+        else:
+            manager.finish_delete(snap.id)
+        report.finished.append(snap.id)
     for snap in ctx.store.snapshots_in_state(CREATING):
         if snap.group_id:
             continue  # decided with its group
@@ -99,12 +138,70 @@ def _groups(ctx: DriverContext, report: Report) -> None:
             report.rolled_back.append(group.id)
 
 
-def _empty(directory: Path) -> int:
+def _empty(directory: Path, trash: Path | None, deadline: float | None = None) -> int:
+    """Remove every entry of ``directory``; one that cannot be removed now
+    (or by ``deadline``) is moved to ``trash`` (or left in it) for the
+    janitor. Never raises."""
     count = 0
-    for entry in os.scandir(directory):
-        remove_tree(Path(entry.path))
-        count += 1
+    with os.scandir(directory) as it:
+        for entry in it:
+            if _remove_or_trash(Path(entry.path), trash, deadline):
+                count += 1
     return count
+
+
+def _remove_or_trash(path: Path, trash: Path | None, deadline: float | None = None) -> bool:
+    try:
+        remove_tree(path, deadline)
+        return True
+    except OSError as exc:
+        log.warning("could not remove %s now; the trash janitor retries: %s", path, exc)
+        metrics.CLEANUP_FAILURES.inc()
+    if trash is not None:
+        try:
+            os.rename(path, trash / f"{path.name}.{time.time_ns()}")
+        except OSError as exc:
+            log.warning("could not move %s to the trash either: %s", path, exc)
+    return False
+
+
+class TrashJanitor:
+    """Empties ``trash/`` in the background until it is empty, retrying what
+    fails with a backoff (1 s doubling to 1 min), and looks again every minute
+    for what a failed removal in an RPC left. Start-up never waits for it."""
+
+    MAX_DELAY = 60.0
+
+    def __init__(self, trash: Path) -> None:
+        self.trash = trash
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trash-janitor", daemon=True)
+
+    def start(self) -> "TrashJanitor":
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                _empty(self.trash, None)
+                with os.scandir(self.trash) as it:
+                    left = next(it, None) is not None
+            except OSError as exc:
+                log.warning("trash janitor cannot read %s: %s", self.trash, exc)
+                left = True
+            delay = min(delay * 2, self.MAX_DELAY) if left else 0.5
+            self._wake.wait(delay if left else self.MAX_DELAY)
+            self._wake.clear()
 
 
 def _strays(ctx: DriverContext, report: Report) -> None:

@@ -1,6 +1,14 @@
 """Snapshot lifecycle: cut a volume (or a group of volumes) into tar archives.
 
 create:  row(creating) -> freeze -> archive into tmp/, fsync, rename into snapshots/ -> thaw -> row(ready)
+delete:  row(deleting) -> archive removed -> row gone
+
+The ``creating`` row, written before the freeze, is also the record of the
+freeze: start-up reconciliation thaws the source of every ``creating``
+snapshot (a driver killed mid-cut would otherwise leave the pod's volume
+frozen until the daemon's own timeout). A ``deleting`` row is never listed
+or restored from, and start-up finishes the delete, so no crash can leave a
+ready snapshot whose archive is gone.
 
 The rename is the commit point: at start-up a ``creating`` row whose archive
 is in ``snapshots/`` is finished, one without is rolled back. A group's rows
@@ -23,7 +31,7 @@ from contextlib import nullcontext
 from csi_driver import archive, errors, faults, metrics
 from csi_driver.context import DriverContext
 from csi_driver.layout import discard
-from csi_driver.state.store import CREATING, READY, GroupSnapshot, Snapshot, Volume
+from csi_driver.state.store import CREATING, DELETING, READY, GroupSnapshot, Snapshot, Volume
 
 log = logging.getLogger("fusepath.snapshots")
 
@@ -72,6 +80,7 @@ class SnapshotManager:
                 if not self.ctx.layout.volume_dir(volume_id).is_dir():
                     raise errors.not_found(f"source volume {volume_id} does not exist")
             with self._frozen(sources):
+                faults.point("snapshot.after_freeze")
                 return {s.id: self._archive(s) for s in snaps}
 
     def _frozen(self, volume_ids: Iterable[str]):  # type: ignore[no-untyped-def]
@@ -110,13 +119,23 @@ class SnapshotManager:
             discard(path, self.ctx.layout.trash)
 
     def delete(self, snapshot_id: str) -> None:
-        """Remove a snapshot's archive, then its row; the caller holds its lock."""
+        """Mark the row deleting, remove the archive, drop the row; the caller
+        holds its lock. The mark comes first so that no crash leaves a ready
+        row without its archive (start-up finishes a ``deleting`` row)."""
+        self.ctx.store.set_snapshot_state(snapshot_id, DELETING)
+        faults.point("snapshot.delete_after_mark")
+        self.finish_delete(snapshot_id)
+
+    def finish_delete(self, snapshot_id: str) -> None:
         self.remove_files(snapshot_id)
         faults.point("snapshot.delete_after_files")
         self.ctx.store.delete_snapshot_row(snapshot_id)
 
     def delete_group(self, group_id: str) -> None:
-        for snap in self.ctx.store.snapshots_of_group(group_id):
+        members = self.ctx.store.snapshots_of_group(group_id)
+        for snap in members:
+            self.ctx.store.set_snapshot_state(snap.id, DELETING)
+        for snap in members:
             self.remove_files(snap.id)
         self.ctx.store.delete_group_rows(group_id)
 

@@ -27,16 +27,16 @@ import dataclasses
 import errno
 import logging
 import os
-import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_driver import archive, block, errors, faults
+from csi_driver import archive, block, errors, faults, fdtree
 from csi_driver.context import DriverContext
 from csi_driver.snapshots import progress_reporter
-from csi_driver.layout import discard, publish_dir, remove_tree
+from csi_driver.layout import discard, publish_dir
+from fusefs.quota import BYTES_PER_INODE, MIN_INODES
 from csi_driver.state.store import CREATING, DELETING, READY, Volume
 
 log = logging.getLogger("fusepath.volumes")
@@ -99,7 +99,7 @@ class VolumeManager:
             publish_dir(tmp, self.ctx.layout.volume_dir(volume_id))
             faults.point("create.after_rename")
         except BaseException:
-            remove_tree(tmp)
+            discard(tmp, self.ctx.layout.trash)
             self.ctx.store.delete_volume_row(volume_id)
             raise
         self.ctx.store.set_volume_state(volume_id, READY)
@@ -108,9 +108,9 @@ class VolumeManager:
     def _build(self, tmp: Path, spec: VolumeSpec) -> None:
         tmp.mkdir(mode=0o700)
         if spec.source_kind == "snapshot":
-            self._restore(tmp, spec.source_id)
+            self._restore(tmp, spec.source_id, target_budget(spec.capacity))
         elif spec.source_kind == "volume":
-            self._clone(tmp, spec.source_id)
+            self._clone(tmp, spec.source_id, target_budget(spec.capacity))
         if spec.access_type == "block":
             if block.image_path(tmp).exists():
                 block.grow_image(tmp, spec.capacity)
@@ -121,35 +121,52 @@ class VolumeManager:
         else:
             syncfs(tmp)  # restored data must be on disk before the rename makes the volume real
 
-    def _restore(self, tmp: Path, snapshot_id: str) -> None:
+    def _restore(self, tmp: Path, snapshot_id: str, budget: fdtree.Budget) -> None:
         snap = self.ctx.store.get_snapshot(snapshot_id)
         files = self.ctx.layout.snapshot_files(snapshot_id)
-        if snap is None or not files:
+        if snap is None or snap.state != READY or not files:
             raise errors.not_found(f"snapshot {snapshot_id} does not exist")
         try:
-            archive.extract_archive(files[0], tmp, progress_reporter("restore", snapshot_id))
+            archive.extract_archive(files[0], tmp, progress_reporter("restore", snapshot_id), budget=budget)
+        except fdtree.BudgetExceeded as exc:
+            raise does_not_fit(f"snapshot {snapshot_id}", exc) from exc
         except archive.UnsafeArchiveError as exc:
             raise errors.invalid(f"snapshot {snapshot_id} cannot be restored safely: {exc}") from exc
         except archive.ArchiveError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.exhausted(f"no space to restore snapshot {snapshot_id}: {exc}") from exc
+                raise errors.exhausted(f"no space on this node to restore snapshot {snapshot_id}: {exc}") from exc
             raise errors.internal(f"snapshot {snapshot_id} is unreadable: {exc}") from exc
 
-    def _clone(self, tmp: Path, source_id: str) -> None:
-        """Copy a volume's tree, sharing blocks where the filesystem can (reflink)."""
+    def _clone(self, tmp: Path, source_id: str, budget: fdtree.Budget) -> None:
+        """Copy a volume's tree through directory fds (``fdtree.copy_tree``):
+        whatever the pod does to the source meanwhile, only what is inside it
+        can be copied, and never more than the target's capacity and inodes."""
         source = self.ctx.layout.volume_dir(source_id)
         with self.ctx.locks.hold(f"vol:{source_id}"):
-            if not source.is_dir():
-                raise errors.not_found(f"source volume {source_id} does not exist")
-            staged = self.ctx.store.get_staging(source_id)
-            frozen = [source_id] if staged and staged.mounter == "fusefs" and self.ctx.fusefs else []
-            with self.ctx.fusefs.frozen(frozen) if frozen else nullcontext():
-                proc = subprocess.run(
-                    ["cp", "-a", "--reflink=auto", "--sparse=always", "--", f"{source}/.", f"{tmp}/"],
-                    capture_output=True, text=True, check=False,
-                )
-        if proc.returncode != 0:
-            raise errors.internal(f"cloning {source_id} failed: {proc.stderr.strip()}")
+            try:
+                src_fd = os.open(source, fdtree.DIR_FLAGS)
+            except FileNotFoundError:
+                raise errors.not_found(f"source volume {source_id} does not exist") from None
+            try:
+                staged = self.ctx.store.get_staging(source_id)
+                frozen = [source_id] if staged and staged.mounter == "fusefs" and self.ctx.fusefs else []
+                with self.ctx.fusefs.frozen(frozen) if frozen else nullcontext():
+                    faults.point("clone.frozen")
+                    report = _copy_into(src_fd, tmp, budget)
+            except fdtree.BudgetExceeded as exc:
+                raise does_not_fit(f"volume {source_id}", exc) from exc
+            except fdtree.TreeChanged as exc:
+                raise errors.aborted(f"volume {source_id} changed while it was cloned; retry: {exc}") from exc
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise errors.exhausted(f"no space on this node to clone {source_id}: {exc}") from exc
+                raise errors.internal(f"cloning {source_id} failed: {exc}") from exc
+            finally:
+                os.close(src_fd)
+        log.info("volume cloned", extra={"fields": {
+            "source": source_id, "bytes": budget.used_bytes, "inodes": budget.used_inodes,
+            "left_out_special": report.skipped_special, "left_out_mounts": report.skipped_mounts,
+            "stripped_setid": report.stripped_setid, "max_depth": report.max_depth}})
 
     # -- delete --------------------------------------------------------------
     def delete(self, vol: Volume) -> None:
@@ -177,6 +194,30 @@ class VolumeManager:
         if vol.access_type == "block":
             block.grow_image(self.ctx.layout.volume_dir(vol.id), capacity)
         return self.ctx.store.get_volume(vol.id)  # type: ignore[return-value]
+
+
+def target_budget(capacity: int) -> fdtree.Budget:
+    """What a restore or clone may put into a new volume: its capacity and the
+    inode limit fusefs will enforce on it (``fusefs.quota``), so a copy never
+    makes a volume that is over quota the moment it is mounted."""
+    return fdtree.Budget(max_bytes=capacity, max_inodes=max(MIN_INODES, capacity // BYTES_PER_INODE))
+
+
+def does_not_fit(what: str, exc: fdtree.BudgetExceeded) -> errors.CSIError:
+    """INVALID_ARGUMENT: the CSI spec's code for a source a volume cannot be
+    created from. It is the request (this source at this size) that cannot
+    work, retrying it never will, and the node is not out of anything
+    (RESOURCE_EXHAUSTED would say so; OUT_OF_RANGE is for the capacity range)."""
+    return errors.invalid(f"{what} does not fit the requested volume: {exc.strerror}; "
+                          "ask for a larger volume")
+
+
+def _copy_into(src_fd: int, tmp: Path, budget: fdtree.Budget) -> fdtree.CopyReport:
+    dst_fd = os.open(tmp, fdtree.DIR_FLAGS)
+    try:
+        return fdtree.copy_tree(src_fd, dst_fd, budget, progress_reporter("clone", tmp.name))
+    finally:
+        os.close(dst_fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
