@@ -90,6 +90,8 @@ def run(config: Config) -> int:
     stop.wait()
     interactive = bool(stopped_by) and stopped_by[0] == signal.SIGINT
     log.info("shutting down: in-flight RPCs get 10s to finish")
+    if ctx.fusefs is not None:
+        ctx.fusefs.stop()  # no restart of the embedded daemon from here on
     server.stop(grace=10).wait()
     janitor.stop()
     if http is not None:

@@ -55,8 +55,14 @@ class FuseFSLink:
             self._watcher.start()
 
     def stop(self) -> None:
-        """Stop watching (the daemon itself is left running, with every mount)."""
+        """Stop watching (the daemon itself is left running, with every mount).
+
+        Waits for the watcher, so that a caller that stops the daemon next
+        (Ctrl-C of ``make run``) never races a restart of it.
+        """
         self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
 
     def _watch(self) -> None:
         """Start a new embedded daemon whenever the current one's process is gone."""
