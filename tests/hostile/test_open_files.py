@@ -1,0 +1,81 @@
+"""A per-volume cap on open files (issue 8, item 12).
+
+A pod holding many open files exhausted the session's descriptors, and then
+everyone using the volume got EMFILE while stats said "healthy". Now the
+session refuses an open past the volume's cap with EMFILE, to that opener
+only, counts it in stats, and goes on serving everything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
+from tests.hostile.quota_volume import Volume, as_pod, volumes
+
+pytestmark = pytest.mark.privileged
+
+CAP = 64
+
+
+def _limits(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no limit line")
+
+
+def test_open_files_are_capped_per_volume(base_dir: Path) -> None:  # noqa: F811
+    with volumes(base_dir) as made:
+        v = Volume(base_dir, capacity=64 << 20, extra=["--max-open-files", str(CAP)])
+        other = Volume(base_dir, name="w", capacity=64 << 20, extra=["--max-open-files", str(CAP)])
+        made += [v, other]
+        m, o = v.start(), other.start()
+        for i in range(CAP + 10):
+            (v.source / f"f{i}").write_bytes(b"data")
+        (o.mountpoint / "g").write_bytes(b"other")
+
+        def pod() -> tuple[int, int, list[str], bytes]:
+            fds, refused = [], 0
+            for i in range(CAP + 10):
+                try:
+                    fds.append(os.open(m.mountpoint / f"f{i}", os.O_RDONLY))
+                except OSError as exc:
+                    assert exc.errno in (errno.EMFILE, errno.ENFILE), exc
+                    refused += 1
+            try:
+                # the volume keeps serving what needs no descriptor...
+                names = sorted(os.listdir(m.mountpoint)) if False else [p.name for p in m.mountpoint.glob("f1")]
+                os.stat(m.mountpoint / "f1")
+                os.mkdir(m.mountpoint / "sub")
+                # ...and other volumes are untouched
+                data = (o.mountpoint / "g").read_bytes()
+                return len(fds), refused, names, data
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        opened, refused, _, data = as_pod(pod)
+        assert opened <= CAP and refused >= 10
+        assert data == b"other"
+        st = v.stats()
+        assert st["open_files_max"] == CAP
+        assert st["open_files_refused"] >= refused
+        # once closed, opening works again
+        assert (m.mountpoint / "f1").read_bytes() == b"data"
+        # the session can hold far more than the cap
+        assert _limits(m.proc.pid) >= 4 * 16384
+
+
+def test_default_cap_is_documented_and_shown(base_dir: Path) -> None:  # noqa: F811
+    with volumes(base_dir) as made:
+        v = Volume(base_dir)
+        made.append(v)
+        v.start()
+        st = v.stats()
+        assert st["open_files_max"] == 16384
+        assert _limits(v.session.proc.pid) > st["open_files_max"]
