@@ -67,8 +67,8 @@ def test_open_files_are_capped_per_volume(base_dir: Path) -> None:  # noqa: F811
         assert st["open_files_refused"] >= refused
         # once closed, opening works again
         assert (m.mountpoint / "f1").read_bytes() == b"data"
-        # the session can hold far more than the cap
-        assert _limits(m.proc.pid) >= 4 * 16384
+        # the session can hold the default cap and its own descriptors
+        assert _limits(m.proc.pid) >= 16384 + 1024
 
 
 def test_default_cap_is_documented_and_shown(base_dir: Path) -> None:  # noqa: F811
@@ -78,4 +78,4 @@ def test_default_cap_is_documented_and_shown(base_dir: Path) -> None:  # noqa: F
         v.start()
         st = v.stats()
         assert st["open_files_max"] == 16384
-        assert _limits(v.session.proc.pid) > st["open_files_max"]
+        assert _limits(v.session.proc.pid) >= st["open_files_max"] + 1024
