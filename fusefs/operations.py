@@ -814,9 +814,10 @@ class FusefsOperations(binding.Operations):
     def rename(self, old: bytes, new: bytes, flags: int) -> int:
         """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE only.
 
-        A block is charged first for the target directory's growth (so a
-        rename fails with ENOSPC on a full volume, as a create would), then
-        settled on what both directories' sizes did.
+        A rename to a new name charges a block first for the target
+        directory's growth (so it fails with ENOSPC on a full volume, as a
+        create would); every rename settles on what both directories' sizes
+        did.
         """
         if flags & ~RENAME_FLAGS:
             return -errno.EINVAL  # RENAME_WHITEOUT would make a device node
@@ -824,11 +825,14 @@ class FusefsOperations(binding.Operations):
         try:
             src, dst = _rel(old), _rel(new)
             parents = tuple(dict.fromkeys((_parent(src), _parent(dst))))
-            self.quota.charge(BLOCK)
+            replaced = other = self._lstat(dst)
+            # Only a new name can grow a directory (a rename over an existing
+            # name reuses its entry): atomic replacement works on a full volume.
+            reserve = BLOCK if other is None else 0
+            self.quota.charge(reserve)
             try:
                 before = [self._dir_size(p) for p in parents]
                 moved = os.stat(src, dir_fd=self._root, follow_symlinks=False)
-                replaced = other = self._lstat(dst)
                 extra = 0
                 if flags & RENAME_EXCHANGE or (
                         replaced is not None and (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev)):
@@ -840,9 +844,9 @@ class FusefsOperations(binding.Operations):
                 else:
                     os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
             except BaseException:
-                self.quota.release_bytes(BLOCK)
+                self.quota.release_bytes(reserve)
                 raise
-            self._names_changed(parents, before, BLOCK)
+            self._names_changed(parents, before, reserve)
             if replaced is not None:
                 self._link_removed(replaced, extra)
             dirs = stat.S_ISDIR(moved.st_mode) or bool(

@@ -33,11 +33,12 @@ def _deep_tree(mountpoint: Path) -> int:
         depth = 30
         bottom = mountpoint.joinpath(*["d"] * depth)
         bottom.mkdir(parents=True)
-        written = fill(bottom, "deep", 32 << 10)
+        for i in range(8):
+            (bottom / f"deep{i}").write_bytes(b"x" * (32 << 10))
         for level in range(depth, 0, -1):
             os.chdir(mountpoint.joinpath(*["d"] * (level - 1)))
             os.rename("d", LEVEL)
-        return written
+        return 8 * (32 << 10) + fill(mountpoint, "top", 32 << 10)
     return as_pod(pod)
 
 
