@@ -49,7 +49,7 @@ class Session:
         argv = [sys.executable, "-m", "fusefs.session", "--volume-id", "bench", "--source", str(self.source),
                 "--mountpoint", str(self.mnt), "--control-socket", self.sock, "--capacity", str(self.capacity)]
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(self.repo)),
+        self.proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(self.repo)), cwd=str(self.repo),
                                      stdout=subprocess.DEVNULL, stderr=open(self.base / "log", "ab"))
         self.client = SessionClient(self.sock, timeout=600)
         while True:
