@@ -107,13 +107,19 @@ def stage(args: argparse.Namespace, base: Path) -> None:
     s.stop()
 
 
-def links(args: argparse.Namespace, base: Path) -> None:
+def _one_file(args: argparse.Namespace, base: Path) -> tuple[Session, Path]:
+    """A started session on an empty 1 GiB volume holding one file ``f``."""
     source = base / "src"
     source.mkdir()
     s = Session(args.repo, base, source, 1 << 30)
     s.start()
     f = s.mnt / "f"
     f.write_bytes(b"x")
+    return s, f
+
+
+def links(args: argparse.Namespace, base: Path) -> None:
+    s, f = _one_file(args, base)
     t0 = time.monotonic()
     for i in range(args.count):
         os.link(f, s.mnt / f"l{i:05d}")
@@ -128,12 +134,7 @@ def links(args: argparse.Namespace, base: Path) -> None:
 
 
 def xattrs(args: argparse.Namespace, base: Path) -> None:
-    source = base / "src"
-    source.mkdir()
-    s = Session(args.repo, base, source, 1 << 30)
-    s.start()
-    f = s.mnt / "f"
-    f.write_bytes(b"x")
+    s, f = _one_file(args, base)
 
     def rss() -> int:
         for line in Path(f"/proc/{s.proc.pid}/status").read_text().splitlines():

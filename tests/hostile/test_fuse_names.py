@@ -60,26 +60,6 @@ def test_fuse_hidden_names_are_ordinary(base_dir: Path) -> None:  # noqa: F811
         assert v.stats()["used_bytes"] == before
 
 
-def test_unlinked_open_file_leaves_no_name_behind(base_dir: Path) -> None:  # noqa: F811
-    """An unlinked open file has no name at all (hard_remove): nothing a pod
-    could see, rename or collide with, and its directory can be removed."""
-    with volumes(base_dir) as made:
-        v = Volume(base_dir)
-        made.append(v)
-        m = v.start()
-        d = m.mountpoint / "d"
-        d.mkdir()
-        fd = os.open(d / "f", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            os.write(fd, b"data")
-            os.unlink(d / "f")
-            assert os.listdir(v.source / "d") == []          # not even on the host
-            assert os.pread(fd, 10, 0) == b"data"            # I/O by descriptor goes on
-            os.rmdir(d)                                      # and the directory is empty
-        finally:
-            os.close(fd)
-
-
 def test_ls_a_shows_dot_and_dotdot(base_dir: Path) -> None:  # noqa: F811
     with volumes(base_dir) as made:
         v = Volume(base_dir)

@@ -10,7 +10,9 @@ ever set (+122 MiB a minute); now it is bounded by the live objects.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +33,22 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_hard_links_cost_is_linear(base_dir: Path) -> None:  # noqa: F811
-    with volumes(base_dir) as made:
-        v = Volume(base_dir, capacity=256 << 20)
+@contextlib.contextmanager
+def _one_file(base: Path) -> Iterator[tuple[Volume, Path]]:
+    """A served volume holding one small file ``f``."""
+    with volumes(base) as made:
+        v = Volume(base, capacity=256 << 20)
         made.append(v)
         m = v.start()
         f = m.mountpoint / "f"
         f.write_bytes(b"x")
+        yield v, f
+
+
+def test_hard_links_cost_is_linear(base_dir: Path) -> None:  # noqa: F811
+    with _one_file(base_dir) as (v, f):
+        m = v.session
+        assert m is not None
         for i in range(LINKS):
             os.link(f, m.mountpoint / f"l{i}")
         with open(f, "r+b", buffering=0) as fh:
@@ -58,12 +69,9 @@ def test_hard_links_cost_is_linear(base_dir: Path) -> None:  # noqa: F811
 
 
 def test_distinct_xattr_names_do_not_grow_memory(base_dir: Path) -> None:  # noqa: F811
-    with volumes(base_dir) as made:
-        v = Volume(base_dir, capacity=256 << 20)
-        made.append(v)
-        m = v.start()
-        f = m.mountpoint / "f"
-        f.write_bytes(b"x")
+    with _one_file(base_dir) as (v, f):
+        m = v.session
+        assert m is not None
         name = "user." + "n" * 240
 
         def churn(count: int, start: int) -> None:
