@@ -79,3 +79,36 @@ def test_clean_restage_trusts_the_persisted_usage(base_dir: Path) -> None:  # no
         st = wait_scanned(v)
         assert st["scan"]["state"] == "done"
         assert st["used_bytes"] == before["used_bytes"] + 20480
+
+
+def test_an_entry_the_scan_cannot_measure_makes_the_volume_abnormal(base_dir: Path) -> None:  # noqa: F811
+    """Another filesystem mounted inside a backing directory (which no pod
+    can do, but a host can) cannot be measured: never counted as free."""
+    import errno
+    import subprocess
+    import time
+
+    with volumes(base_dir) as made:
+        v = Volume(base_dir, capacity=MiB)
+        made.append(v)
+        inner = v.source / "mounted-here"
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inner)], check=True)
+        try:
+            v.start()
+            deadline = time.monotonic() + 30
+            while (st := v.stats())["scan"]["state"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert st["scan"]["state"] == "failed"
+            assert "mounted-here" in st["abnormal"] and "another filesystem" in st["abnormal"]
+            assert st["used_bytes"] == st["capacity"]                 # shows full...
+            with pytest.raises(OSError) as exc:                      # ...and is: nothing grows
+                (v.mountpoint / "f").write_bytes(b"x")
+            assert exc.value.errno == errno.ENOSPC
+            assert v.session is not None
+            text = v.session.client.metrics()
+            assert f'fusefs_abnormal{{volume_id="{v.volume_id}"}} 1' in text
+            v.stop()
+        finally:
+            subprocess.run(["umount", "-l", str(inner)], check=False)
