@@ -40,7 +40,7 @@ def test_open_files_are_capped_per_volume(base_dir: Path) -> None:  # noqa: F811
             (v.source / f"f{i}").write_bytes(b"data")
         (o.mountpoint / "g").write_bytes(b"other")
 
-        def pod() -> tuple[int, int, list[str], bytes]:
+        def pod() -> tuple[int, int, int, int, bytes]:
             fds, refused = [], 0
             for i in range(CAP + 10):
                 try:
@@ -50,18 +50,19 @@ def test_open_files_are_capped_per_volume(base_dir: Path) -> None:  # noqa: F811
                     refused += 1
             try:
                 # the volume keeps serving what needs no descriptor...
-                names = sorted(os.listdir(m.mountpoint)) if False else [p.name for p in m.mountpoint.glob("f1")]
-                os.stat(m.mountpoint / "f1")
+                size = os.stat(m.mountpoint / "f1").st_size
                 os.mkdir(m.mountpoint / "sub")
+                read = len(os.pread(fds[0], 100, 0))         # and I/O on what is open
                 # ...and other volumes are untouched
                 data = (o.mountpoint / "g").read_bytes()
-                return len(fds), refused, names, data
+                return len(fds), refused, size, read, data
             finally:
                 for fd in fds:
                     os.close(fd)
-        opened, refused, _, data = as_pod(pod)
-        assert opened <= CAP and refused >= 10
-        assert data == b"other"
+        opened, refused, size, read, data = as_pod(pod)
+        assert (opened, refused) == (CAP, 10)
+        assert size == read == 4 and data == b"other"
+        assert (m.mountpoint / "sub").is_dir()
         st = v.stats()
         assert st["open_files_max"] == CAP
         assert st["open_files_refused"] >= refused
