@@ -172,3 +172,13 @@ def fill(root: Path, prefix: str, chunk: int = 64 << 10) -> int:
         finally:
             os.close(fd)
         i += 1
+
+
+def proc_number(pid: int, file: str, prefix: str, column: int) -> int:
+    """A number from ``/proc/<pid>/<file>``: the line starting with
+    ``prefix``, split on blanks, item ``column``."""
+    with open(f"/proc/{pid}/{file}") as f:
+        for line in f:
+            if line.startswith(prefix):
+                return int(line.split()[column])
+    raise AssertionError(f"no {prefix!r} line in /proc/{pid}/{file}")

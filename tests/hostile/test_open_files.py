@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
-from tests.hostile.quota_volume import Volume, as_pod, volumes
+from tests.hostile.quota_volume import Volume, as_pod, proc_number, volumes
 
 pytestmark = pytest.mark.privileged
 
@@ -23,11 +23,8 @@ CAP = 64
 
 
 def _limits(pid: int) -> int:
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    raise AssertionError("no limit line")
+    """The soft RLIMIT_NOFILE of a process."""
+    return proc_number(pid, "limits", "Max open files", 3)
 
 
 def test_open_files_are_capped_per_volume(base_dir: Path) -> None:  # noqa: F811

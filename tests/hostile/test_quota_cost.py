@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
-from tests.hostile.quota_volume import Volume, volumes
+from tests.hostile.quota_volume import Volume, proc_number, volumes
 
 pytestmark = pytest.mark.privileged
 
@@ -26,11 +26,7 @@ LINKS = 2000
 
 
 def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) << 10
-    raise AssertionError("no VmRSS")
+    return proc_number(pid, "status", "VmRSS:", 1) << 10
 
 
 @contextlib.contextmanager
