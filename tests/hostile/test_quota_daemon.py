@@ -73,3 +73,29 @@ def test_usage_survives(node: Node, how: str) -> None:  # noqa: F811
             daemon = node.start()
             node.wait_answering(daemon)
         assert _used(node, vid) == before
+
+
+def test_an_unmeasurable_volume_is_unhealthy_in_stats(node: Node) -> None:  # noqa: F811
+    """What the session cannot measure shows in the VolumeCondition the
+    driver reports, and the volume accepts no growth."""
+    import subprocess
+
+    node.start()
+    vid = node.new_volume()
+    inner = node.volumes / vid / "a-mount"
+    inner.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inner)], check=True)
+    try:
+        stage = node.stage(vid)
+        with node.client() as c:
+            c.mount(vid, stage, CAPACITY)
+            deadline = time.monotonic() + 30
+            while (st := c.stats(vid)).healthy:
+                assert time.monotonic() < deadline, "never reported"
+                time.sleep(0.05)
+            assert "abnormal" in st.message and "a-mount" in st.message
+            assert st.available_bytes == 0
+        with pytest.raises(OSError):
+            Path(stage, "grow").write_bytes(b"x")
+    finally:
+        subprocess.run(["umount", "-l", str(inner)], check=False)
