@@ -6,11 +6,19 @@ caches. Writing through one name would leave the other showing the old size
 and data (and the old link count after ``link``/``unlink``) until its cache
 times out. Plain directories never do that, and neither should a volume.
 
-So the filesystem remembers the names under which it has seen an inode with
-more than one link (from lookups and ``link``), and when such an inode
-changes it asks the kernel to drop its caches for the *other* names
-(``fuse_invalidate_path``). Files with a single link, the overwhelming
-majority, cost one integer comparison per lookup and nothing else.
+So the filesystem remembers the names under which the kernel has *cached*
+an inode with more than one link (getattr and open replies, reads that fill
+its page cache), and when such an inode changes it asks the kernel to drop
+its caches for those other names (``fuse_invalidate_path``) and forgets
+them: a name is invalidated at most once per time the kernel cached it.
+Each invalidation is therefore paid for by an earlier request, and the work
+of any sequence of operations is linear in its length (links to one file
+used to cost a pass over all its names each: 4,000 links took 24.7 s).
+A directory rename, which moves every name under it, drops the whole cache
+record the same way (invalidating each remembered name at its new place).
+Files with a single link, the overwhelming majority, cost one integer
+comparison per lookup and nothing else. Memory is bounded by the names the
+kernel holds.
 
 The notification is sent from a dedicated thread, never from the request
 that caused it: invalidating an inode's page cache waits for that inode's
@@ -35,7 +43,7 @@ WAIT_SECONDS = 0.5
 
 
 class LinkTracker:
-    """Names of multiply-linked inodes, and the invalidation worker."""
+    """Cached names of multiply-linked inodes, and the invalidation worker."""
 
     def __init__(self, invalidate: Callable[[bytes], int]) -> None:
         self._invalidate = invalidate
@@ -44,10 +52,12 @@ class LinkTracker:
         self._ino_of: dict[bytes, int] = {}
         self._queue: queue.SimpleQueue[tuple[list[bytes], threading.Event] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: Invalidations sent to the kernel (stats: they must stay linear).
+        self.invalidations = 0
 
     @property
     def active(self) -> bool:
-        """Cheap check for the hot path: is any multiply-linked inode known?"""
+        """Cheap check for the hot path: is any multiply-linked inode cached?"""
         return bool(self._names)
 
     def start(self) -> None:
@@ -57,7 +67,7 @@ class LinkTracker:
     # ------------------------------------------------------------ bookkeeping
 
     def observe(self, path: bytes, ino: int) -> None:
-        """``path`` names ``ino``, which has more than one link."""
+        """The kernel now caches ``path``, a name of ``ino`` (more than one link)."""
         with self._lock:
             old = self._ino_of.get(path)
             if old == ino:
@@ -66,6 +76,12 @@ class LinkTracker:
                 self._drop(path, old)
             self._names.setdefault(ino, set()).add(path)
             self._ino_of[path] = ino
+
+    def cached(self, path: bytes, ino: int) -> None:
+        """Like :meth:`observe`, only for an inode already known to have links
+        (a read or an open filling the cache under ``path``)."""
+        if ino in self._names:
+            self.observe(path, ino)
 
     def forget(self, path: bytes) -> int | None:
         """``path`` is gone; returns the inode it named, if tracked."""
@@ -76,15 +92,35 @@ class LinkTracker:
             return ino
 
     def moved(self, src: bytes, dst: bytes) -> None:
-        """A rename: ``src`` (a file or a whole directory) is now ``dst``."""
+        """A file (not a directory) was renamed: O(1)."""
         with self._lock:
-            prefix = src + b"/"
-            for path in [p for p in self._ino_of if p == src or p.startswith(prefix)]:
-                ino = self._ino_of.pop(path)
-                self._drop(path, ino)
-                new = dst + path[len(src):]
-                self._names.setdefault(ino, set()).add(new)
-                self._ino_of[new] = ino
+            ino = self._ino_of.pop(src, None)
+            if ino is not None:
+                self._drop(src, ino)
+                self._names.setdefault(ino, set()).add(dst)
+                self._ino_of[dst] = ino
+
+    def exchanged(self, a: bytes, b: bytes) -> None:
+        """Two files (not directories) swapped names."""
+        with self._lock:
+            ia, ib = self._ino_of.pop(a, None), self._ino_of.pop(b, None)
+            for path, ino in ((a, ia), (b, ib)):
+                if ino is not None:
+                    self._drop(path, ino)
+            for path, ino in ((b, ia), (a, ib)):
+                if ino is not None:
+                    self._names.setdefault(ino, set()).add(path)
+                    self._ino_of[path] = ino
+
+    def tree_moved(self, where: Callable[[bytes], bytes]) -> None:
+        """A directory was renamed: invalidate every cached name at its new
+        place (``where(old)``) and forget them all. Linear in the names the
+        kernel cached since the last such flush, each paid for once."""
+        with self._lock:
+            paths = [where(p) for p in self._ino_of]
+            self._ino_of.clear()
+            self._names.clear()
+        self.invalidate(paths)
 
     def names(self, ino: int) -> set[bytes]:
         with self._lock:
@@ -100,17 +136,28 @@ class LinkTracker:
     # ------------------------------------------------------------ invalidation
 
     def changed(self, ino: int, except_path: bytes | None = None) -> None:
-        """``ino`` changed: drop the kernel's caches of its other names."""
-        if not self._names:
+        """``ino`` changed: drop the kernel's caches of its other names, and
+        forget them until the kernel caches them again."""
+        if ino not in self._names:
             return
         with self._lock:
-            paths = [p for p in self._names.get(ino, ()) if p != except_path]
+            names = self._names.get(ino)
+            if not names:
+                return
+            paths = [p for p in names if p != except_path]
+            for p in paths:
+                del self._ino_of[p]
+            if except_path in names:
+                self._names[ino] = {except_path}
+            else:
+                del self._names[ino]
         self.invalidate(paths)
 
     def invalidate(self, paths: list[bytes]) -> None:
         """Invalidate ``paths`` (from the worker thread), waiting briefly."""
         if not paths or self._thread is None:
             return
+        self.invalidations += len(paths)
         done = threading.Event()
         self._queue.put((paths, done))
         if not done.wait(WAIT_SECONDS):

@@ -80,6 +80,13 @@ def assess(record: VolumeRecord, serving: bool, problem: str, target_path: str =
     return True, record.last_restart
 
 
+def session_problem(numbers: dict[str, Any]) -> str:
+    """What the session itself reports wrong ('' if nothing): a volume whose
+    usage could not be measured accepts no growth until it is remounted."""
+    abnormal = numbers.get("abnormal") or ""
+    return f"volume abnormal: {abnormal}" if abnormal else ""
+
+
 def usage(record: VolumeRecord, numbers: dict[str, Any], volumes_dir: Path) -> dict[str, Any]:
     """Stats numbers from the session's quota accounting (``numbers``), with
     the record's values where the session has none (it is restarting).
@@ -107,4 +114,7 @@ def usage(record: VolumeRecord, numbers: dict[str, Any], volumes_dir: Path) -> d
         "bytes_per_second": int(limits.get("bytes_per_second", record.bytes_per_second) or 0),
         "ops_per_second": int(limits.get("ops_per_second", record.ops_per_second) or 0),
         "remount_count": record.remount_count,
+        "open_files": int(numbers.get("open_files") or 0),
+        "open_files_max": int(numbers.get("open_files_max") or 0),
+        "open_files_refused": int(numbers.get("open_files_refused") or 0),
     }

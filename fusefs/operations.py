@@ -23,6 +23,13 @@ Mutating operations pass three checks, in this order: read-only (EROFS),
 the freeze gate (blocks while frozen), and the quota (ENOSPC). Data
 operations also pass the I/O limits. Each check is one attribute test when
 it has nothing to do.
+
+The quota charges every object by the model in :mod:`fusefs.quota`: an
+operation that adds a name charges a block for its directory's possible
+growth first, then settles on what the directories' sizes really did (the
+kernel holds a directory's lock across any operation on its entries, so
+the before/after sizes are exact). Opens count against a per-volume cap on
+open files and directories (EMFILE past it, to that opener only).
 """
 
 from __future__ import annotations
@@ -31,11 +38,10 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,7 @@ from fusefs.binding import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
     errno_result,
     fuse_get_context,
 )
@@ -54,7 +61,18 @@ from fusefs.freeze import FreezeGate
 from fusefs.hardlinks import LinkTracker
 from fusefs.limits import IOLimits
 from fusefs.opstats import OpStats
-from fusefs.quota import InodeState, Quota
+from fusefs.quota import (
+    BLOCK,
+    XATTR_MAX_PER_INODE,
+    InodeState,
+    Quota,
+    QuotaExceeded,
+    blocks,
+    dir_charge,
+    inode_charge,
+    xattr_bytes,
+)
+from fusefs.usage import xattr_total
 
 log = logging.getLogger("fusefs.operations")
 
@@ -82,10 +100,12 @@ def _splice_write(fd: int, bufv: Any, size: int, offset: int) -> int:
     return binding.buf_copy_to_fd(bufv, fd, size, offset)
 
 
-#: The name libfuse gives a file it hides instead of unlinking (hidden_name()).
-_HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
-#: How long a hiding rename waits for the RELEASE of a just-closed file.
-RELEASE_WAIT_SECONDS = 0.5
+#: The rename flags a volume supports; others (RENAME_WHITEOUT, which makes
+#: a character device, and any future flag) are refused with EINVAL.
+RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
+#: Open files and directories per volume when none is given (see docs/fusefs.md).
+MAX_OPEN_FILES = 16384
+_CAPABILITY = b"security.capability"
 
 
 @dataclass
@@ -114,12 +134,15 @@ class FsOptions:
     #: Measured no faster here (the copy into the backing page cache
     #: dominates either way) and it costs small requests extra system calls.
     splice: bool = False
+    #: Open files and directories the volume's users may hold at once; an
+    #: open past it fails with EMFILE (see :data:`MAX_OPEN_FILES`).
+    max_open_files: int = MAX_OPEN_FILES
 
 
 class _Handle:
     """An open file: its backing descriptor and the inode it is on."""
 
-    __slots__ = ("fd", "state", "writable", "path", "flushed", "last_end", "last_time")
+    __slots__ = ("fd", "state", "writable", "path", "last_end", "last_time")
 
     def __init__(self, fd: int, state: InodeState, writable: bool, path: bytes) -> None:
         self.fd = fd
@@ -128,7 +151,6 @@ class _Handle:
         #: The name it was opened by (kept up to date across renames), so a
         #: write can tell the name it came through from a hard link's others.
         self.path = path
-        self.flushed = False
         #: Where and when the last write on this handle ended (see freeze.py).
         self.last_end = -1
         self.last_time = 0.0
@@ -160,7 +182,7 @@ class FusefsOperations(binding.Operations):
     def __init__(self, source: str, *, quota: Quota, gate: FreezeGate | None = None,
                  limits: IOLimits | None = None, stats: OpStats | None = None,
                  read_only: bool = False, options: FsOptions | None = None,
-                 xattr_names: Iterable[bytes] = ()) -> None:
+                 xattrs_seen: bool = True, capability_seen: bool = True) -> None:
         self.source = os.path.realpath(source)
         self._root_b = os.fsencode(self.source)
         self._root = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -170,11 +192,17 @@ class FusefsOperations(binding.Operations):
         self.stats = stats or OpStats()
         self.read_only = read_only
         self.options = options or FsOptions()
-        #: xattr names present anywhere on the volume (from the mount scan,
-        #: grown by setxattr). A getxattr for any other name is answered
-        #: ENODATA without a system call: the kernel asks for
-        #: ``security.capability`` before every write(2).
-        self.xattr_names: set[bytes] = set(xattr_names)
+        self._root_ino = os.fstat(self._root).st_ino
+        #: Whether any xattr (and any ``security.capability``) may exist on
+        #: the volume: from the usage scan or file, set by setxattr, never
+        #: cleared. Without one, listxattr and the ``security.capability``
+        #: query the kernel makes before every write(2) are answered without
+        #: a system call. Two flags: memory does not grow with xattr names.
+        self.xattrs_seen = xattrs_seen
+        self.capability_seen = capability_seen
+        #: Open files and directories now, and opens refused at the cap.
+        self.open_count = 0
+        self.open_refused = 0
         self._handles: dict[int, _Handle] = {}
         self._inodes: dict[int, InodeState] = {}
         self._table = threading.Lock()
@@ -205,12 +233,12 @@ class FusefsOperations(binding.Operations):
         opts = self.options
         cfg = config.contents
         cfg.use_ino = 1          # real inode numbers: hard links look like hard links
-        # Unlinking an open file renames it to .fuse_hiddenNNN until its last
-        # close (like NFS), because libfuse can only answer fstat() on a file
-        # it still has a path for; with hard_remove, fstat of an unlinked
-        # open file fails with ESTALE, which breaks e.g. Python's
-        # TemporaryFile. readdir hides those names.
-        cfg.hard_remove = 0
+        # Unlinking an open file really unlinks it (no .fuse_hiddenNNN
+        # rename, whose names belong to the pod): I/O goes by descriptor and
+        # the inode lives until its last close. The cost: fstat() of an
+        # unlinked open file fails with ESTALE, because libfuse's high-level
+        # API looks the file up by a path it no longer has (docs/fusefs.md).
+        cfg.hard_remove = 1
         cfg.nullpath_ok = 1      # handle-based calls skip libfuse's path lookup
         cfg.kernel_cache = 0
         cfg.auto_cache = 0
@@ -319,9 +347,45 @@ class FusefsOperations(binding.Operations):
             self._handles[fd] = handle
         return handle
 
-    def _link_removed(self, st: os.stat_result) -> None:
-        """Account for a name that is gone (unlink, rmdir, rename over)."""
+    def _take_slot(self) -> None:
+        """Count an open file or directory against the volume's cap (EMFILE)."""
+        with self._table:
+            if self.open_count >= self.options.max_open_files:
+                self.open_refused += 1
+                raise OSError(errno.EMFILE, "the volume's open-file cap is reached")
+            self.open_count += 1
+
+    def _give_slot(self) -> None:
+        with self._table:
+            self.open_count -= 1
+
+    def _open_fd(self, rel: bytes, flags: int, mode: int = 0o777) -> int:
+        """os.open in the volume, under the open-file cap. The session's own
+        descriptor table filling up is ENFILE to the opener (the system's
+        limit, from its point of view), never EMFILE to everyone."""
+        self._take_slot()
+        try:
+            return os.open(rel, flags, mode, dir_fd=self._root)
+        except OSError as exc:
+            self._give_slot()
+            if exc.errno == errno.EMFILE:
+                raise OSError(errno.ENFILE, "the volume's session has no descriptor left") from exc
+            raise
+
+    def _dir_size(self, rel_dir: bytes) -> int:
+        return os.stat(rel_dir, dir_fd=self._root, follow_symlinks=False).st_size
+
+    def _xattr_extra(self, path: bytes, st: os.stat_result) -> int:
+        """The xattr charge of the inode at ``path`` if this name is its last."""
+        if not self.xattrs_seen or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)):
+            return 0
+        return blocks(xattr_total(self._abs(path)))
+
+    def _link_removed(self, st: os.stat_result, extra: int = 0) -> None:
+        """Account for a name that is gone (unlink, rmdir, rename over);
+        ``extra`` is the inode's xattr charge (see :meth:`_xattr_extra`)."""
         if stat.S_ISDIR(st.st_mode):
+            self.quota.release_bytes(dir_charge(st.st_size) + extra)
             self.quota.give_inode()
             return
         if st.st_nlink > 1:
@@ -330,9 +394,21 @@ class FusefsOperations(binding.Operations):
             state = self._inodes.get(st.st_ino)
             if state is not None:
                 state.orphan = True  # still open: uncharge on the last close
+                state.extra = extra
                 return
-        self.quota.release_bytes(st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        self.quota.release_bytes(inode_charge(st) + extra)
         self.quota.give_inode()
+
+    def _names_changed(self, parents: tuple[bytes, ...], before: list[int], reserved: int) -> None:
+        """Settle a namespace operation: charge what its directories grew
+        (or refund what they shrank) against the ``reserved`` bytes."""
+        delta = 0
+        for parent, size in zip(parents, before):
+            try:
+                delta += dir_charge(self._dir_size(parent)) - dir_charge(size)
+            except OSError:
+                pass  # removed meanwhile (only its own rmdir can, which settles itself)
+        self.quota.adjust(delta - reserved)
 
     def _lstat(self, rel: bytes) -> os.stat_result | None:
         try:
@@ -372,22 +448,22 @@ class FusefsOperations(binding.Operations):
 
     def statfs(self, path: bytes, buf: Any) -> int:
         sv = buf.contents
-        q = self.quota
+        q = self.quota.snapshot()  # while the usage is recounted: full
         sv.f_bsize = sv.f_frsize = STATFS_BLOCK
         sv.f_namemax = 255
-        if q.capacity:
-            blocks = q.capacity // STATFS_BLOCK
-            used = -(-q.used_bytes // STATFS_BLOCK)
-            sv.f_blocks = blocks
-            sv.f_bfree = sv.f_bavail = max(0, blocks - used)
+        if q["capacity"]:
+            total = q["capacity"] // STATFS_BLOCK
+            used = -(-q["used_bytes"] // STATFS_BLOCK)
+            sv.f_blocks = total
+            sv.f_bfree = sv.f_bavail = max(0, total - used)
         else:
             host = os.statvfs(self._root)
             scale = host.f_frsize / STATFS_BLOCK
             sv.f_blocks = int(host.f_blocks * scale)
             sv.f_bfree = int(host.f_bfree * scale)
             sv.f_bavail = int(host.f_bavail * scale)
-        sv.f_files = q.inode_limit
-        sv.f_ffree = sv.f_favail = max(0, q.inode_limit - q.used_inodes)
+        sv.f_files = q["total_inodes"]
+        sv.f_ffree = sv.f_favail = max(0, q["total_inodes"] - q["used_inodes"])
         return 0
 
     # ------------------------------------------------------------ checks
@@ -408,9 +484,11 @@ class FusefsOperations(binding.Operations):
         truncate = writable and flags & os.O_TRUNC
         w = self.gate.enter() if truncate else None
         try:
-            fd = os.open(_rel(path), (flags & ~_STRIP_OPEN) | _OPEN_ADD, dir_fd=self._root)
+            fd = self._open_fd(_rel(path), (flags & ~_STRIP_OPEN) | _OPEN_ADD)
             try:
                 handle = self._register(fd, writable, path)
+                if self.links.active:
+                    self.links.cached(path, handle.state.ino)
                 if truncate:
                     self._truncate_fd(fd, handle.state, 0)
                     self._touched(path, handle.state.ino)
@@ -428,20 +506,23 @@ class FusefsOperations(binding.Operations):
         try:
             flags = fip.contents.flags
             rel = _rel(path)
-            self.quota.take_inode()
+            parent = _parent(rel)
+            self._charge_new_inode(BLOCK)
             try:
-                fd = os.open(rel, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | _OPEN_ADD,
-                             mode & 0o7777, dir_fd=self._root)
+                before = self._dir_size(parent)
+                fd = self._open_fd(rel, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | _OPEN_ADD,
+                                   mode & 0o7777)
             except FileExistsError:
-                self.quota.give_inode()
+                self._uncharge_new_inode(BLOCK)
                 if flags & os.O_EXCL:
                     raise
                 w2, w = w, None
                 self.gate.leave(w2)
                 return self.open(path, fip)  # lost a race with another creator
             except BaseException:
-                self.quota.give_inode()
+                self._uncharge_new_inode(BLOCK)
                 raise
+            self._names_changed((parent,), [before], BLOCK)
             try:
                 st = os.fstat(fd)
                 self._give_to_caller(rel, fd, st)
@@ -449,13 +530,26 @@ class FusefsOperations(binding.Operations):
                     os.fchmod(fd, mode & 0o7777)  # chown cleared them
                 self._register(fd, True, path, st)
             except BaseException:
-                os.close(fd)
+                self._unregister(fd)
                 raise
         finally:
             if w is not None:
                 self.gate.leave(w)
         self._fill_open(fip, fd, True)
         return 0
+
+    def _charge_new_inode(self, nbytes: int) -> None:
+        """An inode and ``nbytes`` for a new object, all or nothing."""
+        self.quota.take_inode()
+        try:
+            self.quota.charge(nbytes)
+        except QuotaExceeded:
+            self.quota.give_inode()
+            raise
+
+    def _uncharge_new_inode(self, nbytes: int) -> None:
+        self.quota.give_inode()
+        self.quota.release_bytes(nbytes)
 
     def _unregister(self, fd: int) -> None:
         """Forget a handle and close it; uncharge or re-check its inode."""
@@ -472,7 +566,7 @@ class FusefsOperations(binding.Operations):
         try:
             if state is not None:
                 if state.orphan:
-                    self.quota.release_bytes(state.size)
+                    self.quota.release_bytes(blocks(state.size) + state.extra)
                     self.quota.give_inode()
                 elif state.writable:  # read-only handles cannot have changed the size
                     actual = os.fstat(fd).st_size
@@ -482,20 +576,15 @@ class FusefsOperations(binding.Operations):
                         self.quota.set_size(None, state.size, actual)
         finally:
             os.close(fd)
+            self._give_slot()
 
     def release(self, path: bytes | None, fip: Any) -> int:
         self._unregister(fip.contents.fh)
         return 0
 
     def flush(self, path: bytes | None, fip: Any) -> int:
-        """A descriptor of this open file was closed (close(2) sends FLUSH
-        synchronously; the RELEASE that follows the last one is asynchronous).
-        Remembered so that unlinking a file that is merely *being* closed does
-        not leave it hidden; see :meth:`_hiding_a_closed_file`."""
-        handle = self._handles.get(fip.contents.fh)
-        if handle is not None and not handle.flushed:
-            handle.flushed = True
-            handle.state.flushed += 1
+        """A descriptor of this open file was closed: nothing to do (data is
+        written through at once; the RELEASE that follows closes ours)."""
         return 0
 
     def fsync(self, path: bytes | None, datasync: int, fip: Any) -> int:
@@ -509,7 +598,12 @@ class FusefsOperations(binding.Operations):
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         if self.limits.active:
             self.limits.throttle(size)
-        n = binding.pread(fip.contents.fh, buf, size, offset)
+        fh = fip.contents.fh
+        if self.links.active:  # this name's page cache fills: it must hear of changes
+            handle = self._handles.get(fh)
+            if handle is not None:
+                self.links.cached(handle.path, handle.state.ino)
+        n = binding.pread(fh, buf, size, offset)
         if n < 0:
             return errno_result()
         self.stats.shard().bytes_read += n
@@ -573,7 +667,7 @@ class FusefsOperations(binding.Operations):
                 self._truncate_fd(fd, handle.state, length)
                 self._touched(handle.path, handle.state.ino)
                 return 0
-            fd = os.open(_rel(path), os.O_WRONLY | _OPEN_ADD, dir_fd=self._root)
+            fd = self._open_fd(_rel(path), os.O_WRONLY | _OPEN_ADD)
             try:
                 handle = self._register(fd, True, path)
                 self._truncate_fd(fd, handle.state, length)
@@ -631,38 +725,53 @@ class FusefsOperations(binding.Operations):
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             return -errno.EPERM  # no device nodes in a volume
-        return self._new_inode(path, lambda rel: os.mknod(rel, mode, 0, dir_fd=self._root))
+        return self._new_inode(path, 0, lambda rel: os.mknod(rel, mode, 0, dir_fd=self._root))
 
     def mkdir(self, path: bytes, mode: int) -> int:
-        return self._new_inode(path, lambda rel: os.mkdir(rel, mode & 0o7777, dir_fd=self._root))
+        return self._new_inode(path, BLOCK, lambda rel: os.mkdir(rel, mode & 0o7777, dir_fd=self._root))
 
     def symlink(self, target: bytes, path: bytes) -> int:
         """``ln -s target path`` (libfuse passes the link's content first)."""
-        return self._new_inode(path, lambda rel: os.symlink(target, rel, dir_fd=self._root))
+        return self._new_inode(path, blocks(len(target)),
+                               lambda rel: os.symlink(target, rel, dir_fd=self._root))
 
-    def _new_inode(self, path: bytes, make: Callable[[bytes], None]) -> int:
-        """mknod, mkdir and symlink alike: charge an inode, make it, give it to the caller."""
+    def _new_inode(self, path: bytes, own: int, make: Callable[[bytes], None]) -> int:
+        """mknod, mkdir and symlink alike: charge an inode, ``own`` bytes and a
+        block for the parent's growth; make it; settle; give it to the caller."""
         w = self._begin_mutation()
         try:
             rel = _rel(path)
-            self.quota.take_inode()
+            parent = _parent(rel)
+            self._charge_new_inode(own + BLOCK)
             try:
+                before = self._dir_size(parent)
                 make(rel)
             except BaseException:
-                self.quota.give_inode()
+                self._uncharge_new_inode(own + BLOCK)
                 raise
+            self._names_changed((parent,), [before], BLOCK)
             self._give_to_caller(rel)
             return 0
         finally:
             self.gate.leave(w)
 
     def link(self, existing: bytes, path: bytes) -> int:
-        """``ln existing path``: a new name, no new inode, no new bytes."""
+        """``ln existing path``: a new name (its directory entry is charged
+        through the directory's size), no new inode, no new bytes."""
         w = self._begin_mutation()
         try:
-            os.link(_rel(existing), _rel(path), src_dir_fd=self._root, dst_dir_fd=self._root,
-                    follow_symlinks=False)
-            ino = os.stat(_rel(path), dir_fd=self._root, follow_symlinks=False).st_ino
+            rel = _rel(path)
+            parent = _parent(rel)
+            self.quota.charge(BLOCK)
+            try:
+                before = self._dir_size(parent)
+                os.link(_rel(existing), rel, src_dir_fd=self._root, dst_dir_fd=self._root,
+                        follow_symlinks=False)
+            except BaseException:
+                self.quota.release_bytes(BLOCK)
+                raise
+            self._names_changed((parent,), [before], BLOCK)
+            ino = os.stat(rel, dir_fd=self._root, follow_symlinks=False).st_ino
             self.links.observe(existing, ino)
             self.links.observe(path, ino)
             self.links.changed(ino, except_path=path)  # the old name's link count
@@ -673,96 +782,93 @@ class FusefsOperations(binding.Operations):
     def unlink(self, path: bytes) -> int:
         w = self._begin_mutation()
         try:
-            self._unlink(path)
+            rel = _rel(path)
+            parent = _parent(rel)
+            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+            extra = self._xattr_extra(path, st)
+            before = self._dir_size(parent)
+            os.unlink(rel, dir_fd=self._root)
+            self._names_changed((parent,), [before], 0)
+            self._link_removed(st, extra)
+            if self.links.forget(path) is not None or st.st_nlink > 1:
+                self.links.changed(st.st_ino)  # the other names' link count
             return 0
         finally:
             self.gate.leave(w)
 
-    def _unlink(self, path: bytes) -> None:
-        rel = _rel(path)
-        st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
-        os.unlink(rel, dir_fd=self._root)
-        self._link_removed(st)
-        if self.links.forget(path) is not None or st.st_nlink > 1:
-            self.links.changed(st.st_ino)  # the other names' link count
-
-    def _hiding_a_closed_file(self, old: bytes, new: bytes) -> bool:
-        """Is this libfuse hiding a file that is only waiting for its RELEASE?
-
-        libfuse renames an unlinked file to ``.fuse_hiddenNNN`` while it is
-        open, so that fstat() on it keeps working. But close(2) returns before
-        the kernel sends RELEASE, so a file that was just closed still counts
-        as open, and ``close(); unlink(); rmdir()`` would find the directory
-        not empty. When every handle on the inode has seen its FLUSH (its
-        descriptors are closed), wait briefly for the release; if it comes,
-        the caller unlinks for real instead of hiding. A file that is really
-        still open (or mapped) is hidden as libfuse asked.
-        """
-        head, _, name = new.rpartition(b"/")
-        if not _HIDDEN_NAME.fullmatch(name) or old.rpartition(b"/")[0] != head:
-            return False
-        try:
-            ino = os.stat(_rel(old), dir_fd=self._root, follow_symlinks=False).st_ino
-        except OSError:
-            return False
-        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
-        while True:
-            state = self._inodes.get(ino)
-            if state is None:
-                return True  # released (libfuse just has not counted it yet)
-            if state.flushed < state.opens or time.monotonic() > deadline:
-                return False  # really open: hide it
-            time.sleep(0.001)
-
     def rmdir(self, path: bytes) -> int:
         w = self._begin_mutation()
         try:
-            os.rmdir(_rel(path), dir_fd=self._root)
-            self.quota.give_inode()
+            rel = _rel(path)
+            parent = _parent(rel)
+            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+            extra = self._xattr_extra(path, st)
+            before = self._dir_size(parent)
+            os.rmdir(rel, dir_fd=self._root)
+            self._names_changed((parent,), [before], 0)
+            self._link_removed(st, extra)
             return 0
         finally:
             self.gate.leave(w)
 
     def rename(self, old: bytes, new: bytes, flags: int) -> int:
-        """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE only.
+
+        A rename to a new name charges a block first for the target
+        directory's growth (so it fails with ENOSPC on a full volume, as a
+        create would); every rename settles on what both directories' sizes
+        did.
+        """
+        if flags & ~RENAME_FLAGS:
+            return -errno.EINVAL  # RENAME_WHITEOUT would make a device node
         w = self._begin_mutation()
         try:
-            if not flags and self._hiding_a_closed_file(old, new):
-                self._unlink(old)
-                return 0
             src, dst = _rel(old), _rel(new)
-            replaced = None
-            if not flags & RENAME_EXCHANGE:
-                replaced = self._lstat(dst)
-                if replaced is not None:
-                    moved = os.stat(src, dir_fd=self._root, follow_symlinks=False)
-                    if (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev):
-                        replaced = None  # two names of one inode: rename is a no-op
-            if flags:
-                binding.check(binding.renameat2(self._root, src, self._root, dst, flags))
-            else:
-                os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
+            parents = tuple(dict.fromkeys((_parent(src), _parent(dst))))
+            replaced = other = self._lstat(dst)
+            # Only a new name can grow a directory (a rename over an existing
+            # name reuses its entry): atomic replacement works on a full volume.
+            reserve = BLOCK if other is None else 0
+            self.quota.charge(reserve)
+            try:
+                before = [self._dir_size(p) for p in parents]
+                moved = os.stat(src, dir_fd=self._root, follow_symlinks=False)
+                extra = 0
+                if flags & RENAME_EXCHANGE or (
+                        replaced is not None and (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev)):
+                    replaced = None  # nothing goes away (two names of one inode: a no-op)
+                elif replaced is not None:
+                    extra = self._xattr_extra(new, replaced)
+                if flags:
+                    binding.check(binding.renameat2(self._root, src, self._root, dst, flags))
+                else:
+                    os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
+            except BaseException:
+                self.quota.release_bytes(reserve)
+                raise
+            self._names_changed(parents, before, reserve)
             if replaced is not None:
-                self._link_removed(replaced)
-            self._renamed(old, new, flags, replaced)
+                self._link_removed(replaced, extra)
+            dirs = stat.S_ISDIR(moved.st_mode) or bool(
+                flags & RENAME_EXCHANGE and other is not None and stat.S_ISDIR(other.st_mode))
+            self._renamed(old, new, flags, replaced, dirs)
             return 0
         finally:
             self.gate.leave(w)
 
-    def _renamed(self, old: bytes, new: bytes, flags: int, replaced: os.stat_result | None) -> None:
+    def _renamed(self, old: bytes, new: bytes, flags: int, replaced: os.stat_result | None, dirs: bool) -> None:
         """Keep names we remember (hard links, open files) true after a rename."""
         if self.links.active:
-            if flags & RENAME_EXCHANGE:
-                tmp = b"\0exchange"
-                self.links.moved(old, tmp)
-                self.links.moved(new, old)
-                self.links.moved(tmp, new)
+            if dirs:
+                self.links.tree_moved(lambda p: _renamed_path(p, old, new, flags))
+            elif flags & RENAME_EXCHANGE:
+                self.links.exchanged(old, new)
             else:
                 self.links.forget(new)
                 self.links.moved(old, new)
                 if replaced is not None and replaced.st_nlink > 1:
                     self.links.changed(replaced.st_ino)
-        if self._handles:  # O(open files): the freeze's write-back opens them by name
+        if self._handles:  # O(open files), at most the cap: the freeze's write-back opens them by name
             with self._table:
                 for handle in self._handles.values():
                     handle.path = _renamed_path(handle.path, old, new, flags)
@@ -822,18 +928,25 @@ class FusefsOperations(binding.Operations):
     # ------------------------------------------------------------ directories
 
     def opendir(self, path: bytes, fip: Any) -> int:
-        fd = os.open(_rel(path), os.O_RDONLY | os.O_DIRECTORY | _OPEN_ADD, dir_fd=self._root)
-        fip.contents.fh = fd
+        fip.contents.fh = self._open_fd(_rel(path), os.O_RDONLY | os.O_DIRECTORY | _OPEN_ADD)
         return 0
 
     def readdir(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
-        """List names and types (d_type) only; attributes come from lookups."""
+        """List names and types (d_type) only; attributes come from lookups.
+
+        ``.`` and ``..`` carry real inode numbers: glibc drops entries with
+        inode 0, which used to hide them from ``ls -a``. The root's ``..`` is
+        the root itself (the volume is all a pod can see).
+        """
+        fh = fip.contents.fh
         st = binding.c_stat()
         st.st_mode = stat.S_IFDIR
+        st.st_ino = ino = os.fstat(fh).st_ino
         filler(buf, b".", st, 0, 0)
+        st.st_ino = ino if ino == self._root_ino else os.stat("..", dir_fd=fh, follow_symlinks=False).st_ino
         filler(buf, b"..", st, 0, 0)
         fsencode = os.fsencode
-        with os.scandir(fip.contents.fh) as entries:
+        with os.scandir(fh) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     st.st_mode = stat.S_IFDIR
@@ -846,16 +959,14 @@ class FusefsOperations(binding.Operations):
                         st.st_mode = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
                     except OSError:
                         continue  # vanished while listing
-                name = entry.name
-                if name.startswith(".fuse_hidden"):
-                    continue  # unlinked but still open; see init()
                 st.st_ino = entry.inode()
-                if filler(buf, fsencode(name), st, 0, 0):
+                if filler(buf, fsencode(entry.name), st, 0, 0):
                     break
         return 0
 
     def releasedir(self, path: bytes | None, fip: Any) -> int:
         os.close(fip.contents.fh)
+        self._give_slot()
         return 0
 
     def fsyncdir(self, path: bytes | None, datasync: int, fip: Any) -> int:
@@ -870,8 +981,8 @@ class FusefsOperations(binding.Operations):
         return self._root_b + path if path != b"/" else self._root_b
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int) -> int:
-        if name not in self.xattr_names:
-            return _ERR_NODATA  # the hot path: security.capability on every write
+        if name == _CAPABILITY and not self.capability_seen:
+            return _ERR_NODATA  # the hot path: the kernel asks before every write(2)
         data = os.getxattr(self._abs(path), name, follow_symlinks=False)
         if not size:
             return len(data)
@@ -881,7 +992,7 @@ class FusefsOperations(binding.Operations):
         return len(data)
 
     def listxattr(self, path: bytes, namebuf: Any, size: int) -> int:
-        if not self.xattr_names:
+        if not self.xattrs_seen:
             return 0
         names = os.listxattr(self._abs(path), follow_symlinks=False)
         data = b"".join(os.fsencode(n) + b"\0" for n in names)
@@ -893,6 +1004,9 @@ class FusefsOperations(binding.Operations):
         return len(data)
 
     def setxattr(self, path: bytes, name: bytes, value: Any, size: int, options: int) -> int:
+        """Set an attribute, charged by the model in :mod:`fusefs.quota`: the
+        inode's xattr total is measured (bounded by XATTR_MAX_PER_INODE) and
+        the difference in blocks charged before the call."""
         if name.startswith(b"system.posix_acl_"):
             # The kernel does not enforce ACLs on this mount (no FUSE_POSIX_ACL);
             # storing them would promise access control that does not happen.
@@ -900,19 +1014,53 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             data = ctypes.string_at(value, size)
-            self.xattr_names.add(name)  # before the call: a racing getxattr must look
-            os.setxattr(self._abs(path), name, data, options, follow_symlinks=False)
+            where = self._abs(path)
+            total = xattr_total(where) if self.xattrs_seen else 0
+            old = self._xattr_len(where, name)
+            new_total = total + xattr_bytes(len(name), size) - (xattr_bytes(len(name), old) if old >= 0 else 0)
+            if new_total > XATTR_MAX_PER_INODE:
+                return -errno.ENOSPC
+            delta = blocks(new_total) - blocks(total)
+            self.quota.charge(delta)
+            # Before the call: a racing getxattr must look.
+            self.xattrs_seen = True
+            if name == _CAPABILITY:
+                self.capability_seen = True
+            try:
+                os.setxattr(where, name, data, options, follow_symlinks=False)
+            except BaseException:
+                self.quota.adjust(-max(delta, 0))
+                raise
+            if delta < 0:
+                self.quota.adjust(delta)
             self._touched(path)
             return 0
         finally:
             self.gate.leave(w)
 
+    def _xattr_len(self, where: bytes, name: bytes) -> int:
+        """The length of attribute ``name``'s value, or -1 if it is not set."""
+        if not self.xattrs_seen:
+            return -1
+        try:
+            return len(os.getxattr(where, name, follow_symlinks=False))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return -1
+            raise
+
     def removexattr(self, path: bytes, name: bytes) -> int:
         w = self._begin_mutation()
         try:
-            if name not in self.xattr_names:
+            if not self.xattrs_seen:
                 return _ERR_NODATA
-            os.removexattr(self._abs(path), name, follow_symlinks=False)
+            where = self._abs(path)
+            total = xattr_total(where)
+            old = self._xattr_len(where, name)
+            if old < 0:
+                return _ERR_NODATA
+            os.removexattr(where, name, follow_symlinks=False)
+            self.quota.adjust(blocks(total - xattr_bytes(len(name), old)) - blocks(total))
             self._touched(path)
             return 0
         finally:
@@ -961,4 +1109,5 @@ class FusefsOperations(binding.Operations):
         return done
 
     def open_handles(self) -> int:
-        return len(self._handles)
+        """Open files and directories now (what the cap counts)."""
+        return self.open_count

@@ -176,6 +176,14 @@ _GAUGES: tuple[tuple[str, str, str], ...] = (
     ("fusefs_total_inodes", "Inode limit of the volume.", "total_inodes"),
     ("fusefs_frozen", "1 while the volume is frozen for a snapshot.", "frozen"),
     ("fusefs_read_only", "1 when the session refuses every write with EROFS.", "read_only"),
+    ("fusefs_open_files", "Files and directories the volume's users hold open.", "open_files"),
+    ("fusefs_open_files_max", "The volume's cap on open files and directories.", "open_files_max"),
+)
+#: Counters taken from a session's ``stats`` answer: (metric, help, stats key).
+_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("fusefs_open_files_refused_total", "Opens refused with EMFILE at the volume's cap.", "open_files_refused"),
+    ("fusefs_cache_invalidations_total", "Kernel cache invalidations sent for hard-linked files.",
+     "invalidations"),
 )
 
 
@@ -202,6 +210,13 @@ def render_prometheus(volumes: Mapping[str, Mapping[str, Any]]) -> str:
     for vid, st in items:
         out.append(f'fusefs_frozen_since_timestamp_seconds{{volume_id="{_escape(vid)}"}} '
                    f'{_num((st.get("freeze") or {}).get("frozen_since", 0) or 0)}')
+    for metric, help_text, key in _COUNTERS:
+        family(metric, "counter", help_text)
+        for vid, st in items:
+            out.append(f'{metric}{{volume_id="{_escape(vid)}"}} {_num(st.get(key, 0) or 0)}')
+    family("fusefs_abnormal", "gauge", "1 when the volume's usage could not be measured (no growth allowed).")
+    for vid, st in items:
+        out.append(f'fusefs_abnormal{{volume_id="{_escape(vid)}"}} {1 if st.get("abnormal") else 0}')
     family("fusefs_limit_bytes_per_second", "gauge", "I/O byte rate limit (0: unlimited).")
     for vid, st in items:
         out.append(f'fusefs_limit_bytes_per_second{{volume_id="{_escape(vid)}"}} '

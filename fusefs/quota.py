@@ -1,40 +1,59 @@
-"""Quota accounting for one volume: bytes and inodes, from a scan plus deltas.
+"""Quota accounting for one volume: what each object costs, and the counters.
 
-What counts as "used bytes" is the *apparent size* (``st_size``) of every
-regular file, each inode once however many hard links it has. Not allocated
-blocks, because:
+The charging model (docs/fusefs.md, "Quota") charges every object a pod can
+make the host store, in whole blocks of :data:`BLOCK` bytes, so that the
+blocks a backing directory occupies (what the host's ``du`` shows) never
+exceed the capacity by more than a small, fixed slack:
 
-- it is exact and predictable: writing ``capacity`` bytes into an empty volume
-  succeeds and one byte more fails, on any backing filesystem; allocated
-  blocks depend on the filesystem (ext4 rounds to 4 KiB, XFS adds speculative
-  preallocation that shows up in ``st_blocks`` and vanishes later);
-- it can be checked *before* a write: the growth of a file is known from the
-  offset and length, while the blocks a write allocates are only known after;
-- it is an upper bound on the data blocks actually used, so the backing
-  filesystem can never be filled past the promise. Sparse files are charged
-  at their full size, which is conservative. The one way to allocate blocks
-  beyond the apparent size, ``fallocate(FALLOC_FL_KEEP_SIZE)`` past end of
-  file, is refused by the filesystem layer (EOPNOTSUPP).
+=================  ==========================================================
+regular file       its apparent size rounded up to a block (sparse files at
+                   their full size); each inode once, however many names
+directory          its own size as the backing filesystem reports it
+                   (``st_size``: grows with its entries, so every name,
+                   hard links included, is paid for), at least one block
+symbolic link      the target's length rounded up to a block
+fifo, socket       nothing but the inode
+extended attrs     per inode: the sum over its attributes of
+                   ``XATTR_ENTRY + len(name) + len(value)``, rounded up to a
+                   block; at most :data:`XATTR_MAX_PER_INODE` per inode
+=================  ==========================================================
 
-Directories, symlinks, special files and xattrs are not charged bytes (their
-blocks are filesystem overhead); every inode, of any type, counts against the
-inode limit. ``df`` on the mount shows exactly these numbers (see ``statfs``).
+Every inode, of any type, also counts against the inode limit. The volume's
+root directory is the one exception: its first block and its inode exist
+before the pod does anything, so they are not charged (the used-inode count
+starts at 1 for it, as ``df -i`` shows).
 
-Open files are tracked per inode in :class:`InodeState` so that a write's
-growth is computed from a size held in memory (no ``fstat`` per write). Only
-fusefs writes the backing directory, so that size stays true; it is
-re-checked against ``fstat`` when the last handle on the inode closes.
+This module is engine-neutral: it does arithmetic on sizes and counters and
+never touches the filesystem. A FUSE engine calls :meth:`Quota.charge` (all
+or nothing) *before* an operation that may grow the volume, and
+:meth:`Quota.adjust` afterwards with the difference between what it charged
+and what the operation really cost (measured with :func:`inode_charge` and
+:func:`dir_charge` on ``stat`` results). :meth:`Quota.extend` is the write
+path's short-write variant.
+
+While the usage is unknown (a mount after a crash, until the background
+scan is done; see :mod:`fusefs.usage`), the quota is *recovering*: every
+charge is refused with ENOSPC and every release is ignored, so nothing can
+grow past the capacity and the scan's result, when it comes, is the truth.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import threading
-from dataclasses import dataclass, field
 
+#: The unit of every charge. Backing filesystems allocate in blocks of
+#: 4 KiB (ext4, XFS, tmpfs pages), so charging whole blocks makes the charge
+#: an upper bound of what ``du`` sees.
+BLOCK = 4096
+#: Per-attribute overhead of an extended attribute (ext4's entry header and
+#: padding are 16 to 22 bytes; rounded up).
+XATTR_ENTRY = 32
+#: The most extended-attribute bytes one inode may hold (ENOSPC beyond):
+#: keeps every xattr operation's cost bounded by a constant.
+XATTR_MAX_PER_INODE = 64 << 10
 #: Inode limit per byte of capacity when none is given: one inode per 4 KiB,
 #: enough for a volume full of one-block files.
 BYTES_PER_INODE = 4096
@@ -42,10 +61,36 @@ BYTES_PER_INODE = 4096
 MIN_INODES = 1024
 #: With no capacity (0: no quota) the inode limit is this many.
 UNLIMITED_INODES = 2**32
-#: Files libfuse hid because they were unlinked while open (see operations).
-#: At mount time nothing is open, so any found are leftovers of a session
-#: that ended without closing them (a crash).
-HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+
+
+def blocks(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole blocks, in bytes."""
+    return -(-nbytes // BLOCK) * BLOCK if nbytes > 0 else 0
+
+
+def dir_charge(size: int) -> int:
+    """What a directory of ``st_size`` bytes costs: at least one block."""
+    return max(BLOCK, blocks(size))
+
+
+def xattr_bytes(name_len: int, value_len: int) -> int:
+    """What one extended attribute adds to its inode's xattr total."""
+    return XATTR_ENTRY + name_len + value_len
+
+
+def inode_charge(st: os.stat_result, xattr_total: int = 0) -> int:
+    """Bytes charged for one inode (not its names), from ``lstat``.
+
+    ``xattr_total`` is the sum of :func:`xattr_bytes` over its attributes.
+    """
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        own = blocks(st.st_size)  # a symlink's st_size is its target's length
+    elif stat.S_ISDIR(mode):
+        own = dir_charge(st.st_size)
+    else:
+        own = 0
+    return own + blocks(xattr_total)
 
 
 class QuotaExceeded(OSError):
@@ -55,100 +100,34 @@ class QuotaExceeded(OSError):
         super().__init__(errno.ENOSPC, what)
 
 
-@dataclass
-class ScanResult:
-    """What the mount-time walk found."""
-
-    used_bytes: int = 0
-    used_inodes: int = 0
-    xattr_names: set[bytes] = field(default_factory=set)
-    errors: int = 0
-    #: Leftover hidden files: (path, size), not counted in the figures above.
-    hidden: list[tuple[bytes, int]] = field(default_factory=list)
-
-
-def scan(root: str, with_xattrs: bool = True) -> ScanResult:
-    """Walk ``root`` once: apparent bytes, inodes, and the xattr names in use.
-
-    Hard links are counted once. Nothing is followed out of the tree (symlinks
-    are not followed, other filesystems mounted inside are not entered).
-    Unreadable entries are counted as errors and skipped, never fatal: a
-    volume with one odd file must still mount.
-    """
-    result = ScanResult()
-    root_st = os.lstat(root)
-    seen_links: set[int] = set()
-    result.used_inodes = 1
-    if with_xattrs:
-        _collect_xattrs(os.fsencode(root), result)
-    stack = [os.fsencode(root)]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = os.scandir(directory)
-        except OSError:
-            result.errors += 1
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    result.errors += 1
-                    continue
-                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and HIDDEN_NAME.fullmatch(entry.name):
-                    result.hidden.append((entry.path, st.st_size))
-                    continue
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    if st.st_ino in seen_links:
-                        continue
-                    seen_links.add(st.st_ino)
-                result.used_inodes += 1
-                if stat.S_ISREG(st.st_mode):
-                    result.used_bytes += st.st_size
-                elif stat.S_ISDIR(st.st_mode) and st.st_dev == root_st.st_dev:
-                    stack.append(entry.path)
-                if with_xattrs:
-                    _collect_xattrs(entry.path, result)
-    return result
-
-
-def _collect_xattrs(path: bytes, result: ScanResult) -> None:
-    try:
-        for name in os.listxattr(path, follow_symlinks=False):
-            result.xattr_names.add(os.fsencode(name))
-    except OSError:
-        pass  # ENOTSUP on the backing fs, or a racing unlink: nothing to add
-
-
 class InodeState:
     """An inode with open handles: its size as fusefs knows it."""
 
-    __slots__ = ("ino", "size", "opens", "flushed", "orphan", "writable")
+    __slots__ = ("ino", "size", "opens", "orphan", "writable", "extra")
 
     def __init__(self, ino: int, size: int) -> None:
         self.ino = ino
         self.size = size
         self.opens = 0
-        #: Handles on it that saw a FLUSH (their descriptor was closed; the
-        #: RELEASE, which the kernel sends asynchronously, may be pending).
-        self.flushed = 0
         #: Some handle could write: re-check the size against fstat on close.
         self.writable = False
         #: The last link is gone but handles are open: uncharge on last close.
         self.orphan = False
+        #: What the inode is charged besides its data (its xattrs), released
+        #: with it when an orphan is finally closed.
+        self.extra = 0
 
 
 class Quota:
     """Capacity and usage of one volume. All mutations are under one lock.
 
     ``capacity == 0`` means no quota: usage is still counted (for stats) but
-    nothing is refused for bytes. The lock is held for a few dictionary and
-    integer operations only, never across a system call.
+    nothing is refused for bytes. The lock is held for a few integer
+    operations only, never across a system call.
     """
 
     def __init__(self, capacity: int, used_bytes: int = 0, used_inodes: int = 1,
-                 inode_limit: int | None = None) -> None:
+                 inode_limit: int | None = None, recovering: bool = False) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         self._lock = threading.Lock()
@@ -157,6 +136,8 @@ class Quota:
         self.used_inodes = used_inodes
         self._explicit_inode_limit = inode_limit
         self.inode_limit = self._derive_inode_limit(capacity)
+        #: Usage unknown (see the module docstring): refuse growth.
+        self.recovering = recovering
 
     def _derive_inode_limit(self, capacity: int) -> int:
         if self._explicit_inode_limit is not None:
@@ -176,8 +157,20 @@ class Quota:
             self.capacity = capacity
             self.inode_limit = self._derive_inode_limit(capacity)
 
-    def snapshot(self) -> dict[str, int]:
+    def recovered(self, used_bytes: int, used_inodes: int) -> None:
+        """The background scan is done: its figures are the usage."""
         with self._lock:
+            self.used_bytes = used_bytes
+            self.used_inodes = used_inodes
+            self.recovering = False
+
+    def snapshot(self) -> dict[str, int]:
+        """The figures for stats and ``df``. While recovering the volume shows
+        as full (nothing more fits until the usage is known)."""
+        with self._lock:
+            if self.recovering:
+                return {"capacity": self.capacity, "used_bytes": self.capacity,
+                        "used_inodes": self.inode_limit, "total_inodes": self.inode_limit}
             return {
                 "capacity": self.capacity,
                 "used_bytes": self.used_bytes,
@@ -191,6 +184,25 @@ class Quota:
 
     # ------------------------------------------------------------ bytes
 
+    def charge(self, nbytes: int) -> None:
+        """Charge ``nbytes`` before an operation, or raise ENOSPC (all or nothing)."""
+        if nbytes <= 0:
+            return
+        with self._lock:
+            if self.recovering and self.capacity:
+                raise QuotaExceeded("the volume's usage is being recounted; nothing may grow yet")
+            if self.capacity and self.used_bytes + nbytes > self.capacity:
+                raise QuotaExceeded("the volume's capacity is reached")
+            self.used_bytes += nbytes
+
+    def adjust(self, delta: int) -> None:
+        """Record a change measured after the fact (a refund, a settlement of
+        what :meth:`charge` reserved, a file's real size on close)."""
+        if delta:
+            with self._lock:
+                if not self.recovering:
+                    self.used_bytes += delta
+
     def extend(self, state: InodeState, end: int) -> int:
         """Grow ``state`` towards ``end`` bytes; return the end that fits.
 
@@ -202,14 +214,23 @@ class Quota:
             size = state.size
             if end <= size:
                 return end
-            grow = end - size
+            have = blocks(size)
+            if end <= have:  # inside the last, already charged block
+                state.size = end
+                return end
+            if self.recovering and self.capacity:
+                return size
+            grow = blocks(end) - have
             if self.capacity:
                 room = self.capacity - self.used_bytes
                 if grow > room:
-                    grow = max(0, room)
-            state.size = size + grow
+                    grow = max(0, room) // BLOCK * BLOCK
+                    end = min(end, have + grow)
+                    if end <= size:
+                        return size
+            state.size = end
             self.used_bytes += grow
-            return state.size
+            return end
 
     def reserve_exact(self, state: InodeState | None, old_size: int, new_size: int) -> None:
         """All-or-nothing size change (truncate, fallocate) before it happens.
@@ -217,16 +238,12 @@ class Quota:
         Raises :class:`QuotaExceeded` without charging anything if the growth
         does not fit. Shrinks are applied by :meth:`set_size` afterwards.
         """
-        with self._lock:
-            current = state.size if state is not None else old_size
-            grow = new_size - current
-            if grow <= 0:
-                return
-            if self.capacity and self.used_bytes + grow > self.capacity:
-                raise QuotaExceeded("the new size does not fit in the volume's capacity")
-            self.used_bytes += grow
-            if state is not None:
-                state.size = new_size
+        current = state.size if state is not None else old_size
+        if new_size <= current:
+            return
+        self.charge(blocks(new_size) - blocks(current))
+        if state is not None:
+            state.size = new_size
 
     def set_size(self, state: InodeState | None, old_size: int, new_size: int) -> None:
         """Record a size the file really has now (after truncate, on close)."""
@@ -234,23 +251,25 @@ class Quota:
             if state is not None:
                 old_size = state.size
                 state.size = new_size
-            self.used_bytes += new_size - old_size
+            if not self.recovering:
+                self.used_bytes += blocks(new_size) - blocks(old_size)
 
     def release_bytes(self, nbytes: int) -> None:
-        """A file of ``nbytes`` is gone (last link removed and not open)."""
-        if nbytes:
-            with self._lock:
-                self.used_bytes -= nbytes
+        """An object that was charged ``nbytes`` is gone."""
+        self.adjust(-nbytes)
 
     # ------------------------------------------------------------ inodes
 
     def take_inode(self) -> None:
         """Charge a new inode, or raise ENOSPC at the inode limit."""
         with self._lock:
+            if self.recovering and self.capacity:
+                raise QuotaExceeded("the volume's usage is being recounted; nothing may grow yet")
             if self.used_inodes >= self.inode_limit:
                 raise QuotaExceeded("the volume's inode limit is reached")
             self.used_inodes += 1
 
     def give_inode(self, count: int = 1) -> None:
         with self._lock:
-            self.used_inodes -= count
+            if not self.recovering:
+                self.used_inodes -= count

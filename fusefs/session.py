@@ -5,6 +5,7 @@ Command line (the daemon's contract; see docs/fusefs.md)::
     python -m fusefs.session --volume-id ID --source DIR --mountpoint DIR
         --control-socket PATH [--capacity BYTES] [--read-only]
         [--io-bytes-per-second N] [--io-ops-per-second N] [--die-with-parent]
+        [--usage-file PATH] [--max-open-files N]
 
 - stdout stays empty; logs are JSON lines on stderr.
 - The control socket (0600) answers only once the mount shows in
@@ -14,6 +15,10 @@ Command line (the daemon's contract; see docs/fusefs.md)::
   stays parked, stops the FUSE loop, unmounts (lazily) and exits 0.
 - ``--die-with-parent`` sets PR_SET_PDEATHSIG=SIGKILL; without it the
   session outlives its parent.
+- The usage is persisted in ``--usage-file`` (default: the control socket's
+  path with ``.usage`` for ``.sock``, in the daemon's private directory) at a
+  clean exit and trusted at the next start; otherwise it is rebuilt by a
+  background scan while the mount already serves (see fusefs.usage).
 
 Threads: the main thread sits in libfuse's multithreaded loop (inside
 ``fuse_main_real``); libfuse runs requests on its own worker threads; Python
@@ -37,9 +42,10 @@ from fusefs import binding
 from fusefs.control import Busy, ControlServer, InvalidRequest
 from fusefs.freeze import FreezeAborted, FreezeGate, FreezeTimeout
 from fusefs.limits import IOLimits
-from fusefs.operations import FsOptions, FusefsOperations
+from fusefs import usage
+from fusefs.operations import MAX_OPEN_FILES, FsOptions, FusefsOperations
 from fusefs.opstats import OpStats, render_prometheus
-from fusefs.quota import Quota, ScanResult, scan
+from fusefs.quota import Quota
 
 log = logging.getLogger("fusefs.session")
 
@@ -55,6 +61,35 @@ MAX_WORKERS = 128
 #: Python thread state is pinned for speed and cannot be released safely when
 #: libfuse ends the thread (see binding._pin_thread_state).
 IDLE_WORKERS = 100000
+#: Descriptors a session keeps for itself beyond the volume's open-file cap
+#: (/dev/fuse, the control socket and its clients, the usage scan's walk).
+RESERVED_FDS = 1024
+#: Scan passes the background scan makes before it gives up (a pass is
+#: repeated only when the tree moved under it).
+SCAN_PASSES = 3
+
+
+def raise_fd_limit(cap: int) -> int:
+    """Raise RLIMIT_NOFILE to hold ``cap`` volume files plus our own; returns
+    the cap that fits (lower only where the hard limit cannot be raised)."""
+    import resource
+
+    want = max(65536, 2 * cap + RESERVED_FDS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = want
+    target = min(want, ceiling)
+    for new in ((target, max(hard, target)), (min(target, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, new)
+            break
+        except (ValueError, OSError):
+            continue
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(cap, soft - RESERVED_FDS))
 
 
 # ---------------------------------------------------------------- logging
@@ -131,7 +166,8 @@ class Session:
     def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
                  capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
                  ops_per_second: int = 0, options: FsOptions | None = None,
-                 read_ahead_kb: int = 1024, max_workers: int = MAX_WORKERS) -> None:
+                 read_ahead_kb: int = 1024, max_workers: int = MAX_WORKERS,
+                 usage_file: str | None = None) -> None:
         if not VOLUME_ID_RE.match(volume_id):
             raise ValueError(f"invalid volume id {volume_id!r}")
         for what, path in (("source", source), ("mountpoint", mountpoint)):
@@ -147,42 +183,86 @@ class Session:
         self.stopping = threading.Event()
         self.ready = threading.Event()
 
-        t0 = time.monotonic()
-        found = scan(self.source)
-        self._remove_leftovers(found, read_only)
-        self.scan_info = {"seconds": round(time.monotonic() - t0, 3), "errors": found.errors,
-                          "xattr_names": len(found.xattr_names)}
-        log.info("scanned volume", extra={"fields": {
-            "used_bytes": found.used_bytes, "used_inodes": found.used_inodes, **self.scan_info}})
-        self.quota = Quota(capacity, found.used_bytes, found.used_inodes)
+        options = options or FsOptions()
+        options.max_open_files = raise_fd_limit(options.max_open_files)
+        if usage_file is None and control_socket:
+            usage_file = (control_socket[:-5] if control_socket.endswith(".sock") else control_socket) + ".usage"
+        self.usage_file = usage_file
+        #: Why the volume's usage cannot be trusted ('' when it can); shown in stats.
+        self.abnormal = ""
+        self._root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        known = usage.load(usage_file, self._root_fd) if usage_file else None
+        if known is not None and not usage.mark_dirty(usage_file, self._root_fd):
+            known = None  # a crash could leave it looking clean: do not rely on it
+        if known is not None:
+            self.scan_info: dict[str, Any] = {"state": "trusted", "seconds": 0.0, "passes": 0}
+            self.quota = Quota(capacity, known["used_bytes"], known["used_inodes"])
+            xattrs, capability = bool(known.get("xattrs", True)), bool(known.get("capability", True))
+            log.info("usage from the last clean unmount", extra={"fields": {
+                "used_bytes": known["used_bytes"], "used_inodes": known["used_inodes"]}})
+        else:
+            if usage_file:
+                usage.mark_dirty(usage_file, self._root_fd)
+            self.scan_info = {"state": "running", "seconds": 0.0, "passes": 0}
+            self.quota = Quota(capacity, recovering=True)
+            xattrs = capability = True  # until the scan says otherwise
         self.gate = FreezeGate()
         self.limits = IOLimits(bytes_per_second, ops_per_second)
         self.stats_ = OpStats()
         self.ops = FusefsOperations(
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-            read_only=read_only, options=options, xattr_names=found.xattr_names)
+            read_only=read_only, options=options, xattrs_seen=xattrs, capability_seen=capability)
         self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
+        if self.quota.recovering:
+            threading.Thread(target=self._recount, name="usage-scan", daemon=True).start()
 
-    @staticmethod
-    def _remove_leftovers(found: ScanResult, read_only: bool) -> None:
-        """Delete files a crashed session left hidden (unlinked but open then).
+    def _recount(self) -> None:
+        """Rebuild the usage in the background (the quota refuses growth
+        meanwhile, and renames, so the tree cannot move under the walk)."""
+        t0 = time.monotonic()
+        for attempt in range(1, SCAN_PASSES + 1):
+            self.scan_info["passes"] = attempt
+            try:
+                found = usage.scan(self._root_fd, should_stop=self.stopping.is_set)
+            except usage.ScanAborted as exc:
+                if self.stopping.is_set():
+                    return
+                log.warning("usage scan restarted", extra={"fields": {"reason": str(exc)}})
+                continue
+            except OSError as exc:
+                self._scan_failed(f"the usage scan failed: {exc}", t0)
+                return
+            seconds = round(time.monotonic() - t0, 3)
+            self.scan_info.update(seconds=seconds, dir_bytes=found.dir_bytes, unmeasured=found.unmeasured)
+            if found.unmeasured:
+                self._scan_failed(f"{found.unmeasured} entries could not be measured "
+                                  f"(e.g. {'; '.join(found.problems[:3])}); the volume accepts no growth", t0)
+                return
+            self.ops.xattrs_seen, self.ops.capability_seen = found.xattrs, found.capability
+            self.quota.recovered(found.used_bytes, found.used_inodes)
+            self.scan_info["state"] = "done"
+            log.info("usage scan done", extra={"fields": {
+                "used_bytes": found.used_bytes, "used_inodes": found.used_inodes, **self.scan_info}})
+            return
+        self._scan_failed(f"the tree kept moving during {SCAN_PASSES} usage scans", t0)
 
-        Nothing is open at mount time, so they are garbage that only takes
-        quota. A read-only session cannot delete them and counts them instead.
-        """
-        removed = 0
-        for path, size in found.hidden:
-            if not read_only:
-                try:
-                    os.unlink(path)
-                    removed += 1
-                    continue
-                except OSError:
-                    pass
-            found.used_bytes += size
-            found.used_inodes += 1
-        if found.hidden:
-            log.info("leftover hidden files", extra={"fields": {"found": len(found.hidden), "removed": removed}})
+    def _scan_failed(self, why: str, t0: float) -> None:
+        """The usage stays unknown: no growth (never counted as free), reported."""
+        self.abnormal = why
+        self.scan_info.update(state="failed", seconds=round(time.monotonic() - t0, 3))
+        log.error("volume abnormal", extra={"fields": {"reason": why}})
+
+    def persist_usage(self) -> None:
+        """After the unmount: the figures, marked clean, for the next mount."""
+        if not self.usage_file or self.quota.recovering:
+            return  # unknown usage stays unknown (the file is already dirty)
+        q = self.quota.snapshot()
+        try:
+            usage.store(self.usage_file, self._root_fd, clean=True, used_bytes=q["used_bytes"],
+                        used_inodes=q["used_inodes"], xattrs=self.ops.xattrs_seen,
+                        capability=self.ops.capability_seen)
+        except OSError as exc:
+            log.error("could not persist the usage", extra={"fields": {"error": str(exc)}})
 
     # ------------------------------------------------------------ commands
 
@@ -217,6 +297,10 @@ class Session:
             "limits": self.limits.as_dict(),
             "throttled_seconds": round(self.limits.throttled_seconds, 3),
             "open_files": self.ops.open_handles(),
+            "open_files_max": self.ops.options.max_open_files,
+            "open_files_refused": self.ops.open_refused,
+            "invalidations": self.ops.links.invalidations,
+            "abnormal": self.abnormal,
             "worker_threads": self.stats_.threads(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "negotiated": self.ops.negotiated,
@@ -308,6 +392,8 @@ class Session:
             self.stopping.set()
             if self.server is not None:
                 self.server.close()
+        if code == 0:
+            self.persist_usage()
         if code == 0 and not self.ready.is_set():
             code = 1  # the loop ended before the mount ever came up
         log.info("unmounted; exiting", extra={"fields": {"code": code}})
@@ -430,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no extended attributes (ENOTSUP); saves a round trip per write(2)")
     p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="libfuse worker threads at most")
     p.add_argument("--read-ahead-kb", type=int, default=1024, help="the mount's read-ahead (0: kernel default)")
+    p.add_argument("--usage-file", help="where the usage is persisted (default: beside the control socket)")
+    p.add_argument("--max-open-files", type=int, default=MAX_OPEN_FILES,
+                   help="open files and directories the volume's users may hold at once (EMFILE beyond)")
     # Long timeouts are safe because only this session changes the source
     # directory (hard links are kept coherent by explicit invalidation).
     p.add_argument("--attr-timeout", type=float, default=10.0)
@@ -447,6 +536,7 @@ def options_from_args(args: argparse.Namespace) -> FsOptions:
         negative_timeout=args.entry_timeout,
         xattrs=not args.no_xattrs,
         splice=args.splice,
+        max_open_files=args.max_open_files,
     )
 
 
@@ -455,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.die_with_parent:
         binding.prctl(binding.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     configure_logging(args.volume_id, args.log_level)
+    if args.max_open_files < 1:
+        log.error("invalid argument", extra={"fields": {"max_open_files": args.max_open_files}})
+        return 2
     for name in ("capacity", "io_bytes_per_second", "io_ops_per_second"):
         if getattr(args, name) < 0:
             log.error("invalid argument", extra={"fields": {name: getattr(args, name)}})
@@ -464,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             volume_id=args.volume_id, source=args.source, mountpoint=args.mountpoint,
             control_socket=args.control_socket, capacity=args.capacity, read_only=args.read_only,
             bytes_per_second=args.io_bytes_per_second, ops_per_second=args.io_ops_per_second,
-            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb, max_workers=args.max_workers)
+            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb, max_workers=args.max_workers,
+            usage_file=args.usage_file)
     except (ValueError, OSError) as exc:
         log.error("cannot start the session", extra={"fields": {"error": str(exc)}})
         return 2

@@ -689,6 +689,9 @@ class VolumeManager:
             except Exception as exc:  # noqa: BLE001 - reported as health, with the last numbers
                 log.warning("session stats failed", extra={"fields": {"volume_id": volume_id, "error": str(exc)}})
         healthy, message = self.health(volume, target_path)
+        problem = health.session_problem(numbers)
+        if healthy and problem:
+            healthy, message = False, problem
         return health.usage(volume.record, numbers, self.config.volumes_dir) | {
             "healthy": healthy, "message": message}
 

@@ -83,7 +83,7 @@ def test_control_commands(mounted: Mounted) -> None:
     for key in ("capacity", "used_bytes", "used_inodes", "total_inodes", "frozen", "read_only", "limits",
                 "ops", "bytes_read", "bytes_written", "bucket_bounds"):
         assert key in st, key
-    assert st["used_bytes"] == 5000 and st["bytes_written"] >= 5000
+    assert st["used_bytes"] == 8192 and st["bytes_written"] >= 5000    # two charged blocks
     write = st["ops"]["write"]
     assert write["count"] >= 1 and write["buckets"][-1] == write["count"]
     assert len(write["buckets"]) == len(st["bucket_bounds"]) + 1
@@ -91,7 +91,7 @@ def test_control_commands(mounted: Mounted) -> None:
     label = f'volume_id="{mounted.volume_id}"'
     assert f'fusefs_operations_total{{{label},op="write"}}' in text
     assert f'fusefs_operation_duration_seconds_bucket{{{label},op="write",le="+Inf"}}' in text
-    assert f"fusefs_used_bytes{{{label}}} 5000" in text
+    assert f"fusefs_used_bytes{{{label}}} 8192" in text
     assert text.count("# TYPE fusefs_operation_duration_seconds histogram") == 1
     with pytest.raises(ControlError) as exc:
         c.call("no-such-command")

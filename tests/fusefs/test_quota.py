@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -27,6 +27,15 @@ libc.fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.
 
 def used(m: Mounted) -> int:
     return int(m.client.stats()["used_bytes"])
+
+
+def scanned(m: Mounted, timeout: float = 30.0) -> dict[str, Any]:
+    """Stats once the session's background usage scan is done."""
+    deadline = time.monotonic() + timeout
+    while (st := m.client.stats())["scan"]["state"] not in ("done", "trusted"):
+        assert st["scan"]["state"] == "running" and time.monotonic() < deadline, st["scan"]
+        time.sleep(0.02)
+    return st
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -51,10 +60,10 @@ def test_quota_hit_exactly_at_capacity(start_session: Callable[..., Mounted]) ->
     assert os.stat(f).st_size == MiB
     assert (m.source / "fill").stat().st_size == MiB        # nothing past the limit on disk
     assert used(m) == MiB
-    with pytest.raises(OSError) as exc:                      # a new file cannot grow either
-        (m.mountpoint / "more").write_bytes(b"x")
+    with pytest.raises(OSError) as exc:                      # nor can a new name (it needs a
+        (m.mountpoint / "more").write_bytes(b"x")            # block for its directory)
     assert exc.value.errno == errno.ENOSPC
-    assert (m.mountpoint / "more").stat().st_size == 0
+    assert not (m.mountpoint / "more").exists()
 
 
 def test_write_across_the_limit_is_short(start_session: Callable[..., Mounted]) -> None:
@@ -96,7 +105,7 @@ def test_truncate_and_fallocate_respect_capacity(start_session: Callable[..., Mo
     os.truncate(f, MiB)                                     # exactly the capacity
     assert used(m) == MiB
     os.truncate(f, 10)
-    assert used(m) == 10
+    assert used(m) == 4096                                  # charged in whole blocks
     fd = os.open(f, os.O_RDWR)
     try:
         with pytest.raises(OSError) as exc:
@@ -116,20 +125,20 @@ def test_deletes_renames_and_links_are_counted(start_session: Callable[..., Moun
     m = start_session(capacity=4 * MiB)
     base_inodes = m.client.stats()["used_inodes"]
     a, b, c = (m.mountpoint / n for n in "abc")
-    a.write_bytes(b"a" * 1000)
+    a.write_bytes(b"a" * 1000)                              # one block each
     b.write_bytes(b"b" * 3000)
-    assert used(m) == 4000
-    os.link(a, c)                                           # a second name costs nothing
-    assert used(m) == 4000
+    assert used(m) == 8192
+    os.link(a, c)                                           # a second name: only its directory entry
+    assert used(m) == 8192                                  # (the root's first block holds it)
     os.rename(b, a)                                         # a's old inode still has c
-    assert used(m) == 4000
+    assert used(m) == 8192
     os.unlink(c)                                            # now it is gone
-    assert used(m) == 3000
+    assert used(m) == 4096
     os.rename(a, c)
-    (m.mountpoint / "d").mkdir()
-    os.symlink("c", m.mountpoint / "l")
+    (m.mountpoint / "d").mkdir()                            # a directory: one block
+    os.symlink("c", m.mountpoint / "l")                     # a symlink: its target, in blocks
     st = m.client.stats()
-    assert st["used_bytes"] == 3000 and st["used_inodes"] == base_inodes + 3
+    assert st["used_bytes"] == 3 * 4096 and st["used_inodes"] == base_inodes + 3
     os.unlink(c)
     os.unlink(m.mountpoint / "l")
     os.rmdir(m.mountpoint / "d")
@@ -184,8 +193,9 @@ def test_df_shows_capacity_and_usage(start_session: Callable[..., Mounted]) -> N
     df = _df(m.mountpoint)
     sv = os.statvfs(m.mountpoint)
     assert df["size"] == capacity == sv.f_blocks * sv.f_frsize
-    assert df["used"] == 3 * MiB == st["used_bytes"] == (sv.f_blocks - sv.f_bfree) * sv.f_frsize
-    assert df["avail"] == capacity - 3 * MiB == sv.f_bavail * sv.f_frsize
+    used_bytes = 3 * MiB + 4096                              # the directory's block
+    assert df["used"] == used_bytes == st["used_bytes"] == (sv.f_blocks - sv.f_bfree) * sv.f_frsize
+    assert df["avail"] == capacity - used_bytes == sv.f_bavail * sv.f_frsize
     assert df["itotal"] == st["total_inodes"] == sv.f_files
     assert df["iused"] == st["used_inodes"] == sv.f_files - sv.f_ffree
     assert df["iavail"] == st["total_inodes"] - st["used_inodes"]
@@ -226,8 +236,9 @@ def test_mount_scan_counts_existing_data(start_session: Callable[..., Mounted]) 
         os.setxattr(src / "g", "user.tag", b"1")
 
     m = start_session(capacity=MiB, populate=populate)
-    st = m.client.stats()
-    assert st["used_bytes"] == 5000 + 7 + 100_000
+    st = scanned(m)                                          # no usage file yet: a background scan
+    # blocks: f 2, g 1, l 1, sparse 25 (apparent size), d and e 1 each, g's xattr 1
+    assert st["used_bytes"] == 4096 * (2 + 1 + 1 + 25 + 2 + 1)
     assert st["used_inodes"] == 1 + 2 + 1 + 1 + 1 + 1        # root, d, e, f, g, l, sparse
     assert os.getxattr(m.mountpoint / "g", "user.tag") == b"1"   # a scanned name is served
     assert os.getxattr(m.mountpoint / "d" / "g2", "user.tag") == b"1"
@@ -242,14 +253,16 @@ def test_no_quota_means_no_limit(start_session: Callable[..., Mounted]) -> None:
     assert os.statvfs(m.mountpoint).f_blocks * 4096 == pytest.approx(host.f_blocks * host.f_frsize, rel=0.01)
 
 
-def test_hidden_leftovers_of_a_crash_are_removed_at_mount(start_session: Callable[..., Mounted]) -> None:
-    """A session killed while a file was unlinked-but-open leaves it hidden;
-    the next session deletes it instead of charging it forever."""
+def test_fuse_hidden_names_are_the_pods_and_counted(start_session: Callable[..., Mounted]) -> None:
+    """Unlinked open files are really unlinked (hard_remove), so a
+    ``.fuse_hidden*`` name is an ordinary one: kept and charged at mount."""
     def populate(src: Path) -> None:
         (src / ".fuse_hidden0000000a00000001").write_bytes(b"x" * 5000)
         (src / "keep").write_bytes(b"k" * 10)
         (src / ".fuse_hidden-but-not-ours").write_bytes(b"y")
 
     m = start_session(capacity=MiB, populate=populate)
-    assert sorted(os.listdir(m.source)) == [".fuse_hidden-but-not-ours", "keep"]
-    assert used(m) == 11
+    names = [".fuse_hidden-but-not-ours", ".fuse_hidden0000000a00000001", "keep"]
+    assert sorted(os.listdir(m.source)) == names
+    assert sorted(os.listdir(m.mountpoint)) == names
+    assert scanned(m)["used_bytes"] == 4096 * (2 + 1 + 1)
