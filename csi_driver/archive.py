@@ -1118,13 +1118,14 @@ class _Extractor:
             )
 
     def _charge(self, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
-        """Charge what the header claims (apparent size, one inode) before
+        """Charge what the header claims (fusefs's block model, one inode) before
         anything is written; a hard link is another name for a charged inode
         and the root is the volume itself."""
         if member.islnk() or (member.isdir() and not parts):
             return
         mode = stat.S_IFREG if member.isreg() else stat.S_IFDIR if member.isdir() else stat.S_IFLNK
-        self._budget.charge_stat(mode, member.size if member.isreg() else 0)
+        size = member.size if member.isreg() else len(member.linkname.encode()) if member.issym() else 0
+        self._budget.charge_stat(mode, size)
 
     def _make_dir(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
         if parts:

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from fusefs import quota
+
 log = logging.getLogger("fusepath.fdtree")
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -79,10 +81,18 @@ class BudgetExceeded(TreeError):
 def charge_of(mode: int, size: int) -> tuple[int, int]:
     """(bytes, inodes) one object costs against a volume's quota.
 
-    The one place that follows fusefs's accounting (``fusefs/quota.py``):
-    a regular file costs its apparent size, every inode costs one inode.
-    Hard links are charged once per inode by the callers."""
-    return (size if stat.S_ISREG(mode) else 0, 1)
+    The one place that follows fusefs's block model (``fusefs/quota.py``), so
+    a clone or restore never makes a volume that is over quota the moment it
+    is mounted: a regular file or a symlink costs its size (a symlink's size
+    is its target's length) in whole blocks, a directory at least one block,
+    and every object one inode. Hard links are charged once per inode by the
+    callers; the root is the volume itself and is not charged.
+    """
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return quota.blocks(size), 1
+    if stat.S_ISDIR(mode):
+        return quota.dir_charge(size), 1
+    return 0, 1
 
 
 @dataclass
@@ -535,7 +545,7 @@ class _Copier:
             if isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL:
                 return  # gone or no longer a symlink
             raise
-        self.budget.charge_stat(st.st_mode, 0)
+        self.budget.charge_stat(st.st_mode, len(os.fsencode(target)))
         os.symlink(target, name, dir_fd=self.dst.fd)
         self.report.symlinks += 1
         if os.geteuid() == 0:
