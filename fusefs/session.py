@@ -156,7 +156,10 @@ class Session:
             "used_bytes": found.used_bytes, "used_inodes": found.used_inodes, **self.scan_info}})
         self.quota = Quota(capacity, found.used_bytes, found.used_inodes)
         self.gate = FreezeGate()
-        self.limits = IOLimits(bytes_per_second, ops_per_second)
+        # Half the workers at most may wait in the buckets: the rest serve
+        # metadata, cached reads and the kernel's INTERRUPT requests.
+        self.limits = IOLimits(bytes_per_second, ops_per_second, max_waiters=max(1, max_workers // 2),
+                               interrupted=binding.request_interrupted)
         self.stats_ = OpStats()
         self.ops = FusefsOperations(
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
@@ -216,6 +219,8 @@ class Session:
             "read_only": self.ops.read_only,
             "limits": self.limits.as_dict(),
             "throttled_seconds": round(self.limits.throttled_seconds, 3),
+            "throttle_refused": self.limits.refused,
+            "throttle_interrupted": self.limits.interrupted_requests,
             "open_files": self.ops.open_handles(),
             "worker_threads": self.stats_.threads(),
             "uptime_seconds": round(time.time() - self.started, 3),

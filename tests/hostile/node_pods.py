@@ -8,9 +8,14 @@ A "pod" here is a volume staged and published through the real driver
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from fusefs.client import FuseFSClient
 from tests.harness import Driver
@@ -61,3 +66,17 @@ def thread_count(pid: int) -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     return 0
+
+
+@pytest.fixture
+def pod_driver() -> Iterator[Driver]:
+    """A driver whose kubelet directory uid 1000 can traverse (pytest's tmp_path is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="fusepath-hostile-", dir="/tmp"))
+    root.chmod(0o755)
+    d = Driver(root)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.teardown()
+        shutil.rmtree(root, ignore_errors=True)

@@ -19,7 +19,7 @@ import pytest
 from csi_driver.gen import csi_pb2
 from csi_driver.mounts import top_mount
 from tests.harness import MiB, Driver, code_of, mount_cap
-from tests.hostile.node_pods import as_pod_user
+from tests.hostile.node_pods import as_pod_user, pod_driver  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.privileged
 C = grpc.StatusCode
@@ -87,7 +87,8 @@ def test_default_maximum_inline_size_refuses_a_huge_volume(driver):
     assert refused(driver, {"size": "100Ti"}) == C.INVALID_ARGUMENT
 
 
-def test_setuid_binary_in_an_inline_volume_gives_no_privilege(driver):
+def test_setuid_binary_in_an_inline_volume_gives_no_privilege(pod_driver):
+    driver = pod_driver
     handle, target = publish_inline(driver, {"size": "16Mi"})
     entry = top_mount(target)
     assert entry is not None and entry.fs_type == "fuse.fusefs"

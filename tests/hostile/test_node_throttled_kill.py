@@ -1,0 +1,94 @@
+"""A pod process on a throttled volume dies promptly, and throttling starves nothing else.
+
+With ``ioBytesPerSecond`` set, data requests wait in the volume's token
+bucket. A SIGKILLed writer must be gone within about a second (the kernel
+sends FUSE INTERRUPT; the waiting request must stop waiting), and while a
+pod floods the bucket with more writers than the session has workers,
+metadata (stat, ls) from another process must still be answered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.harness import MiB
+from tests.hostile.node_pods import pod_driver  # noqa: F401  (fixture)
+from tests.hostile.node_pods import SYSTEM_PYTHON, as_pod_user, gone_within, wait_blocked_in_fuse
+from tests.test_node_fusefs import Pod
+
+pytestmark = pytest.mark.privileged
+#: Generous; the real figure is printed and goes to the report.
+BOUND = 5.0
+
+#: A writer with many threads, each writing big chunks as fast as it can.
+WRITER = """
+import os, sys, threading
+path, threads, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def write(i):
+    fd = os.open(f"{path}/w{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+    data = b"x" * chunk
+    while True:
+        try:
+            os.pwrite(fd, data, 0)
+        except OSError:
+            pass
+for i in range(threads):
+    threading.Thread(target=write, args=(i,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def start_writer(target, threads: int, chunk: int) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    proc = subprocess.Popen(as_pod_user(SYSTEM_PYTHON, "-c", WRITER, str(target), str(threads), str(chunk)))
+    if not wait_blocked_in_fuse(proc.pid):
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the writer never reached the volume")
+    time.sleep(0.3)  # let its other threads queue up behind the first
+    return proc
+
+
+def throttled_pod(driver) -> Pod:  # type: ignore[no-untyped-def]
+    pod = Pod(driver, size=64 * MiB, ioBytesPerSecond=str(64 * 1024))
+    pod.target.chmod(0o777)
+    return pod
+
+
+def test_sigkilled_throttled_writer_is_gone_promptly(pod_driver):
+    pod = throttled_pod(pod_driver)
+    writer = start_writer(pod.target, threads=4, chunk=1 * MiB)  # each write reserves 16 s of the bucket
+    os.kill(writer.pid, signal.SIGKILL)
+    seconds = gone_within(writer, timeout=BOUND)
+    print(f"\nSIGKILLed throttled writer gone after {seconds}")
+    if seconds is None:
+        writer.wait()  # reaped later, once the throttled requests finish
+    assert seconds is not None and seconds < BOUND
+    pod.teardown()
+
+
+def test_metadata_answers_while_a_pod_floods_the_bucket(pod_driver):
+    pod = throttled_pod(pod_driver)
+    (pod.target / "dir").mkdir()
+    writer = start_writer(pod.target, threads=160, chunk=256 * 1024)  # more writers than session workers
+    try:
+        start = time.monotonic()
+        for argv in (["stat", str(pod.target / "dir")], ["ls", "-la", str(pod.target)],
+                     ["mkdir", str(pod.target / "dir2")]):
+            out = subprocess.run(as_pod_user(*argv), capture_output=True, timeout=BOUND * 2)
+            assert out.returncode == 0, out.stderr
+        seconds = time.monotonic() - start
+        print(f"\nmetadata under a flooded bucket answered in {seconds:.3f}s")
+        assert seconds < BOUND
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        killed = gone_within(writer, timeout=BOUND)
+        print(f"flooding writer gone after {killed}")
+        if killed is None:
+            writer.wait()
+    assert killed is not None and killed < BOUND
+    pod.teardown()
