@@ -21,7 +21,7 @@ from tests.hostile.node_pods import pod_driver  # noqa: F401  (fixture)
 from tests.hostile.node_pods import SYSTEM_PYTHON, as_pod_user, gone_within, wait_blocked_in_fuse
 from tests.test_node_fusefs import Pod
 
-pytestmark = pytest.mark.privileged
+PRIVILEGED = pytest.mark.privileged
 #: Generous; the real figure is printed and goes to the report.
 BOUND = 5.0
 
@@ -59,6 +59,7 @@ def throttled_pod(driver) -> Pod:  # type: ignore[no-untyped-def]
     return pod
 
 
+@PRIVILEGED
 def test_sigkilled_throttled_writer_is_gone_promptly(pod_driver):
     pod = throttled_pod(pod_driver)
     writer = start_writer(pod.target, threads=4, chunk=1 * MiB)  # each write reserves 16 s of the bucket
@@ -71,6 +72,7 @@ def test_sigkilled_throttled_writer_is_gone_promptly(pod_driver):
     pod.teardown()
 
 
+@PRIVILEGED
 def test_metadata_answers_while_a_pod_floods_the_bucket(pod_driver):
     pod = throttled_pod(pod_driver)
     (pod.target / "dir").mkdir()
@@ -92,3 +94,73 @@ def test_metadata_answers_while_a_pod_floods_the_bucket(pod_driver):
             writer.wait()
     assert killed is not None and killed < BOUND
     pod.teardown()
+
+
+# -- the bucket's own bounds, without a mount ------------------------------------------------------
+
+def _throttle_in_thread(limits, nbytes: int):  # type: ignore[no-untyped-def]
+    """Run ``limits.throttle(nbytes)`` in a thread; returns (thread, outcome list)."""
+    import threading
+
+    outcome: list = []
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            limits.throttle(nbytes)
+            outcome.append((None, time.monotonic() - start))
+        except OSError as exc:
+            outcome.append((exc.errno, time.monotonic() - start))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("nbytes", [10_000, 10_000_000])
+def test_an_interrupted_wait_ends_with_eintr(nbytes):
+    import errno
+    import threading
+
+    from fusefs.limits import IOLimits
+
+    interrupted = threading.Event()
+    limits = IOLimits(bytes_per_second=1000, interrupted=interrupted.is_set)
+    limits.throttle(10_000)  # books the bucket 10 s ahead
+    thread, outcome = _throttle_in_thread(limits, nbytes)
+    time.sleep(0.2)
+    assert not outcome, "the second request should still be waiting"
+    interrupted.set()
+    thread.join(BOUND)
+    assert outcome and outcome[0][0] == errno.EINTR
+    assert limits.interrupted_requests == 1
+
+
+def test_debt_a_bucket_carries_is_bounded():
+    from fusefs.limits import MAX_DEBT_SECONDS, RateLimiter
+
+    bucket = RateLimiter(1000)
+    assert bucket.reserve(5000, MAX_DEBT_SECONDS) is not None  # 5 s booked: one request may overrun
+    assert bucket.reserve(10, MAX_DEBT_SECONDS) is None  # nothing more until the backlog drains
+    assert bucket.backlog() <= MAX_DEBT_SECONDS + 5.0
+
+
+def test_waiters_beyond_the_cap_are_refused_at_once():
+    import errno
+    import threading
+
+    from fusefs.limits import IOLimits
+
+    interrupted = threading.Event()
+    limits = IOLimits(bytes_per_second=1000, max_waiters=2, interrupted=interrupted.is_set)
+    limits.throttle(1000)
+    waiting = [_throttle_in_thread(limits, 1000) for _ in range(2)]
+    time.sleep(0.2)
+    start = time.monotonic()
+    with pytest.raises(OSError) as excinfo:
+        limits.throttle(1000)
+    assert excinfo.value.errno == errno.EAGAIN and time.monotonic() - start < 0.1
+    assert limits.refused == 1
+    interrupted.set()
+    for thread, _ in waiting:
+        thread.join(BOUND)
