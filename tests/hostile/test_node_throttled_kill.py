@@ -78,14 +78,15 @@ def test_metadata_answers_while_a_pod_floods_the_bucket(pod_driver):
     (pod.target / "dir").mkdir()
     writer = start_writer(pod.target, threads=160, chunk=256 * 1024)  # more writers than session workers
     try:
-        start = time.monotonic()
+        took = []
         for argv in (["stat", str(pod.target / "dir")], ["ls", "-la", str(pod.target)],
                      ["mkdir", str(pod.target / "dir2")]):
+            start = time.monotonic()
             out = subprocess.run(as_pod_user(*argv), capture_output=True, timeout=BOUND * 2)
+            took.append(time.monotonic() - start)
             assert out.returncode == 0, out.stderr
-        seconds = time.monotonic() - start
-        print(f"\nmetadata under a flooded bucket answered in {seconds:.3f}s")
-        assert seconds < BOUND
+        print(f"\nmetadata under a flooded bucket: stat, ls, mkdir took {', '.join(f'{t:.3f}' for t in took)} s")
+        assert max(took) < BOUND
     finally:
         os.kill(writer.pid, signal.SIGKILL)
         killed = gone_within(writer, timeout=BOUND)
