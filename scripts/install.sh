@@ -8,7 +8,7 @@
 set -euo pipefail
 
 RUNTIME_PACKAGES=(fuse3 libfuse3-3 util-linux mount tar gzip zstd)
-TEST_PACKAGES=(fio bindfs procps)
+TEST_PACKAGES=(fio bindfs procps python3)  # python3: /usr/bin/python3 for pods played by uid 1000
 
 apt_install() {
     if [ "$(id -u)" != 0 ]; then
