@@ -148,7 +148,9 @@ class FuseMounter(BindMounter):
             if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise errors.unavailable(f"fusefs did not report on volume {vol.id} in time: {exc.details()}") from exc
             raise
-        state = mounts.mount_state(path)
+        # The daemon has probed the path already; look again only where it saw
+        # nothing wrong (it may run in another mount namespace).
+        state = mounts.mount_state(path) if stats.healthy else mounts.ALIVE
         healthy = stats.healthy and state == mounts.ALIVE
         message = stats.message or "healthy"
         if state == mounts.DEAD:

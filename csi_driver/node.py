@@ -15,6 +15,7 @@ from csi_driver import capabilities, errors, mounts, parameters, validation
 from csi_driver.config import parse_size
 from csi_driver.context import DriverContext
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
+from csi_driver.locks import KeyedCap
 from csi_driver.mounters import BindMounter, mounter_for, mounter_named
 from csi_driver.state.store import READY, Publication, Staging, Volume
 from csi_driver.volumes import VolumeManager, VolumeSpec
@@ -24,6 +25,8 @@ log = logging.getLogger("fusepath.node")
 NodeCap = csi_pb2.NodeServiceCapability.RPC
 Usage = csi_pb2.VolumeUsage
 
+#: Concurrent NodeGetVolumeStats per volume: a stuck volume can hold no more RPC workers than this.
+STATS_PER_VOLUME = 4
 #: What a pod spec may say about its inline volume: its size, and (pointlessly) that it is fusefs.
 EPHEMERAL_KEYS = {parameters.MOUNTER, parameters.EPHEMERAL_SIZE}
 
@@ -32,6 +35,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
         self.volumes = VolumeManager(ctx)
+        self._stats_slots = KeyedCap(STATS_PER_VOLUME)
 
     # -- info ----------------------------------------------------------------------
     def NodeGetCapabilities(self, request, context):  # noqa: N802
@@ -263,7 +267,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if str(path) not in known:
             raise errors.not_found(f"volume {vol.id} is not staged or published at {path}")
         mounter = mounter_named(self.ctx, staging.mounter) if staging else mounter_for(self.ctx, vol)
-        usage = mounter.usage(vol, path)
+        with self._stats_slots.slot(vol.id) as granted:
+            if not granted:
+                raise errors.unavailable(f"{STATS_PER_VOLUME} NodeGetVolumeStats calls for volume {vol.id} are "
+                                         "already running (its mount may not be answering); try again later")
+            usage = mounter.usage(vol, path)
         entries = [Usage(unit=Usage.BYTES, total=usage.bytes_total, used=usage.bytes_used,
                          available=usage.bytes_available)]
         if usage.inodes_total:
