@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from csi_driver import errors
-from fusefs import mountinfo, safepath
+from fusefs import safepath
 
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
@@ -86,7 +86,8 @@ def node_path(value: str, field: str, kubelet_dir: Path) -> tuple[Path, str]:
     them) and strictly under ``kubelet_dir``. Below the kubelet directory no
     component may be a symlink, and the path may not lie inside any mount
     (another pod's volume, fusefs or not): the driver never creates, removes
-    or mounts anything inside a filesystem it does not own. The check reads
+    or mounts anything inside a filesystem it does not own (the one
+    exception: ``safepath.walk_kubelet_path``). The check reads
     mountinfo and lstat()s only components that are not mount points, so it
     never sends a request to a FUSE mount (a stuck one would block it).
 
@@ -106,8 +107,7 @@ def node_path(value: str, field: str, kubelet_dir: Path) -> tuple[Path, str]:
             break
     else:
         raise errors.invalid(f"{field} {value!r} is not under the kubelet directory {str(kubelet_dir)!r}")
-    entries = mountinfo.read()
-    found = safepath.walk(real, root, {e.mount_point for e in entries}, _crossable(entries, root))
+    found = safepath.walk_kubelet_path(real, root)
     if found.symlink:
         raise errors.invalid(f"{field} {value!r} goes through a symlink at {found.symlink}")
     if found.crossed_mount:
@@ -116,14 +116,6 @@ def node_path(value: str, field: str, kubelet_dir: Path) -> tuple[Path, str]:
     if found.not_directory:
         raise errors.invalid(f"{field} {value!r}: {found.not_directory} is not a directory")
     return Path(value), found.kind
-
-
-def _crossable(entries: list[mountinfo.MountEntry], root: str) -> frozenset[str]:
-    """Mounts directly below the kubelet directory that are not FUSE (e.g. a
-    separate disk for ``pods/``): the kubelet's own layout, never a volume."""
-    prefix = root.rstrip("/") + "/"
-    return frozenset(e.mount_point for e in entries if e.mount_point.startswith(prefix)
-                     and "/" not in e.mount_point[len(prefix):] and not e.fs_type.startswith("fuse"))
 
 
 def _is_under(path: Path, root: Path) -> bool:

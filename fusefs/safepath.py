@@ -43,6 +43,19 @@ def mount_points() -> set[str]:
     return {entry.mount_point for entry in mountinfo.read()}
 
 
+def walk_kubelet_path(path: str, kubelet_dir: str) -> Walk:
+    """:func:`walk` below the kubelet directory, with the one kind of mount a
+    node path may cross: a non-FUSE mount directly below the kubelet
+    directory (a separate disk for ``pods/``), which is the kubelet's own
+    layout and never a volume. Any other mount on the way is someone's
+    volume."""
+    entries = mountinfo.read()
+    prefix = kubelet_dir.rstrip("/") + "/"
+    crossable = frozenset(e.mount_point for e in entries if e.mount_point.startswith(prefix)
+                          and "/" not in e.mount_point[len(prefix):] and not e.fs_type.startswith("fuse"))
+    return walk(path, kubelet_dir, {e.mount_point for e in entries}, crossable)
+
+
 def walk(path: str, root: str, mounts: set[str] | None = None, crossable: frozenset[str] = frozenset()) -> Walk:
     """Resolve ``path`` (normalised, strictly under ``root``) without entering a mount.
 

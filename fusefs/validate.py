@@ -69,7 +69,7 @@ def kubelet_path(value: str, field: str, kubelet_dir: str) -> str:
         raise rpcerrors.invalid(f"{field} {value!r} is not normalised")
     if not is_under(value, kubelet_dir):
         raise rpcerrors.invalid(f"{field} {value!r} is not under the kubelet directory {kubelet_dir}")
-    found = safepath.walk(value, kubelet_dir)
+    found = safepath.walk_kubelet_path(value, kubelet_dir)
     if found.symlink:
         raise rpcerrors.invalid(f"{field} {value!r} goes through a symlink")
     if found.crossed_mount:

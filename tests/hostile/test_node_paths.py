@@ -136,3 +136,32 @@ def test_publish_to_a_regular_file_is_invalid_argument(driver):
     assert code == C.INVALID_ARGUMENT
     assert target.read_text() == "a file, not a directory"
     pod.teardown()
+
+
+def test_only_the_kubelets_own_top_level_mounts_may_be_crossed(driver):
+    """A separate disk for ``pods/`` is the kubelet's layout; a mount deeper down is someone's volume."""
+    import subprocess
+
+    from csi_driver.mounts import be_unmounted
+
+    top = driver.kubelet_dir / "pods-disk"
+    top.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kubelet-disk", str(top)], check=True)
+    deep = top / "other-volume"
+    try:
+        deep.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "other-volume", str(deep)], check=True)
+        vol = driver.create_volume(f"pvc-{uuid.uuid4().hex[:8]}", size=8 * MiB)
+        refused = rpc_code(lambda: driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(deep / "globalmount"), volume_capability=mount_cap())))
+        assert refused in REFUSED
+        assert not (deep / "globalmount").exists()
+        staging = top / "plugins" / "globalmount"
+        driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=mount_cap()))
+        assert top_mount(staging) is not None and top_mount(staging).fs_type == "fuse.fusefs"
+        driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)))
+    finally:
+        be_unmounted(deep)
+        be_unmounted(top)
