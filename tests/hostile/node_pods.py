@@ -46,26 +46,29 @@ def gone_within(proc: subprocess.Popen, timeout: float) -> float | None:
     return time.monotonic() - start
 
 
+def threads_in_fuse(pid: int) -> int:
+    """How many threads of ``pid`` sleep in a FUSE request (their wchan says so)."""
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        count += "fuse" in wchan or "request_wait_answer" in wchan
+    return count
+
+
 def wait_blocked_in_fuse(pid: int, timeout: float = 10.0) -> bool:
-    """Wait until some thread of ``pid`` sleeps in a FUSE request (its wchan says so)."""
+    """Wait until some thread of ``pid`` sleeps in a FUSE request."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
-                if "fuse" in wchan or "request_wait_answer" in wchan:
-                    return True
+            if threads_in_fuse(pid):
+                return True
         except OSError:
-            return False
+            return False  # the process is gone
         time.sleep(0.02)
     return False
-
-
-def thread_count(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
 
 
 @pytest.fixture
