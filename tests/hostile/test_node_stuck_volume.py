@@ -129,6 +129,12 @@ def test_stuck_volume_does_not_block_publishing_another_volume(driver):
             volume_id=other.vol.volume_id, staging_target_path=str(other.staging), target_path=str(second),
             volume_capability=other.cap), timeout=CALL_TIMEOUT))
         assert seconds < BOUND and not isinstance(result, grpc.RpcError), result
+        # A repeated NodeStage of the stuck volume answers quickly: UNAVAILABLE (retry), or done.
+        seconds, result = timed(lambda: driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=stuck.vol.volume_id, staging_target_path=str(stuck.staging),
+            volume_capability=stuck.cap), timeout=CALL_TIMEOUT))
+        assert seconds < BOUND, result
+        assert not isinstance(result, grpc.RpcError) or result.code() == grpc.StatusCode.UNAVAILABLE, result
         # The stuck volume's own unpublish answers quickly too (a retryable code, or done).
         seconds, result = timed(lambda: driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=stuck.vol.volume_id, target_path=str(stuck.target)), timeout=CALL_TIMEOUT))
