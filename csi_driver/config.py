@@ -39,6 +39,7 @@ class Config:
     reserve: int = 0
     overcommit_ratio: float = 1.0
     default_capacity: int = GiB
+    max_inline_volume_size: int = GiB
     workers: int = 32
 
     @property
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("overcommit-ratio", defaults.overcommit_ratio, "promise up to this many times the filesystem size",
         type=float)
     add("default-capacity", "1Gi", "capacity of a volume created without a capacity range")
+    add("max-inline-volume-size", "1Gi",
+        "largest CSI ephemeral inline volume a pod spec may ask for (the pod author chooses the size)")
     add("workers", defaults.workers, "gRPC worker threads", type=int)
     attach_env = os.environ.get(_env("enable-attach"), "")
     p.add_argument("--enable-attach", action="store_true", default=attach_env.lower() in ("1", "true", "yes"),
@@ -123,5 +126,6 @@ def from_args(args: argparse.Namespace) -> Config:
         reserve=parse_size(str(args.reserve)),
         overcommit_ratio=float(args.overcommit_ratio),
         default_capacity=parse_size(str(args.default_capacity)),
+        max_inline_volume_size=parse_size(str(args.max_inline_volume_size)),
         workers=int(args.workers),
     )

@@ -115,9 +115,9 @@ class FuseFSLink:
                 self._client = FuseFSClient(endpoint)
             return self._client
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            return bool(self.client().ping())
+            return bool(self.client().ping(timeout=timeout))
         except Exception as exc:  # noqa: BLE001 - a probe reports, it does not raise
             log.warning("fusefs daemon does not answer: %s", exc)
             return False

@@ -9,6 +9,10 @@ from csi_driver.context import DriverContext
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 
 PluginCapability = csi_pb2.PluginCapability
+#: Probe answers within about this: a daemon slower than this is "not ready".
+#: It never touches a volume (the daemon's Ping does not either), so one stuck
+#: volume cannot make the node look dead.
+PING_TIMEOUT = 0.8
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
@@ -39,6 +43,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
 
         Probe itself never fails: "not ready" is an answer, not an error, so
         the livenessprobe sidecar can tell a slow start from a dead driver.
+        It answers within about PING_TIMEOUT.
         """
         return csi_pb2.ProbeResponse(ready=BoolValue(value=self.ready()))
 
@@ -46,7 +51,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         if not self.ctx.store.healthy():
             return False
         if self.ctx.config.runs_node and self.ctx.fusefs is not None:
-            return self.ctx.fusefs.healthy()
+            return self.ctx.fusefs.healthy(timeout=PING_TIMEOUT)
         return True
 
 

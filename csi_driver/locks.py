@@ -57,3 +57,36 @@ class KeyedLocks:
     def __len__(self) -> int:
         with self._guard:
             return len(self._locks)
+
+
+class KeyedCap:
+    """At most ``limit`` holders per key at once; a caller beyond that is told so at once.
+
+    For calls that may take long on one key (stats of a volume whose mount
+    does not answer): capped, they can hold only a few RPC workers, and the
+    rest of the pool keeps serving every other key.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._guard = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    @contextmanager
+    def slot(self, key: str) -> Iterator[bool]:
+        """Yields True with a slot held, or False (nothing held) when ``key`` is at its limit."""
+        with self._guard:
+            count = self._held.get(key, 0)
+            granted = count < self.limit
+            if granted:
+                self._held[key] = count + 1
+        try:
+            yield granted
+        finally:
+            if granted:
+                with self._guard:
+                    count = self._held[key] - 1
+                    if count:
+                        self._held[key] = count
+                    else:
+                        del self._held[key]

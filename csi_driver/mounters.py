@@ -18,11 +18,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from csi_driver import block, errors, fdtree, mounts, parameters
 from csi_driver.context import DriverContext
 from csi_driver.state.store import Volume
 
 FUSE_FSTYPE = "fuse.fusefs"
+#: Deadline for the daemon's Stats answer (it bounds its own stat probes well below this).
+STATS_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,11 @@ class BindMounter:
             mounts.be_unmounted(target)
 
     def usage(self, vol: Volume, path: Path) -> Usage:
-        if mounts.path_is_dead(path):
+        state = mounts.mount_state(path)
+        if state == mounts.DEAD:
             return Usage(vol.capacity, 0, 0, abnormal=True, message=f"{path} is not reachable (stale mount)")
+        if state == mounts.HUNG:
+            return Usage(vol.capacity, 0, 0, abnormal=True, message=f"{path} does not answer stat()")
         used, inodes = _scan(self.ctx.layout.volume_dir(vol.id))
         st = os.statvfs(path)
         return Usage(
@@ -104,6 +111,9 @@ class FuseMounter(BindMounter):
         if entry is None or entry.fs_type != FUSE_FSTYPE or entry.source != fuse_source(vol.id):
             found = f"{entry.fs_type} from {entry.source}" if entry else "nothing"
             raise errors.internal(f"after mounting, {staging} holds {found}, not fusefs volume {vol.id}")
+        if not {"nosuid", "nodev"} <= set(entry.options):  # what isolation rests on: never serve without
+            self._client().unmount(vol.id)
+            raise errors.internal(f"fusefs mounted {vol.id} without nosuid,nodev ({','.join(entry.options)})")
         return ""
 
     def owns(self, volume_id: str, path: Path) -> bool:
@@ -133,14 +143,28 @@ class FuseMounter(BindMounter):
             mounts.be_unmounted(target)
 
     def usage(self, vol: Volume, path: Path) -> Usage:
-        stats = self._client().stats(vol.id, str(path))
-        dead = mounts.path_is_dead(path)
-        healthy = stats.healthy and not dead
+        """The daemon's numbers and health, within STATS_TIMEOUT.
+
+        The daemon answers a stuck volume quickly (its stat probes are
+        bounded); the deadline here covers a daemon that is itself slow.
+        """
+        try:
+            stats = self._client().stats(vol.id, str(path), timeout=STATS_TIMEOUT)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise errors.unavailable(f"fusefs did not report on volume {vol.id} in time: {exc.details()}") from exc
+            raise
+        # The daemon has probed the path already; look again only where it saw
+        # nothing wrong (it may run in another mount namespace).
+        state = mounts.mount_state(path) if stats.healthy else mounts.ALIVE
+        healthy = stats.healthy and state == mounts.ALIVE
         message = stats.message or "healthy"
-        if dead:
+        if state == mounts.DEAD:
             message = (f"{path} answers ENOTCONN: the FUSE session behind it is gone. "
                        "fusefs re-mounts the volume; containers without HostToContainer mount propagation keep "
                        "ENOTCONN until they are restarted")
+        elif state == mounts.HUNG and stats.healthy:
+            message = f"{path} does not answer stat(): the volume's FUSE session is stuck"
         return Usage(
             bytes_total=stats.capacity_bytes or vol.capacity, bytes_used=stats.used_bytes,
             bytes_available=stats.available_bytes, inodes_total=stats.total_inodes, inodes_used=stats.used_inodes,

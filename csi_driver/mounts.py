@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 from pathlib import Path
 
-from fusefs import bindmount, mountinfo
+from csi_driver import errors
+from fusefs import bindmount, mountinfo, probe
 from fusefs.mountinfo import MountEntry
 
 __all__ = ["MountEntry", "be_absent", "be_bind_mounted", "be_directory", "be_file", "be_unmounted",
-           "is_mounted", "path_is_dead", "top_mount"]
+           "be_absent_file", "is_mounted", "mount_state", "path_is_dead", "top_mount"]
 
 
 def top_mount(path: Path | str) -> MountEntry | None:
@@ -38,12 +40,26 @@ def is_mounted(path: Path | str) -> bool:
 
 
 def path_is_dead(path: Path | str) -> bool:
-    """True for a mount whose FUSE server is gone (ENOTCONN) or a stale handle."""
-    try:
-        os.stat(path)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ESTALE, errno.EIO)
-    return False
+    """True for a mount whose FUSE server is gone (ENOTCONN) or a stale handle.
+
+    The stat is bounded (``fusefs.probe``): a mount that does not answer is
+    not dead, just stuck, and says so through :func:`mount_state`.
+    """
+    return mount_state(path) == DEAD
+
+
+DEAD, HUNG, ALIVE = "dead", "hung", "alive"
+
+
+def mount_state(path: Path | str) -> str:
+    """DEAD (ENOTCONN, ESTALE, EIO), HUNG (no answer within the probe's
+    bound) or ALIVE, without ever blocking the caller on a stuck mount."""
+    result = probe.stat_within(str(path))
+    if result.state == probe.HUNG:
+        return HUNG
+    if result.state == probe.ERROR and result.errno in (errno.ENOTCONN, errno.ESTALE, errno.EIO):
+        return DEAD
+    return ALIVE
 
 
 def be_bind_mounted(source: Path, target: Path, read_only: bool) -> None:
@@ -86,19 +102,50 @@ def be_unmounted(path: Path) -> None:
 
 
 def be_absent(path: Path) -> None:
-    """Remove an (unmounted) target file or empty directory; no-op when it is gone."""
+    """Remove an unmounted, *empty* directory; a no-op when it is gone.
+
+    Only rmdir(2): it cannot remove a file or a non-empty directory, so a
+    path that turns out to hold someone's data (a pod's file, a directory the
+    CO filled) is left alone, whatever the request said. Raises OSError
+    (ENOTEMPTY, ENOTDIR...) for the caller to report.
+    """
     try:
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:
-            path.unlink()
+        os.rmdir(path)
     except FileNotFoundError:
         pass
 
 
+def be_absent_file(path: Path) -> None:
+    """Remove the empty regular file a block volume was bind-mounted on.
+
+    Only such a file (we created it, empty, as the mount point): anything
+    else, or a file that has data, stays.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        be_absent(path)
+    elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        os.unlink(path)
+    else:
+        raise OSError(errno.EEXIST, f"{path} is not an empty file; left in place")
+
+
 def be_directory(path: Path) -> None:
-    """Make ``path`` a directory, clearing a dead mount sitting on it first."""
-    if path_is_dead(path):
+    """Make ``path`` a directory, clearing a dead mount sitting on it first.
+
+    A mount point is never stat()ed unbounded: a live mount is taken as it
+    is, a dead one is detached, and one that does not answer is an error the
+    CO can retry (UNAVAILABLE).
+    """
+    if is_mounted(path):
+        state = mount_state(path)
+        if state == HUNG:
+            raise errors.unavailable(f"the mount at {path} does not answer; try again later")
+        if state == ALIVE:
+            return
         be_unmounted(path)
     path.mkdir(parents=True, exist_ok=True)
 

@@ -15,21 +15,27 @@ from csi_driver import capabilities, errors, mounts, parameters, validation
 from csi_driver.config import parse_size
 from csi_driver.context import DriverContext
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
+from csi_driver.locks import KeyedCap
 from csi_driver.mounters import BindMounter, mounter_for, mounter_named
 from csi_driver.state.store import READY, Publication, Staging, Volume
 from csi_driver.volumes import VolumeManager, VolumeSpec
+from fusefs import safepath
 
 log = logging.getLogger("fusepath.node")
 NodeCap = csi_pb2.NodeServiceCapability.RPC
 Usage = csi_pb2.VolumeUsage
 
-EPHEMERAL_KEYS = {parameters.MOUNTER, parameters.IO_BYTES, parameters.IO_OPS, parameters.EPHEMERAL_SIZE}
+#: Concurrent NodeGetVolumeStats per volume: a stuck volume can hold no more RPC workers than this.
+STATS_PER_VOLUME = 4
+#: What a pod spec may say about its inline volume: its size, and (pointlessly) that it is fusefs.
+EPHEMERAL_KEYS = {parameters.MOUNTER, parameters.EPHEMERAL_SIZE}
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
         self.volumes = VolumeManager(ctx)
+        self._stats_slots = KeyedCap(STATS_PER_VOLUME)
 
     # -- info ----------------------------------------------------------------------
     def NodeGetCapabilities(self, request, context):  # noqa: N802
@@ -46,8 +52,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # -- helpers -------------------------------------------------------------------------
     def _path(self, value: str, field: str) -> Path:
-        """A required path under the kubelet directory; INVALID_ARGUMENT when empty or outside it."""
-        return validation.check_kubelet_path(value, field, self.ctx.config.kubelet_dir)
+        """A required path under the kubelet directory, inside no mount; else INVALID_ARGUMENT."""
+        return self._node_path(value, field)[0]
+
+    def _node_path(self, value: str, field: str) -> tuple[Path, str]:
+        """As :meth:`_path`, with what is at the path now (``fusefs.safepath`` kinds)."""
+        return validation.node_path(value, field, self.ctx.config.kubelet_dir)
 
     def _volume(self, volume_id: str) -> Volume:
         vol = self._volume_or_none(volume_id)
@@ -97,7 +107,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.ctx.locks.hold(f"node:{volume_id}"):
             vol = self._volume_or_none(volume_id)
             if vol is None:  # already deleted: nothing of ours can be mounted there any more
-                _remove_if_unmounted(staging)
+                _remove_if_unmounted(staging)  # an empty directory at most; never a file or data
                 return csi_pb2.NodeUnstageVolumeResponse()
             record = self.ctx.store.get_staging(vol.id)
             if record is not None and record.staging_path != str(staging):
@@ -114,9 +124,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- publish --------------------------------------------------------------------------
     def NodePublishVolume(self, request, context):  # noqa: N802
         volume_id = validation.require_volume_id(request.volume_id)
-        target = self._path(request.target_path, "target_path")
+        target, kind = self._node_path(request.target_path, "target_path")
         capabilities.require_capability(request.volume_capability, request.HasField("volume_capability"))
         validation.check_map(request.volume_context, "volume_context")
+        if capabilities.access_type(request.volume_capability) == "mount" and kind in (safepath.FILE,
+                                                                                        safepath.OTHER):
+            raise errors.invalid(f"target_path {target} exists and is not a directory; a filesystem volume "
+                                 "is mounted on a directory")
         if request.volume_context.get(parameters.EPHEMERAL) == "true":
             return self._publish_ephemeral(request, target)
         if not request.staging_target_path:
@@ -154,7 +168,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.ctx.locks.hold(f"node:{volume_id}"):
             vol = self._volume_or_none(volume_id)
             if vol is None:  # already deleted: unpublish is idempotent, so just tidy the path
-                _remove_if_unmounted(target)
+                _remove_if_unmounted(target)  # an empty directory at most; never a file or data
                 return csi_pb2.NodeUnpublishVolumeResponse()
             record = self.ctx.store.get_publication(str(target))
             if record is not None and record.volume_id != vol.id:
@@ -166,23 +180,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 mounter = mounter_named(self.ctx, staging.mounter) if staging else BindMounter(self.ctx)
                 mounter.unpublish(vol.id, target)
                 self.ctx.store.delete_publication(str(target))
-            _remove_if_unmounted(target)
+            _remove_if_unmounted(target, block=record is not None and vol.access_type == "block")
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- CSI ephemeral inline volumes -----------------------------------------------------------
     def _publish_ephemeral(self, request, target: Path):  # type: ignore[no-untyped-def]
         """Create, stage and publish in one step; the volume lives as long as the pod."""
         handle = validation.check_foreign_id(request.volume_id, "volume_id")
-        attrs = {k: v for k, v in request.volume_context.items() if not k.startswith(parameters.SIDECAR_PREFIX)}
-        unknown = set(attrs) - EPHEMERAL_KEYS
-        if unknown:
-            raise errors.invalid(f"unknown inline volume attributes: {', '.join(sorted(unknown))}")
-        size_text = attrs.pop(parameters.EPHEMERAL_SIZE, "")
-        try:
-            capacity = parse_size(size_text) if size_text else self.ctx.config.default_capacity
-        except ValueError:
-            raise errors.invalid(f"inline volume size {size_text!r} is not a size") from None
-        params = parameters.volume_parameters(attrs)
+        capacity, params = self._inline_policy(request.volume_context)
         cap = request.volume_capability
         if capabilities.access_type(cap) != "mount":
             raise errors.invalid("inline volumes are filesystem volumes; block access is not supported")
@@ -203,6 +208,38 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.ctx.store.put_publication(Publication(str(target), vol.id, str(target), read_only,
                                                        capabilities.summary(cap)))
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _inline_policy(self, volume_context) -> tuple[int, dict[str, str]]:  # type: ignore[no-untyped-def]
+        """Capacity and parameters of an inline volume, from attributes a pod author wrote.
+
+        The pod author is not trusted, so nothing they write may weaken
+        isolation: the volume is always fusefs (quota, nosuid, nodev), its
+        size is at most --max-inline-volume-size, and I/O limits are refused
+        (a pod could throttle its own volume into holding session workers; a
+        cluster admin sets limits in a StorageClass instead). Unknown
+        attributes are refused, never ignored.
+        """
+        attrs = {k: v for k, v in volume_context.items() if not k.startswith(parameters.SIDECAR_PREFIX)}
+        limits = sorted(set(attrs) & {parameters.IO_BYTES, parameters.IO_OPS})
+        if limits:
+            raise errors.invalid(f"inline volumes cannot set {', '.join(limits)}: I/O limits are the cluster "
+                                 "admin's, set in a StorageClass")
+        unknown = set(attrs) - EPHEMERAL_KEYS
+        if unknown:
+            raise errors.invalid(f"unknown inline volume attributes: {', '.join(sorted(unknown))}; "
+                                 f"known: {', '.join(sorted(EPHEMERAL_KEYS))}")
+        if attrs.get(parameters.MOUNTER, "fusefs") != "fusefs":
+            raise errors.invalid("inline volumes are always served by fusefs; mounter cannot be chosen in a pod spec")
+        maximum = self.ctx.config.max_inline_volume_size
+        size_text = attrs.get(parameters.EPHEMERAL_SIZE, "")
+        try:
+            capacity = parse_size(size_text) if size_text else min(self.ctx.config.default_capacity, maximum)
+        except ValueError:
+            raise errors.invalid(f"inline volume size {size_text!r} is not a size") from None
+        if capacity <= 0 or capacity > maximum:
+            raise errors.invalid(f"inline volume size {size_text!r} must be between 1 byte and {maximum} bytes "
+                                 "(--max-inline-volume-size)")
+        return capacity, {parameters.MOUNTER: "fusefs"}
 
     def _unpublish_ephemeral(self, vol: Volume, target: Path) -> None:
         staging = self.ctx.store.get_staging(vol.id)
@@ -230,7 +267,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if str(path) not in known:
             raise errors.not_found(f"volume {vol.id} is not staged or published at {path}")
         mounter = mounter_named(self.ctx, staging.mounter) if staging else mounter_for(self.ctx, vol)
-        usage = mounter.usage(vol, path)
+        with self._stats_slots.slot(vol.id) as granted:
+            if not granted:
+                raise errors.unavailable(f"{STATS_PER_VOLUME} NodeGetVolumeStats calls for volume {vol.id} are "
+                                         "already running (its mount may not be answering); try again later")
+            usage = mounter.usage(vol, path)
         entries = [Usage(unit=Usage.BYTES, total=usage.bytes_total, used=usage.bytes_used,
                          available=usage.bytes_available)]
         if usage.inodes_total:
@@ -273,11 +314,16 @@ def _pod_info(volume_context: dict[str, str]) -> dict[str, str] | None:
     return pod if pod["name"] else None
 
 
-def _remove_if_unmounted(path: Path) -> None:
-    """Delete a target or staging path we are done with, but never a live mount."""
+def _remove_if_unmounted(path: Path, block: bool = False) -> None:
+    """Delete a target or staging path we are done with: never a live mount,
+    and only ever an empty directory (rmdir), or for a block publication we
+    made, the empty file it was mounted on. Anything else stays, logged."""
     if mounts.is_mounted(path):
         return
     try:
-        mounts.be_absent(path)
-    except OSError as exc:  # e.g. a non-empty directory the CO created: leave it, say so
-        log.warning("could not remove %s: %s", path, exc)
+        if block:
+            mounts.be_absent_file(path)
+        else:
+            mounts.be_absent(path)
+    except OSError as exc:  # e.g. a non-empty directory or a file: not ours to delete
+        log.warning("left %s in place: %s", path, exc)

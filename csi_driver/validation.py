@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from csi_driver import errors
+from fusefs import safepath
 
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
@@ -73,12 +74,25 @@ def check_foreign_id(value: str, field: str) -> str:
 
 
 def check_kubelet_path(value: str, field: str, kubelet_dir: Path) -> Path:
-    """An absolute, normalised path strictly under ``kubelet_dir``.
+    """An absolute, normalised path strictly under ``kubelet_dir``; see :func:`node_path`."""
+    return node_path(value, field, kubelet_dir)[0]
 
-    ``os.path.normpath`` equality rejects ``..``, ``//`` and trailing slashes
-    instead of silently fixing them: a CO that sends those has a bug worth
-    surfacing. Symlinks in the existing part of the path must not lead out of
-    the kubelet directory either.
+
+def node_path(value: str, field: str, kubelet_dir: Path) -> tuple[Path, str]:
+    """A staging or target path the node may act on, and what is there now.
+
+    The path must be absolute, normalised (``os.path.normpath`` equality
+    rejects ``..``, ``//`` and trailing slashes instead of silently fixing
+    them) and strictly under ``kubelet_dir``. Below the kubelet directory no
+    component may be a symlink, and the path may not lie inside any mount
+    (another pod's volume, fusefs or not): the driver never creates, removes
+    or mounts anything inside a filesystem it does not own (the one
+    exception: ``safepath.walk_kubelet_path``). The check reads
+    mountinfo and lstat()s only components that are not mount points, so it
+    never sends a request to a FUSE mount (a stuck one would block it).
+
+    Returns the path and its kind (``fusefs.safepath``: mount, directory,
+    file, other or missing).
     """
     if not value:
         raise errors.invalid(f"{field} is required")
@@ -86,11 +100,22 @@ def check_kubelet_path(value: str, field: str, kubelet_dir: Path) -> Path:
         raise errors.invalid(f"{field} is not a valid path")
     if not os.path.isabs(value) or os.path.normpath(value) != value:
         raise errors.invalid(f"{field} {value!r} must be an absolute, normalised path")
-    path = Path(value)
-    root = Path(os.path.realpath(kubelet_dir))
-    if not _is_under(Path(os.path.realpath(value)), root):
+    root = os.path.realpath(kubelet_dir)  # the admin's directory: trusted, and not a mount of ours
+    for prefix in (str(kubelet_dir).rstrip("/"), root.rstrip("/")):
+        if value.startswith(prefix + "/") and value != prefix:
+            real = root.rstrip("/") + value[len(prefix):]
+            break
+    else:
         raise errors.invalid(f"{field} {value!r} is not under the kubelet directory {str(kubelet_dir)!r}")
-    return path
+    found = safepath.walk_kubelet_path(real, root)
+    if found.symlink:
+        raise errors.invalid(f"{field} {value!r} goes through a symlink at {found.symlink}")
+    if found.crossed_mount:
+        raise errors.invalid(f"{field} {value!r} lies inside the mount at {found.crossed_mount}; "
+                             "the driver never works inside a filesystem it does not own")
+    if found.not_directory:
+        raise errors.invalid(f"{field} {value!r}: {found.not_directory} is not a directory")
+    return Path(value), found.kind
 
 
 def _is_under(path: Path, root: Path) -> bool:

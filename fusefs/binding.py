@@ -229,6 +229,21 @@ def current_fuse_session() -> int | None:
     return _libfuse.fuse_get_session(ctx.contents.fuse) or None
 
 
+_libfuse.fuse_interrupted.restype = c_int
+_libfuse.fuse_interrupted.argtypes = []
+
+
+def request_interrupted() -> bool:
+    """True when the kernel sent FUSE INTERRUPT for the calling worker's request.
+
+    libfuse's low-level layer marks the request when the INTERRUPT arrives
+    (the caller got a signal, e.g. SIGKILL), whether or not the ``intr``
+    option is set; ``intr`` only adds a signal to the worker, which we do not
+    want. Only meaningful on a FUSE worker thread; False elsewhere.
+    """
+    return bool(_libfuse.fuse_interrupted())
+
+
 def session_exit(session: int) -> None:
     """Ask libfuse's loop to stop (it notices once its main thread wakes up)."""
     _libfuse.fuse_session_exit(session)

@@ -178,10 +178,10 @@ class FuseFSClient:
             limits=pb.IOLimits(bytes_per_second=bytes_per_second, ops_per_second=ops_per_second)),
             timeout=self.timeout)
 
-    def stats(self, volume_id: str, target_path: str = "") -> VolumeStats:
+    def stats(self, volume_id: str, target_path: str = "", timeout: float | None = None) -> VolumeStats:
         """Usage and health; with ``target_path``, health as seen through that publication."""
         s = self._stub.Stats(pb.StatsRequest(volume_id=volume_id, target_path=str(target_path)),
-                             timeout=self.timeout)
+                             timeout=self.timeout if timeout is None else timeout)
         return VolumeStats(
             volume_id=s.volume_id, capacity_bytes=s.capacity_bytes, used_bytes=s.used_bytes,
             available_bytes=s.available_bytes, total_bytes=s.total_bytes, used_inodes=s.used_inodes,

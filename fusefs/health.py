@@ -11,43 +11,28 @@ containers to tell them apart.
 
 from __future__ import annotations
 
-import errno
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
-from fusefs import mountinfo
+from fusefs import mountinfo, probe
 from fusefs.state import Publication, VolumeRecord
 
 #: A mount point that does not answer stat() and statfs() within this is reported hung.
-PROBE_TIMEOUT = 2.0
+PROBE_TIMEOUT = probe.DEFAULT_TIMEOUT
 
 
 def probe_path(path: str, timeout: float = PROBE_TIMEOUT) -> str:
     """'' when ``stat(path)`` and ``statvfs(path)`` work; else what is wrong (ENOTCONN, hung...).
 
     stat alone is not enough: the kernel answers it from the attribute cache
-    of a FUSE mount whose server is gone. statfs always reaches the server,
-    so a dead mount answers ENOTCONN. The calls run in a throwaway thread
-    because a hung FUSE server would block them forever, and a health check
-    must answer.
+    of a FUSE mount whose server is gone, while statfs always reaches the
+    server, so a dead mount answers ENOTCONN. Bounded by ``timeout`` and by
+    one helper thread per path (see ``fusefs.probe``): a hung FUSE server
+    must not hold an RPC thread.
     """
-    result: list[str] = []
-
-    def check() -> None:
-        try:
-            os.stat(path)
-            os.statvfs(path)
-            result.append("")
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            result.append(f"{path}: {name} ({exc.strerror})")
-
-    thread = threading.Thread(target=check, name="probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result[0] if result else f"{path}: did not answer stat()/statfs() within {timeout:.0f}s"
+    result = probe.stat_within(path, timeout)
+    return "" if result.state == probe.OK else result.message
 
 
 def stale_publications(record: VolumeRecord) -> list[Publication]:

@@ -207,7 +207,10 @@ class Session:
             self.quota = Quota(capacity, recovering=True)
             xattrs = capability = True  # until the scan says otherwise
         self.gate = FreezeGate()
-        self.limits = IOLimits(bytes_per_second, ops_per_second)
+        # Half the workers at most may wait in the buckets: the rest serve
+        # metadata, cached reads and the kernel's INTERRUPT requests.
+        self.limits = IOLimits(bytes_per_second, ops_per_second, max_waiters=max(1, max_workers // 2),
+                               interrupted=binding.request_interrupted)
         self.stats_ = OpStats()
         self.ops = FusefsOperations(
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
@@ -296,6 +299,8 @@ class Session:
             "read_only": self.ops.read_only,
             "limits": self.limits.as_dict(),
             "throttled_seconds": round(self.limits.throttled_seconds, 3),
+            "throttle_refused": self.limits.refused,
+            "throttle_interrupted": self.limits.interrupted_requests,
             "open_files": self.ops.open_handles(),
             "open_files_max": self.ops.options.max_open_files,
             "open_files_refused": self.ops.open_refused,

@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from fusefs import rpcerrors
+from fusefs import rpcerrors, safepath
 
 VOLUME_ID_RE = re.compile(r"vol-[0-9a-f]{32}")
 #: PATH_MAX; a longer path cannot be mounted anyway.
@@ -54,8 +54,9 @@ def kubelet_path(value: str, field: str, kubelet_dir: str) -> str:
     """An absolute, normalised, symlink-free path strictly under ``kubelet_dir``.
 
     ``kubelet_dir`` must itself be a realpath (the daemon resolves it once at
-    start). The realpath check catches a symlink anywhere in the existing part
-    of the path; the bind code re-checks the opened directory through
+    start). The walk catches a symlink anywhere in the existing part of the
+    path and a path inside another mount, without stat()ing any mount point
+    (a stuck FUSE mount would block it); the bind code re-checks the opened directory through
     ``/proc/self/fd`` to close the window between this check and the mount.
     """
     if not value:
@@ -68,8 +69,11 @@ def kubelet_path(value: str, field: str, kubelet_dir: str) -> str:
         raise rpcerrors.invalid(f"{field} {value!r} is not normalised")
     if not is_under(value, kubelet_dir):
         raise rpcerrors.invalid(f"{field} {value!r} is not under the kubelet directory {kubelet_dir}")
-    if os.path.realpath(value) != value:
+    found = safepath.walk_kubelet_path(value, kubelet_dir)
+    if found.symlink:
         raise rpcerrors.invalid(f"{field} {value!r} goes through a symlink")
+    if found.crossed_mount:
+        raise rpcerrors.invalid(f"{field} {value!r} lies inside the mount at {found.crossed_mount}")
     return value
 
 

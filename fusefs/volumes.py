@@ -682,13 +682,17 @@ class VolumeManager:
         if target_path:
             target_path = validate.kubelet_path(target_path, "target_path", self.config.kubelet_dir)
         numbers = dict(volume.last_stats)
-        if volume.state == MOUNTED and volume.session is not None:
+        healthy, message = self.health(volume, target_path)
+        # A mount that does not answer stat() has a stuck session, which will
+        # not answer its control socket either: report it now, with the last
+        # numbers, rather than wait out the control call's timeout too.
+        hung = not healthy and "did not answer" in message
+        if volume.state == MOUNTED and volume.session is not None and not hung:
             try:
                 numbers = dict(volume.session.client(QUICK_TIMEOUT).stats())
                 volume.last_stats = numbers
             except Exception as exc:  # noqa: BLE001 - reported as health, with the last numbers
                 log.warning("session stats failed", extra={"fields": {"volume_id": volume_id, "error": str(exc)}})
-        healthy, message = self.health(volume, target_path)
         problem = health.session_problem(numbers)
         if healthy and problem:
             healthy, message = False, problem

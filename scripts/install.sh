@@ -18,7 +18,7 @@
 set -euo pipefail
 
 RUNTIME_PACKAGES=(fuse3 libfuse3-3 util-linux mount tar gzip zstd)
-TEST_PACKAGES=(fio bindfs procps git)
+TEST_PACKAGES=(fio bindfs procps git python3)  # python3: /usr/bin/python3 for pods played by uid 1000
 MIN_PYTHON=3.11
 
 say() { echo "install.sh: $*" >&2; }

@@ -314,8 +314,8 @@ def test_node_expand_errors(driver):
 def test_inline_ephemeral_volume_lives_and_dies_with_the_pod(driver):
     target = driver.kubelet_dir / "pods" / "inline" / "vol"
     target.parent.mkdir(parents=True)
-    context = {"csi.storage.k8s.io/ephemeral": "true", "size": "16Mi", "mounter": "bind",
-               "csi.storage.k8s.io/pod.name": "web-0"}
+    context = {"csi.storage.k8s.io/ephemeral": "true", "size": "16Mi",
+               "csi.storage.k8s.io/pod.name": "web-0"}  # always fusefs: the pod author cannot pick the mounter
     req = csi_pb2.NodePublishVolumeRequest(volume_id="csi-0123abcd", target_path=str(target),
                                            volume_capability=mount_cap(), volume_context=context)
     for _ in range(2):
