@@ -187,6 +187,8 @@ class Engine:
             "keep_cache": self.fs.keep_cache,
         }
         self.fs.negotiated = self.negotiated
+        self.fs.notify_inval_inode = self.notify_inval_inode
+        self.fs.writeback = self.negotiated["writeback_cache"]
         self._readdirplus = bool(granted & p.DO_READDIRPLUS)
         if self.negotiated["passthrough"]:
             master = self.devices[0]

@@ -135,6 +135,10 @@ class InodeFs:
         #: Set by the engine: registers a backing file, returns its id.
         self.backing_open: Any = None
         self.backing_close: Any = None
+        #: Set by the engine: the kernel's write-back cache is on.
+        self.writeback = False
+        #: Set by the engine: FUSE_NOTIFY_INVAL_INODE(nodeid, offset, length).
+        self.notify_inval_inode: Any = lambda nodeid, offset, length: None
         self.negotiated: dict[str, Any] = {}
         #: Requests the kernel interrupted (unique numbers), set by the engine.
         self.interrupted: set[int] = set()
@@ -460,7 +464,7 @@ class InodeFs:
             if writable and node.backing is not None:
                 # The kernel cannot mix a cached open with passthrough ones on one inode.
                 raise OSError(errno.ETXTBSY, "open read-only through passthrough; cannot open for writing now")
-            fd = os.open(self._proc(node), (flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
+            fd = os.open(self._proc(node), self._real_flags(flags))
             try:
                 state = self._register(fd, node, writable)
                 if truncate:
@@ -487,6 +491,15 @@ class InodeFs:
         with self._table:
             self._handles[handle.fh] = handle
         return handle.fh, open_flags, backing_id
+
+    def _real_flags(self, flags: int) -> int:
+        """Open flags for the backing file. With the write-back cache the
+        kernel reads pages of files opened write-only (partial page writes),
+        so those are opened read-write."""
+        flags = (flags & ~_STRIP_OPEN) | os.O_CLOEXEC
+        if self.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
 
     def _passthrough_ok(self, node: Node) -> bool:
         """Passthrough only when no cached (non-passthrough) open is on the inode."""
@@ -526,7 +539,7 @@ class InodeFs:
         try:
             self.quota.take_inode()
             try:
-                fd = os.open(name, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                fd = os.open(name, self._real_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                              mode & 0o7777, dir_fd=parent.fd)
             except FileExistsError:
                 self.quota.give_inode()
@@ -565,7 +578,7 @@ class InodeFs:
             return handle
         node = self.nodes.get(nodeid)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        fd = os.open(self._proc(node), (flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
+        fd = os.open(self._proc(node), self._real_flags(flags))
         handle = Handle(fh, fd, node, writable)
         handle.passthrough = bool(fh & PASSTHROUGH_FH)
         handle.state = self._register(fd, node, writable)
@@ -803,15 +816,19 @@ class InodeFs:
         return len(fds)
 
     def write_back_open_files(self, mountpoint: str) -> int:
-        """Only needed with the kernel's write-back cache, which this engine
-        does not negotiate by default; a syncfs through the mount is the
-        best it can do without paths."""
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return 0
+        """With the kernel's write-back cache: make it send us every dirty page.
+
+        Dirty pages can only belong to files open for writing. For each,
+        FUSE_NOTIFY_INVAL_INODE makes the kernel write the pages back
+        (launder) before it drops them; the writes it sends carry
+        FUSE_WRITE_CACHE and pass the freeze while it is writing back.
+        Returns the number of files.
+        """
+        with self._table:
+            nodeids = {h.node.nodeid for h in self._handles.values() if h.writable}
+        for nodeid in nodeids:
+            self.notify_inval_inode(nodeid, 0, 0)
+        return len(nodeids)
 
     def open_handles(self) -> int:
         return sum(1 for h in list(self._handles.values()) if not h.is_dir)
