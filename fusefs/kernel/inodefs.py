@@ -649,7 +649,17 @@ class InodeFs:
         return None
 
     def fsync(self, fh: int, nodeid: int, datasync: bool) -> None:
-        handle = self._handles.get(fh) or self.handle(fh, nodeid, os.O_RDONLY)
+        handle = self._handles.get(fh)
+        if handle is None:
+            # A handle from before a handover: the request does not say how it
+            # was opened, so it is not adopted here (a later READ or WRITE,
+            # which does, will); fsync works on any descriptor of the inode.
+            fd = os.open(self._proc(self.nodes.get(nodeid)), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            finally:
+                os.close(fd)
+            return
         if datasync:
             os.fdatasync(handle.fd)
         else:
@@ -690,7 +700,9 @@ class InodeFs:
             log.warning("backing close failed", extra={"fields": {"error": str(exc)}})
 
     def fallocate(self, fh: int, nodeid: int, mode: int, offset: int, length: int, unique: int = 0) -> None:
-        handle = self._handles.get(fh) or self.handle(fh, nodeid, os.O_RDWR)
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")  # unreachable but after a handover, and rare then
         w = self._begin_mutation(unique)
         try:
             fd, state = handle.fd, handle.state
@@ -716,8 +728,14 @@ class InodeFs:
             self.gate.leave(w)
 
     def lseek(self, fh: int, nodeid: int, offset: int, whence: int) -> int:
-        handle = self._handles.get(fh) or self.handle(fh, nodeid, os.O_RDONLY)
-        return os.lseek(handle.fd, offset, whence)
+        handle = self._handles.get(fh)
+        if handle is not None:
+            return os.lseek(handle.fd, offset, whence)
+        fd = os.open(self._proc(self.nodes.get(nodeid)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.lseek(fd, offset, whence)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ directories
 
