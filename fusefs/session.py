@@ -135,12 +135,15 @@ class Session:
                  engine: str = "libfuse", kernel_options: Any = None) -> None:
         if not VOLUME_ID_RE.match(volume_id):
             raise ValueError(f"invalid volume id {volume_id!r}")
+        # A takeover must not touch its mountpoint before it serves it: a
+        # stat there waits for the server, which is this process.
+        taking_over = bool(getattr(kernel_options, "takeover", False))
         for what, path in (("source", source), ("mountpoint", mountpoint)):
-            if not os.path.isdir(path):
+            if not (taking_over and what == "mountpoint") and not os.path.isdir(path):
                 raise ValueError(f"{what} {path!r} is not a directory")
         self.volume_id = volume_id
         self.source = os.path.realpath(source)
-        self.mountpoint = os.path.realpath(mountpoint)
+        self.mountpoint = os.path.abspath(mountpoint) if taking_over else os.path.realpath(mountpoint)
         self.control_socket = control_socket
         self.read_ahead_kb = read_ahead_kb
         self.max_workers = max_workers

@@ -51,7 +51,7 @@ COMPACT_MIN_LINES = 4096
 class Node:
     """One inode the kernel knows."""
 
-    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored")
+    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.nodeid = nodeid
@@ -64,6 +64,8 @@ class Node:
         self.state: Any = None
         self.backing: Any = None
         self.restored = False
+        #: Open files on it that are not passthrough (the kernel caches them).
+        self.cached = 0
 
 
 class NodeTable:

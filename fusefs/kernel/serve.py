@@ -173,8 +173,8 @@ def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     engine.set_negotiated(state["proto"], state["flags"], state["max_readahead"])
     state["epoch"] = session.ops._epoch
     _write_state(kopts, state)
-    engine.start()
-    engine.resend()
     log.info("took over the connection", extra={"fields": {
         "devices": len(devices), "restored_nodes": restored, "epoch": state["epoch"],
         "negotiated": engine.negotiated}})
+    engine.start()
+    engine.resend()

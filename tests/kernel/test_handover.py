@@ -4,6 +4,7 @@ no INIT, no unmount, node IDs still valid, requests in flight resent."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -132,3 +133,42 @@ def test_takeover_without_a_holder_fails_cleanly(volume: Volume) -> None:
     proc = subprocess.run(argv, capture_output=True, env=ENV, timeout=60, check=False)
     assert proc.returncode != 0
     assert not is_mounted(str(volume.mountpoint))
+
+
+def test_passthrough_opens_survive_a_handover(volume: Volume) -> None:
+    """A file open through passthrough at the kill keeps its backing file in
+    the kernel; the successor (from the journal) reuses it for new readers
+    (a second backing for one inode would fail the open with EIO) and
+    closes it when the last of them is released, so writers work again."""
+    first = volume.start()
+    f = volume.mountpoint / "f"
+    f.write_bytes(b"passthrough data")
+    reader = os.open(f, os.O_RDONLY)
+    try:
+        journal = Path(volume.state + ".nodes").read_text().splitlines()
+        assert any(line.startswith("B ") and line.endswith(" 1") for line in journal), journal
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        volume.start(takeover=True)
+        assert os.pread(reader, 11, 0) == b"passthrough"
+        again = os.open(f, os.O_RDONLY)
+        assert os.pread(again, 4, 12) == b"data"
+        with pytest.raises(OSError) as exc:
+            os.open(f, os.O_WRONLY)
+        assert exc.value.errno == errno.ETXTBSY
+        os.close(again)
+    finally:
+        os.close(reader)
+    w = wait_for(lambda: _open_writer(f), what="a writer once every reader closed")
+    os.pwrite(w, b"P", 0)
+    os.close(w)
+    assert (volume.source / "f").read_bytes() == b"Passthrough data"
+
+
+def _open_writer(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY)
+    except OSError as exc:
+        if exc.errno != errno.ETXTBSY:
+            raise
+        return None
