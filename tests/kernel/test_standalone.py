@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ import pytest
 from fusefs.control import SessionClient
 from fusefs.standalone import mount_main
 from tests.fusefs.conftest import force_unmount, mountinfo_entry
+from tests.fusefs.test_fs_standalone import _alive, wait_until
 
 pytestmark = pytest.mark.privileged
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_background_mount_on_the_kernel_engine_and_umount(base_dir: Path) -> None:
@@ -42,9 +34,6 @@ def test_background_mount_on_the_kernel_engine_and_umount(base_dir: Path) -> Non
         assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 1 << 20
         pid = client.ping()["pid"]
         subprocess.run(["umount", str(mnt)], check=True)      # a plain umount ends the session
-        deadline = time.monotonic() + 30
-        while _alive(pid):
-            assert time.monotonic() < deadline, "the session outlived its unmount"
-            time.sleep(0.05)
+        wait_until(lambda: not _alive(pid))
     finally:
         force_unmount(str(mnt))
