@@ -212,3 +212,10 @@ def test_unknown_requests_get_enosys_and_the_session_stays_up(kstart: Callable[.
         assert os.copy_file_range(i.fileno(), o.fileno(), 5000) == 5000
     assert dst.read_bytes() == b"z" * 5000
     assert m.client.ping()["ready"]
+
+
+def test_negotiated_flags_are_exported_as_metrics(kstart: Callable[..., Mounted]) -> None:
+    m = kstart()
+    text = m.client.metrics()
+    assert f'fusefs_negotiated_flag{{volume_id="{m.volume_id}",flag="has_resend"}} 1' in text
+    assert f'fusefs_negotiated_flag{{volume_id="{m.volume_id}",flag="passthrough"}} 1' in text
