@@ -292,8 +292,11 @@ class Engine:
                         os.writev(fd, [p.OUT_HEADER.pack(16 + sum(map(len, reply)), 0, unique), *reply])
                     else:
                         os.writev(fd, [p.OUT_HEADER.pack(16 + len(reply), 0, unique), reply])
-                except OSError:
-                    pass  # ENOENT: the request was aborted meanwhile
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # ENOENT: the request was aborted meanwhile
+                        log.error("the kernel refused a reply", extra={"fields": {
+                            "opcode": opcode, "error": str(exc)}})
+                        self._reply_error(fd, unique, errno.EIO)
             if interrupted:
                 interrupted.discard(unique)
             with lock:
