@@ -151,7 +151,7 @@ class Engine:
         o = self.options
         want = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.AUTO_INVAL_DATA | p.ASYNC_DIO
                 | p.PARALLEL_DIROPS | p.MAX_PAGES | p.CACHE_SYMLINKS | p.INIT_EXT | p.HAS_RESEND
-                | p.HAS_IOCTL_DIR | p.DIRECT_IO_ALLOW_MMAP)
+                | p.DIRECT_IO_ALLOW_MMAP | p.HANDLE_KILLPRIV_V2)
         # Ask for everything a successor may use; a taken-over connection
         # keeps what this INIT negotiated.
         want |= p.PASSTHROUGH | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
@@ -418,8 +418,9 @@ class Engine:
         return self._entry(node.nodeid, st)
 
     def _open(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
-        flags, _ = p.OPEN_IN.unpack_from(body, 0)
-        fh, open_flags, backing_id = self.fs.open(nodeid, flags, unique)
+        flags, open_in_flags = p.OPEN_IN.unpack_from(body, 0)
+        fh, open_flags, backing_id = self.fs.open(nodeid, flags, unique,
+                                                  bool(open_in_flags & p.OPEN_KILL_SUIDGID))
         return p.OPEN_OUT.pack(fh, open_flags, backing_id)
 
     def _create(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:

@@ -63,6 +63,7 @@ PASSTHROUGH_FH = 1 << 62
 #: runs (a successor being started, say) does not wait for one. (With the
 #: kernel's write-back cache the kernel still writes dirty pages back on close.)
 _NOFLUSH = p.FOPEN_NOFLUSH
+_PRIV_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 @dataclass
@@ -369,13 +370,17 @@ class InodeFs:
                 ksys.fchown_empty(node.fd, uid if valid & p.FATTR_UID else -1, gid if valid & p.FATTR_GID else -1)
             if valid & p.FATTR_SIZE:
                 self._truncate(node, handle, size)
+                if valid & p.FATTR_KILL_SUIDGID and not valid & p.FATTR_MODE:
+                    self._kill_privs(node, None)
             if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
                 a = (0, ksys.UTIME_NOW) if valid & p.FATTR_ATIME_NOW else (
                     atime if valid & p.FATTR_ATIME else (0, ksys.UTIME_OMIT))
                 m = (0, ksys.UTIME_NOW) if valid & p.FATTR_MTIME_NOW else (
                     mtime if valid & p.FATTR_MTIME else (0, ksys.UTIME_OMIT))
                 ksys.utimens_empty(node.fd, a, m)
-            return os.stat(node.fd)
+            st = os.stat(node.fd)
+            node.mode = st.st_mode
+            return st
         finally:
             self.gate.leave(w)
 
@@ -456,8 +461,9 @@ class InodeFs:
             if actual != state.size:
                 self.quota.set_size(None, state.size, actual)
 
-    def open(self, nodeid: int, flags: int, unique: int = 0) -> tuple[int, int, int]:
-        """Returns (fh, open_flags, backing_id)."""
+    def open(self, nodeid: int, flags: int, unique: int = 0, kill_privs: bool = False) -> tuple[int, int, int]:
+        """Returns (fh, open_flags, backing_id). ``kill_privs``: the kernel asks
+        us to clear set-user/group-ID (FUSE_OPEN_KILL_SUIDGID, with O_TRUNC)."""
         node = self.nodes.get(nodeid)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and self.read_only:
@@ -475,6 +481,8 @@ class InodeFs:
                 state = self._register(fd, node, writable)
                 if truncate:
                     self._truncate_fd(fd, state, 0)
+                    if kill_privs:
+                        self._kill_privs(node, fd)
             except BaseException:
                 self._unregister_state(node, fd)
                 os.close(fd)
@@ -626,6 +634,8 @@ class InodeFs:
                     raise OSError(errno.ENOSPC, "quota exceeded")
                 if allowed < end:
                     data = data[: allowed - offset]
+            if write_flags & p.WRITE_KILL_SUIDGID and (handle.node.mode & _PRIV_BITS or self._has_caps):
+                self._kill_privs(handle.node, handle.fd)
             n = os.pwrite(handle.fd, data, offset)
             if n < len(data):
                 self._resync_size(handle)
@@ -645,6 +655,30 @@ class InodeFs:
         if offset == handle.last_end and offset % 4096 == 0 and _monotonic() - handle.last_time < 0.05:
             return
         self._wait_thaw(unique)
+
+    @property
+    def _has_caps(self) -> bool:
+        return b"security.capability" in self.xattr_names
+
+    def _kill_privs(self, node: Node, fd: int | None) -> None:
+        """What the kernel's file_remove_privs does for a writer without
+        CAP_FSETID, which it leaves to us (FUSE_HANDLE_KILLPRIV_V2, so that
+        it need not ask for security.capability before every write): clear
+        set-user-ID, set-group-ID if group-executable, and file capabilities."""
+        target: Any = fd if fd is not None else self._proc(node)
+        mode = os.stat(target).st_mode
+        kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            os.chmod(target, stat.S_IMODE(mode) & ~kill)
+        node.mode = mode & ~kill
+        if self._has_caps:
+            try:
+                os.removexattr(target, "security.capability")
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
 
     def _resync_size(self, handle: Handle) -> None:
         try:

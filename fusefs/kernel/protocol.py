@@ -99,6 +99,7 @@ FSYNC_FDATASYNC = 1
 WRITE_CACHE = 1
 WRITE_KILL_SUIDGID = 4
 RELEASE_FLUSH = 1
+OPEN_KILL_SUIDGID = 1
 
 # ---------------------------------------------------------------- notifications
 NOTIFY_INVAL_INODE = 2

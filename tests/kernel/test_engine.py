@@ -9,14 +9,16 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.fusefs.conftest import Mounted
+from tests.fusefs.conftest import Mounted, run_as
 from tests.kernel.conftest import ENV, op_count, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -219,3 +221,43 @@ def test_negotiated_flags_are_exported_as_metrics(kstart: Callable[..., Mounted]
     text = m.client.metrics()
     assert f'fusefs_negotiated_flag{{volume_id="{m.volume_id}",flag="has_resend"}} 1' in text
     assert f'fusefs_negotiated_flag{{volume_id="{m.volume_id}",flag="passthrough"}} 1' in text
+
+
+def _privs_case(root: Path) -> list[object]:
+    """As root: set-ID files owned by uid 1000; as uid 1000: write, truncate."""
+    modes = {"w": 0o6755, "g": 0o2745, "t": 0o4777, "f": 0o6777}
+    for name, mode in modes.items():
+        (root / name).write_bytes(b"data")
+        os.chown(root / name, 1000, 1000)
+        os.chmod(root / name, mode)
+
+    def as_user() -> list[int]:
+        for name in ("w", "g"):
+            with open(root / name, "ab") as out:
+                out.write(b"more")
+        os.close(os.open(root / "t", os.O_WRONLY | os.O_TRUNC))
+        fd = os.open(root / "f", os.O_WRONLY)
+        os.ftruncate(fd, 1)
+        os.close(fd)
+        return [stat.S_IMODE(os.stat(root / n).st_mode) for n in modes]
+
+    return run_as(1000, 1000, as_user)
+
+
+def test_writes_by_a_user_clear_set_id_bits_as_a_local_filesystem_does(kstart: Callable[..., Mounted],
+                                                                       base_dir: Path) -> None:
+    """The engine negotiates FUSE_HANDLE_KILLPRIV_V2 (so the kernel does not
+    ask for security.capability before every write) and clears set-ID bits
+    itself, exactly as the kernel does on a plain directory."""
+    m = kstart()
+    assert "handle_killpriv_v2" in m.client.stats()["negotiated"]["flags"]
+    plain = base_dir / "plain"
+    plain.mkdir(mode=0o755)
+    (m.mountpoint / "x").mkdir(mode=0o755)
+    assert _privs_case(m.mountpoint / "x") == _privs_case(plain)
+    f = m.mountpoint / "x" / "w"
+    before = op_count(m, "getxattr")
+    with open(f, "r+b", buffering=0) as out:
+        for i in range(50):
+            out.write(b"z")
+    assert op_count(m, "getxattr") - before < 5  # not one per write
