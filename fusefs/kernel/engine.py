@@ -128,6 +128,10 @@ class Engine:
         self.devices = [fd]
         return fd
 
+    def resize_buffers(self) -> None:
+        """Size the workers' read buffers for ``options.max_write`` (before start())."""
+        self._bufsize = self.options.max_write + 4096 + p.MIN_READ_BUFFER
+
     def add_clones(self) -> None:
         for _ in range(self.options.clones):
             self.devices.append(ksys.clone_device(self.devices[0]))

@@ -168,6 +168,9 @@ def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     if not devices:
         raise OSError("the holder gave no descriptors")
     engine.devices = devices
+    # The kernel sends requests as large as the first INIT allowed.
+    engine.options.max_write = int(state.get("max_write", engine.options.max_write))
+    engine.resize_buffers()
     restored = session.ops.nodes.restore(session.ops.root_fd)
     session.ops.nodes.start_journal()
     engine.set_negotiated(state["proto"], state["flags"], state["max_readahead"])
