@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusefs.kernel import protocol as p
-from fusefs.kernel import sys as ksys
+from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.inodefs import Caller, InodeFs
 from fusefs.opstats import OpStats
 
@@ -553,7 +552,3 @@ class Engine:
     def _destroy(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
         self.stopped.set()
         return b""
-
-
-def is_dir_mode(mode: int) -> bool:
-    return stat.S_ISDIR(mode)

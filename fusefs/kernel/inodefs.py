@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from fusefs.freeze import FreezeGate
 from fusefs.kernel import protocol as p
-from fusefs.kernel import sys as ksys
+from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.nodes import Node, NodeTable
 from fusefs.limits import IOLimits
 from fusefs.opstats import OpStats

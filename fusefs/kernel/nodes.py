@@ -35,7 +35,7 @@ import os
 import threading
 from typing import Any
 
-from fusefs.kernel import sys as ksys
+from fusefs.kernel import syscalls as ksys
 
 log = logging.getLogger("fusefs.kernel.nodes")
 

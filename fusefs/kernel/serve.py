@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusefs.kernel import handover
-from fusefs.kernel import sys as ksys
+from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.engine import OPERATIONS, Engine, EngineOptions
 from fusefs.kernel.inodefs import InodeFs
 from fusefs.opstats import OpStats
