@@ -132,6 +132,9 @@ class InodeFs:
         self.xattr_names: set[bytes] = set(xattr_names or ())
         self._handles: dict[int, Handle] = {}
         self._table = threading.Lock()
+        #: Orders the choice between cached and passthrough opens of an inode
+        #: (node.cached, node.backing), which the kernel requires never to mix.
+        self._iomode = threading.Lock()
         #: File handles are (epoch << 32 | counter): a successor after a
         #: handover uses a new epoch, so a handle the kernel still holds from
         #: the old process can never name one of the new process's files.
@@ -472,10 +475,17 @@ class InodeFs:
         if truncate and unique & p.UNIQUE_RESEND:
             truncate = False  # truncated before the crash; again would drop data written since
         w = self._begin_mutation(unique) if truncate else None
+        reserved = False
         try:
-            if writable and node.backing is not None:
-                # The kernel cannot mix a cached open with passthrough ones on one inode.
-                raise OSError(errno.ETXTBSY, "open read-only through passthrough; cannot open for writing now")
+            if writable:
+                # The kernel cannot mix cached and passthrough opens of one
+                # inode (the open would fail with EIO): a writer reserves its
+                # cached open before a concurrent reader can choose passthrough.
+                with self._iomode:
+                    if node.backing is not None:
+                        raise OSError(errno.ETXTBSY, "open read-only through passthrough; cannot write now")
+                    node.cached += 1
+                reserved = True
             fd = os.open(self._proc(node), self._real_flags(flags))
             try:
                 state = self._register(fd, node, writable)
@@ -487,24 +497,31 @@ class InodeFs:
                 self._unregister_state(node, fd)
                 os.close(fd)
                 raise
+        except BaseException:
+            if reserved:
+                with self._iomode:
+                    node.cached -= 1
+            raise
         finally:
             if w is not None:
                 self.gate.leave(w)
         handle = Handle(self._new_fh(), fd, node, writable)
         handle.state = state
         open_flags, backing_id = _NOFLUSH, 0
-        if (not writable and self.passthrough and not self.limits.active and stat.S_ISREG(node.mode)
-                and self._passthrough_ok(node)):
-            backing_id = self._backing_for(node, fd)
-            if backing_id:
-                handle.passthrough = True
-                handle.fh |= PASSTHROUGH_FH
-                open_flags |= p.FOPEN_PASSTHROUGH
+        if not writable:
+            with self._iomode:
+                if (self.passthrough and not self.limits.active and stat.S_ISREG(node.mode)
+                        and node.cached == 0):
+                    backing_id = self._backing_for(node, fd)
+                if backing_id:
+                    handle.passthrough = True
+                    handle.fh |= PASSTHROUGH_FH
+                    open_flags |= p.FOPEN_PASSTHROUGH
+                else:
+                    node.cached += 1
         if not handle.passthrough and self.keep_cache:
             open_flags |= p.FOPEN_KEEP_CACHE
         with self._table:
-            if not handle.passthrough:
-                node.cached += 1
             self._handles[handle.fh] = handle
         return handle.fh, open_flags, backing_id
 
@@ -517,32 +534,18 @@ class InodeFs:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _passthrough_ok(self, node: Node) -> bool:
-        """Passthrough only when no cached (non-passthrough) open is on the inode."""
-        return node.cached == 0
-
     def _backing_for(self, node: Node, fd: int) -> int:
-        with self._table:
-            if node.backing is not None:
-                node.backing = (node.backing[0], node.backing[1] + 1)
-                self.nodes.journal_backing(node)
-                return node.backing[0]
-        try:
-            backing_id = self.backing_open(fd)
-        except OSError as exc:
-            log.debug("no passthrough", extra={"fields": {"error": str(exc)}})
-            return 0
-        with self._table:
-            if node.backing is not None:  # another open won the race
-                node.backing = (node.backing[0], node.backing[1] + 1)
-                winner = node.backing[0]
-                self.nodes.journal_backing(node)
-            else:
-                node.backing = (backing_id, 1)
-                self.nodes.journal_backing(node)
-                return backing_id
-        self.backing_close(backing_id)
-        return winner
+        """The node's passthrough backing id, registered from ``fd`` on its
+        first passthrough open; 0 if the kernel refuses. Caller holds _iomode."""
+        if node.backing is None:
+            try:
+                node.backing = (self.backing_open(fd), 0)
+            except OSError as exc:
+                log.debug("no passthrough", extra={"fields": {"error": str(exc)}})
+                return 0
+        node.backing = (node.backing[0], node.backing[1] + 1)
+        self.nodes.journal_backing(node)
+        return node.backing[0]
 
     def create(self, caller: Caller, parent_id: int, name: bytes, mode: int, flags: int,
                unique: int = 0) -> tuple[Node, os.stat_result, int, int]:
@@ -576,8 +579,9 @@ class InodeFs:
                 raise
             handle = Handle(self._new_fh(), fd, node, True)
             handle.state = state
-            with self._table:
+            with self._iomode:
                 node.cached += 1
+            with self._table:
                 self._handles[handle.fh] = handle
             st = os.fstat(fd)
             return node, st, handle.fh, _NOFLUSH | (p.FOPEN_KEEP_CACHE if self.keep_cache else 0)
@@ -598,7 +602,8 @@ class InodeFs:
         handle.state = self._register(fd, node, writable)
         with self._table:
             other = self._handles.setdefault(fh, handle)
-            if other is handle and not handle.passthrough:
+        if other is handle and not handle.passthrough:
+            with self._iomode:
                 node.cached += 1
         if other is not handle:
             self._unregister_state(node, fd)
@@ -719,7 +724,7 @@ class InodeFs:
             return
         node = handle.node
         if not handle.passthrough:
-            with self._table:
+            with self._iomode:
                 node.cached -= 1
         try:
             self._unregister_state(node, handle.fd)
@@ -729,20 +734,19 @@ class InodeFs:
                 self._drop_backing(node)
 
     def _drop_backing(self, node: Node) -> None:
-        with self._table:
+        """One passthrough open of ``node`` fewer; the last closes its backing."""
+        with self._iomode:
             if node.backing is None:
                 return
             backing_id, count = node.backing
-            if count > 1:
-                node.backing = (backing_id, count - 1)
-                self.nodes.journal_backing(node)
-                return
-            node.backing = None
+            node.backing = (backing_id, count - 1) if count > 1 else None
             self.nodes.journal_backing(node)
-        try:
-            self.backing_close(backing_id)
-        except OSError as exc:
-            log.warning("backing close failed", extra={"fields": {"error": str(exc)}})
+            if count > 1:
+                return
+            try:
+                self.backing_close(backing_id)
+            except OSError as exc:
+                log.warning("backing close failed", extra={"fields": {"error": str(exc)}})
 
     def fallocate(self, fh: int, nodeid: int, mode: int, offset: int, length: int, unique: int = 0) -> None:
         handle = self._handles.get(fh)
