@@ -261,3 +261,44 @@ def test_writes_by_a_user_clear_set_id_bits_as_a_local_filesystem_does(kstart: C
         for i in range(50):
             out.write(b"z")
     assert op_count(m, "getxattr") - before < 5  # not one per write
+
+
+OPENER = r"""
+import errno, os, sys, time
+path, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+ok = busy = other = 0
+while time.monotonic() < end:
+    try:
+        fd = os.open(path, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+        if mode == "r":
+            os.pread(fd, 4, 0)
+        else:
+            os.pwrite(fd, b"data", 0)
+        os.close(fd)
+        ok += 1
+    except OSError as exc:
+        if exc.errno == errno.ETXTBSY and mode == "w":
+            busy += 1
+        else:
+            other += 1
+            print("error", exc, flush=True)
+print(ok, busy, other, flush=True)
+"""
+
+
+def test_racing_readers_and_writers_never_get_eio(kstart: Callable[..., Mounted]) -> None:
+    """Readers (passthrough candidates) and writers open one file at once for
+    two seconds: readers always succeed, writers succeed or get ETXTBSY,
+    nobody gets the EIO the kernel gives a mixed-mode open."""
+    m = kstart()
+    f = m.mountpoint / "f"
+    f.write_bytes(b"data")
+    procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(f), mode, "2"], stdout=subprocess.PIPE, env=ENV)
+             for mode in ("r", "r", "w", "w")]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        results.append(out.decode().split()[-3:])
+    assert all(r[2] == "0" for r in results), results
+    assert all(int(r[0]) > 0 for r in results[:2]), results
