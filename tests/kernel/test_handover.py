@@ -176,3 +176,21 @@ def _open_writer(path: Path) -> int | None:
         if exc.errno != errno.ETXTBSY:
             raise
         return None
+
+
+def test_a_clean_stop_takes_the_descriptors_back_from_the_holder(volume: Volume) -> None:
+    """SIGTERM means "unmount": the session drops its descriptors from the
+    holder, so the mount goes away although the holder keeps running."""
+    from fusefs.kernel import handover
+
+    m = volume.start()
+    fds = handover.take(volume.holder.socket, volume.volume_id)
+    for fd in fds:
+        os.close(fd)
+    assert len(fds) == 3  # the master and two clones
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(15) == 0
+    wait_for(lambda: not is_mounted(str(volume.mountpoint)), what="the unmount")
+    assert volume.holder.proc.poll() is None
+    with pytest.raises(OSError):
+        handover.take(volume.holder.socket, volume.volume_id)
