@@ -510,8 +510,10 @@ class InodeFs:
         open_flags, backing_id = _NOFLUSH, 0
         if not writable:
             with self._iomode:
+                # A node restored after a handover without a backing file may
+                # have cached opens in the kernel that we have not seen yet.
                 if (self.passthrough and not self.limits.active and stat.S_ISREG(node.mode)
-                        and node.cached == 0):
+                        and node.cached == 0 and not (node.restored and node.backing is None)):
                     backing_id = self._backing_for(node, fd)
                 if backing_id:
                     handle.passthrough = True

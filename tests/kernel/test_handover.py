@@ -194,3 +194,25 @@ def test_a_clean_stop_takes_the_descriptors_back_from_the_holder(volume: Volume)
     assert volume.holder.proc.poll() is None
     with pytest.raises(OSError):
         handover.take(volume.holder.socket, volume.volume_id)
+
+
+def test_a_file_open_for_writing_across_a_handover_can_be_opened_for_reading(volume: Volume) -> None:
+    """The successor does not know the cached opens the kernel kept (they are
+    adopted on their next write); a new read-only open of such a file must
+    not be passthrough, or the kernel would fail it with EIO."""
+    first = volume.start()
+    f = volume.mountpoint / "f"
+    f.write_bytes(b"")
+    writer = os.open(f, os.O_WRONLY)
+    try:
+        os.pwrite(writer, b"before", 0)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        volume.start(takeover=True)
+        reader = os.open(f, os.O_RDONLY)  # before the writer writes again
+        assert os.pread(reader, 6, 0) == b"before"
+        os.pwrite(writer, b"after", 6)
+        assert os.pread(reader, 11, 0) == b"beforeafter"
+        os.close(reader)
+    finally:
+        os.close(writer)
