@@ -131,13 +131,12 @@ class Session:
     def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
                  capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
                  ops_per_second: int = 0, options: FsOptions | None = None,
-                 read_ahead_kb: int = 1024, max_workers: int = MAX_WORKERS,
-                 engine: str = "libfuse", kernel_options: Any = None) -> None:
+                 read_ahead_kb: int = 1024, max_workers: int = MAX_WORKERS) -> None:
         if not VOLUME_ID_RE.match(volume_id):
             raise ValueError(f"invalid volume id {volume_id!r}")
         # A takeover must not touch its mountpoint before it serves it: a
         # stat there waits for the server, which is this process.
-        taking_over = bool(getattr(kernel_options, "takeover", False))
+        taking_over = bool(getattr(getattr(self, "kernel_options", None), "takeover", False))
         for what, path in (("source", source), ("mountpoint", mountpoint)):
             if not (taking_over and what == "mountpoint") and not os.path.isdir(path):
                 raise ValueError(f"{what} {path!r} is not a directory")
@@ -161,29 +160,11 @@ class Session:
         self.quota = Quota(capacity, found.used_bytes, found.used_inodes)
         self.gate = FreezeGate()
         self.limits = IOLimits(bytes_per_second, ops_per_second)
-        self.engine_name = engine
-        self.kernel_options = kernel_options
-        if engine == "kernel":
-            self._kernel_fs(options or FsOptions(), read_only, found)
-        else:
-            self.stats_ = OpStats()
-            self.ops = FusefsOperations(
-                self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-                read_only=read_only, options=options, xattr_names=found.xattr_names)
-        self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
-
-    def _kernel_fs(self, options: FsOptions, read_only: bool, found: ScanResult) -> None:
-        """The kernel engine's filesystem (see fusefs.kernel)."""
-        from fusefs.kernel import serve as kserve
-
-        self.writeback_cache = options.writeback_cache
-        self.attr_timeout, self.entry_timeout = options.attr_timeout, options.entry_timeout
-        self.max_write = options.max_write
-        self.stats_ = kserve.new_stats()
-        self.ops = kserve.make_fs(  # type: ignore[assignment]
+        self.stats_ = OpStats()
+        self.ops = FusefsOperations(
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-            read_only=read_only, xattr_names=found.xattr_names, keep_cache=options.keep_cache,
-            kopts=self.kernel_options or kserve.KernelOptions())
+            read_only=read_only, options=options, xattr_names=found.xattr_names)
+        self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
 
     @staticmethod
     def _remove_leftovers(found: ScanResult, read_only: bool) -> None:
@@ -302,10 +283,6 @@ class Session:
 
     def run(self) -> int:
         """Mount and serve until told to stop. Returns the exit code."""
-        if self.engine_name == "kernel":
-            from fusefs.kernel import serve as kserve
-
-            return kserve.run(self, self.kernel_options or kserve.KernelOptions())
         os.umask(0)  # the kernel already applied the caller's umask to every mode
         self._install_signals()
         threading.Thread(target=self._become_ready, name="ready", daemon=True).start()
@@ -483,13 +460,17 @@ def options_from_args(args: argparse.Namespace) -> FsOptions:
     )
 
 
-def kernel_options_from_args(args: argparse.Namespace) -> Any:
+def session_class(args: argparse.Namespace) -> Any:
+    """Session, or the kernel engine's subclass with its options bound."""
     if args.engine != "kernel":
-        return None
-    from fusefs.kernel.serve import KernelOptions
+        return Session
+    import functools
 
-    return KernelOptions(state_file=args.state_file, holder_socket=args.holder_socket, takeover=args.takeover,
-                         passthrough=not args.no_passthrough, clones=max(0, args.clones))
+    from fusefs.kernel.serve import KernelOptions, KernelSession
+
+    return functools.partial(KernelSession, kernel_options=KernelOptions(
+        state_file=args.state_file, holder_socket=args.holder_socket, takeover=args.takeover,
+        passthrough=not args.no_passthrough, clones=max(0, args.clones)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,12 +483,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("invalid argument", extra={"fields": {name: getattr(args, name)}})
             return 2
     try:
-        session = Session(
+        session = session_class(args)(
             volume_id=args.volume_id, source=args.source, mountpoint=args.mountpoint,
             control_socket=args.control_socket, capacity=args.capacity, read_only=args.read_only,
             bytes_per_second=args.io_bytes_per_second, ops_per_second=args.io_ops_per_second,
-            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb, max_workers=args.max_workers,
-            engine=args.engine, kernel_options=kernel_options_from_args(args))
+            options=options_from_args(args), read_ahead_kb=args.read_ahead_kb, max_workers=args.max_workers)
     except (ValueError, OSError) as exc:
         log.error("cannot start the session", extra={"fields": {"error": str(exc)}})
         return 2

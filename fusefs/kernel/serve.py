@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusefs.kernel import handover
+from fusefs.operations import FsOptions
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.engine import OPERATIONS, Engine, EngineOptions
 from fusefs.kernel.inodefs import InodeFs
 from fusefs.opstats import OpStats
+from fusefs.session import Session
 
 log = logging.getLogger("fusefs.kernel.serve")
 
@@ -88,6 +90,29 @@ def _write_state(kopts: KernelOptions, state: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, kopts.state_file)
+
+
+class KernelSession(Session):
+    """A session served by the kernel engine: the same control commands and
+    checks, another filesystem object (``ops``) and another ``run``."""
+
+    def __init__(self, *, kernel_options: KernelOptions, **kwargs: Any) -> None:
+        self.kernel_options = kernel_options  # read by Session.__init__ (takeover)
+        super().__init__(**kwargs)
+        options = kwargs.get("options") or FsOptions()
+        self.engine_name = "kernel"
+        self.writeback_cache = options.writeback_cache
+        self.attr_timeout, self.entry_timeout = options.attr_timeout, options.entry_timeout
+        self.max_write = options.max_write
+        libfuse_ops = self.ops
+        self.stats_ = new_stats()
+        self.ops = make_fs(  # type: ignore[assignment]
+            self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
+            read_only=kwargs.get("read_only", False), xattr_names=set(getattr(libfuse_ops, "xattr_names", ())),
+            keep_cache=options.keep_cache, kopts=kernel_options)
+
+    def run(self) -> int:
+        return run(self, self.kernel_options)
 
 
 def run(session: Any, kopts: KernelOptions) -> int:
