@@ -514,8 +514,6 @@ def test_close_unlink_rmdir_never_finds_leftovers(mounted: Mounted) -> None:
 
 
 def test_open_unlinked_file_is_hidden_until_closed(mounted: Mounted) -> None:
-    if os.environ.get("FUSEFS_TEST_ENGINE") == "kernel":
-        pytest.skip("libfuse engine only: the kernel engine keeps no hidden files (tests/kernel)")
     d = mounted.mountpoint / "d"
     d.mkdir()
     fd = os.open(d / "f", os.O_CREAT | os.O_RDWR, 0o644)
