@@ -110,6 +110,13 @@ class KernelSession(Session):
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
             read_only=kwargs.get("read_only", False), xattr_names=set(getattr(libfuse_ops, "xattr_names", ())),
             keep_cache=options.keep_cache, kopts=kernel_options)
+        # What Session reads from its filesystem object besides the common
+        # methods (the libfuse engine's names), so both engines serve its
+        # stats and control commands.
+        for name, default in (("options", options), ("links", None), ("open_refused", 0),
+                              ("xattrs_seen", True), ("capability_seen", True), ("fuse_session", None)):
+            if not hasattr(self.ops, name):
+                setattr(self.ops, name, getattr(libfuse_ops, name, default))
 
     def run(self) -> int:
         return run(self, self.kernel_options)
