@@ -50,7 +50,7 @@ def test_unlinked_open_file_behaves_as_on_a_plain_directory(kstart: Callable[...
         os.rmdir(d)
         assert os.listdir(m.source) == []
         assert os.pread(fd, 5, 9995) == b"xxxxx"
-        assert m.client.stats()["used_bytes"] == before["used_bytes"] + 10000
+        assert m.client.stats()["used_bytes"] >= before["used_bytes"] + 10000  # charged while open
     finally:
         os.close(fd)
     wait_for(lambda: m.client.stats()["used_bytes"] == before["used_bytes"], what="quota given back")
