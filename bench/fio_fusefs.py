@@ -42,6 +42,8 @@ VARIANTS = {
     "fusefs": [],
     "fusefs-noxattr": ["--no-xattrs"],
     "fusefs-fast": ["--no-xattrs", "--writeback-cache"],
+    # The engine that speaks /dev/fuse itself (fusefs/kernel), with passthrough.
+    "fusefs-kernel": ["--engine=kernel"],
 }
 UNITS = {"seqwrite": "MiB/s", "seqread": "MiB/s", "randread": "IOPS", "randwrite": "IOPS",
          "create": "files/s", "stat": "files/s", "unlink": "files/s"}

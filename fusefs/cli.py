@@ -65,7 +65,7 @@ def mount_main(argv: list[str]) -> int:
 
 
 USAGE = """usage: fusefs serve [flags]          run the daemon (fusefs serve --help)
-       fusefs mount SOURCE MOUNTPOINT [--capacity BYTES] [--read-only] [--foreground]
+       fusefs mount SOURCE MOUNTPOINT [--capacity BYTES] [--read-only] [--foreground] [--engine=kernel]
 """
 
 

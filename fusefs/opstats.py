@@ -231,6 +231,11 @@ def render_prometheus(volumes: Mapping[str, Mapping[str, Any]]) -> str:
     family("fusefs_written_bytes_total", "counter", "Bytes written through the FUSE session.")
     for vid, st in items:
         out.append(f'fusefs_written_bytes_total{{volume_id="{_escape(vid)}"}} {_num(st.get("bytes_written", 0))}')
+    family("fusefs_negotiated_flag", "gauge",
+           "1 for each FUSE INIT flag the kernel granted (kernel engine), e.g. has_resend, passthrough.")
+    for vid, st in items:
+        for flag in sorted((st.get("negotiated") or {}).get("flags") or ()):
+            out.append(f'fusefs_negotiated_flag{{volume_id="{_escape(vid)}",flag="{_escape(str(flag))}"}} 1')
     _render_ops(items, family, out)
     return "\n".join(out) + "\n"
 

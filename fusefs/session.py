@@ -170,12 +170,15 @@ class Session:
                  usage_file: str | None = None) -> None:
         if not VOLUME_ID_RE.match(volume_id):
             raise ValueError(f"invalid volume id {volume_id!r}")
+        # A takeover must not touch its mountpoint before it serves it: a
+        # stat there waits for the server, which is this process.
+        taking_over = bool(getattr(getattr(self, "kernel_options", None), "takeover", False))
         for what, path in (("source", source), ("mountpoint", mountpoint)):
-            if not os.path.isdir(path):
+            if not (taking_over and what == "mountpoint") and not os.path.isdir(path):
                 raise ValueError(f"{what} {path!r} is not a directory")
         self.volume_id = volume_id
         self.source = os.path.realpath(source)
-        self.mountpoint = os.path.realpath(mountpoint)
+        self.mountpoint = os.path.abspath(mountpoint) if taking_over else os.path.realpath(mountpoint)
         self.control_socket = control_socket
         self.read_ahead_kb = read_ahead_kb
         self.max_workers = max_workers
@@ -529,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=float, default=10.0)
     p.add_argument("--entry-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default=os.environ.get("FUSEFS_LOG_LEVEL", "info"))
+    p.add_argument("--engine", choices=("libfuse", "kernel"), default="libfuse",
+                   help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
+    k = p.add_argument_group("kernel engine")
+    k.add_argument("--state-file", help="negotiated flags and node journal, for a takeover")
+    k.add_argument("--holder-socket", help="give the /dev/fuse descriptors to this holder")
+    k.add_argument("--takeover", action="store_true",
+                   help="resume the live connection kept by --holder-socket (no mount, no INIT)")
+    k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
+    k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
     return p
 
 
@@ -545,6 +557,19 @@ def options_from_args(args: argparse.Namespace) -> FsOptions:
     )
 
 
+def session_class(args: argparse.Namespace) -> Any:
+    """Session, or the kernel engine's subclass with its options bound."""
+    if args.engine != "kernel":
+        return Session
+    import functools
+
+    from fusefs.kernel.serve import KernelOptions, KernelSession
+
+    return functools.partial(KernelSession, kernel_options=KernelOptions(
+        state_file=args.state_file, holder_socket=args.holder_socket, takeover=args.takeover,
+        passthrough=not args.no_passthrough, clones=max(0, args.clones)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.die_with_parent:
@@ -558,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("invalid argument", extra={"fields": {name: getattr(args, name)}})
             return 2
     try:
-        session = Session(
+        session = session_class(args)(
             volume_id=args.volume_id, source=args.source, mountpoint=args.mountpoint,
             control_socket=args.control_socket, capacity=args.capacity, read_only=args.read_only,
             bytes_per_second=args.io_bytes_per_second, ops_per_second=args.io_ops_per_second,

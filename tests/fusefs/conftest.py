@@ -110,8 +110,11 @@ def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
 
 
 @contextlib.contextmanager
-def session_starter(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
-    """The factory behind ``start_session``, usable for any fixture scope."""
+def session_starter(base_dir: Path, engine: str | None = None) -> Iterator[Callable[..., Mounted]]:
+    """The factory behind ``start_session``, usable for any fixture scope.
+    ``engine`` is the session's ``--engine`` (libfuse or kernel); by default
+    ``$FUSEFS_TEST_ENGINE`` or libfuse, so a whole suite can be run on either."""
+    engine = engine or os.environ.get("FUSEFS_TEST_ENGINE", "libfuse")
     started: list[Mounted] = []
 
     def start(capacity: int = 64 << 20, read_only: bool = False, bytes_per_second: int = 0,
@@ -136,6 +139,8 @@ def session_starter(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
             argv += ["--io-bytes-per-second", str(bytes_per_second)]
         if ops_per_second:
             argv += ["--io-ops-per-second", str(ops_per_second)]
+        if engine != "libfuse":
+            argv.append(f"--engine={engine}")
         argv += extra or []
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(log_path, "wb") as log:

@@ -414,7 +414,7 @@ def supplementary_group_access(root: Path) -> list[Any]:
 # ------------------------------------------------------------------ the runner
 
 
-@pytest.fixture(scope="module", params=["default", "writeback-cache", "splice"])
+@pytest.fixture(scope="module", params=["default", "writeback-cache", "splice", "kernel"])
 def module_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One session per mode for the whole table (starting one per case is slow)."""
     import shutil
@@ -422,9 +422,11 @@ def module_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
     base = Path(tempfile.mkdtemp(prefix="fusefs-posix-", dir="/tmp"))
     base.chmod(0o755)
-    extra = {"default": [], "writeback-cache": ["--writeback-cache"], "splice": ["--splice"]}[request.param]
+    extra = {"default": [], "writeback-cache": ["--writeback-cache"], "splice": ["--splice"],
+             "kernel": []}[request.param]
+    engine = "kernel" if request.param == "kernel" else "libfuse"
     try:
-        with session_starter(base) as start:
+        with session_starter(base, engine) as start:
             yield start(extra=extra), base
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,554 @@
+"""The /dev/fuse loop: read requests, call the filesystem, write replies.
+
+One connection has a master descriptor (the one passed to mount(2), or
+received in a handover) and a few clones (``FUSE_DEV_IOC_CLONE``), each with
+its own processing queue in the kernel. Worker threads read a request into
+a preallocated buffer, answer it on the descriptor it came from (a reply on
+another one is refused), and read the next. Workers are added on demand, up
+to a maximum, when none is left waiting for a request, so that requests
+parked by a freeze or an I/O limit never starve the others.
+
+The first request of a fresh mount is INIT, answered before any worker
+starts. A connection taken over from a dead server is already initialised:
+no INIT comes, and the engine writes FUSE_NOTIFY_RESEND so that the requests
+the dead server had read but not answered are queued again (with bit 63 set
+in their ``unique``; the filesystem answers them idempotently).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusefs.kernel import protocol as p
+from fusefs.kernel import syscalls as ksys
+from fusefs.kernel.inodefs import Caller, InodeFs
+from fusefs.opstats import OpStats
+
+log = logging.getLogger("fusefs.kernel.engine")
+
+#: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
+OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
+_NS = 1_000_000_000
+
+
+@dataclass
+class EngineOptions:
+    """What INIT asks for and how requests are served."""
+
+    max_write: int = 1 << 20
+    max_readahead: int = 1 << 20
+    max_background: int = 64
+    attr_timeout: float = 10.0
+    entry_timeout: float = 10.0
+    negative_timeout: float = 10.0
+    writeback_cache: bool = False
+    #: Serve read-only opens through kernel passthrough when the kernel grants it.
+    passthrough: bool = True
+    readdirplus: bool = True
+    #: Cloned descriptors besides the master (each worker uses one of them).
+    clones: int = 2
+    max_workers: int = 64
+    min_workers: int = 4
+    negotiated: dict[str, Any] = field(default_factory=dict)
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e9)
+
+
+def pack_attr(st: os.stat_result) -> bytes:
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return p.ATTR.pack(st.st_ino, st.st_size, st.st_blocks, a // _NS, m // _NS, c // _NS,
+                       a % _NS, m % _NS, c % _NS, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                       st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+
+
+class Unmounted(Exception):
+    """The connection is gone (ENODEV on read)."""
+
+
+class Engine:
+    """One FUSE connection served by a pool of threads."""
+
+    def __init__(self, fs: InodeFs, options: EngineOptions | None = None, stats: OpStats | None = None) -> None:
+        self.fs = fs
+        self.options = options or EngineOptions()
+        self.stats = stats or OpStats(OPERATIONS)
+        self._op_index = {op: self.stats.index(p.OPCODE_NAMES[op]) if p.OPCODE_NAMES.get(op) in self.stats.operations
+                          else -1 for op in p.OPCODE_NAMES}
+        self.devices: list[int] = []
+        self.initialized = fs.initialized
+        self.stopped = threading.Event()
+        self.negotiated: dict[str, Any] = {}
+        self._want_passthrough = False
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._workers = 0
+        self._inflight: set[int] = set()
+        o = self.options
+        self._entry_valid = _timeout(o.entry_timeout)
+        self._attr_valid = _timeout(o.attr_timeout)
+        self._negative_valid = _timeout(o.negative_timeout)
+        self._bufsize = o.max_write + 4096 + p.MIN_READ_BUFFER
+        self._handlers: dict[int, Callable[[int, int, int, int, int, memoryview], Any]] = {
+            p.LOOKUP: self._lookup, p.FORGET: self._forget, p.BATCH_FORGET: self._batch_forget,
+            p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
+            p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir, p.UNLINK: self._unlink,
+            p.RMDIR: self._rmdir, p.RENAME: self._rename, p.RENAME2: self._rename2, p.LINK: self._link,
+            p.OPEN: self._open, p.READ: self._read, p.WRITE: self._write, p.STATFS: self._statfs,
+            p.RELEASE: self._release, p.FSYNC: self._fsync, p.FLUSH: self._flush,
+            p.SETXATTR: self._setxattr, p.GETXATTR: self._getxattr, p.LISTXATTR: self._listxattr,
+            p.REMOVEXATTR: self._removexattr, p.OPENDIR: self._opendir, p.READDIR: self._readdir,
+            p.READDIRPLUS: self._readdirplus, p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir,
+            p.ACCESS: self._access, p.CREATE: self._create, p.INTERRUPT: self._interrupt,
+            p.FALLOCATE: self._fallocate, p.LSEEK: self._lseek, p.DESTROY: self._destroy,
+        }
+
+    # ------------------------------------------------------------ setup
+
+    def mount(self, mountpoint: str, source: str, subtype: str = "fusefs") -> int:
+        """Open /dev/fuse and mount it; returns the master descriptor."""
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            ksys.mount_fuse(fd, mountpoint, source, subtype,
+                            f"default_permissions,allow_other,max_read={self.options.max_write}")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.devices = [fd]
+        return fd
+
+    def resize_buffers(self) -> None:
+        """Size the workers' read buffers for ``options.max_write`` (before start())."""
+        self._bufsize = self.options.max_write + 4096 + p.MIN_READ_BUFFER
+
+    def add_clones(self) -> None:
+        for _ in range(self.options.clones):
+            self.devices.append(ksys.clone_device(self.devices[0]))
+
+    def init(self) -> None:
+        """Read and answer INIT on the master descriptor (a fresh mount)."""
+        buf = bytearray(self._bufsize)
+        fd = self.devices[0]
+        while True:
+            n = os.readv(fd, [buf])
+            length, opcode, unique = p.IN_HEADER.unpack_from(buf, 0)[:3]
+            if opcode == p.INIT:
+                break
+            self._reply_error(fd, unique, errno.EIO)
+        major, minor, max_readahead, flags = p.INIT_IN.unpack_from(buf, 40)
+        flags2 = int.from_bytes(buf[56:60], sys.byteorder) if n >= 60 and flags & p.INIT_EXT else 0
+        kernel_flags = flags | (flags2 << 32)
+        if major != p.KERNEL_VERSION or minor < 31:
+            self._reply_error(fd, unique, errno.EPROTO)
+            raise OSError(errno.EPROTO, f"kernel FUSE protocol {major}.{minor} is too old")
+        o = self.options
+        want = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.AUTO_INVAL_DATA | p.ASYNC_DIO
+                | p.PARALLEL_DIROPS | p.MAX_PAGES | p.CACHE_SYMLINKS | p.INIT_EXT | p.HAS_RESEND
+                | p.DIRECT_IO_ALLOW_MMAP | p.HANDLE_KILLPRIV_V2)
+        # Ask for everything a successor may use; a taken-over connection
+        # keeps what this INIT negotiated.
+        want |= p.PASSTHROUGH | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
+        if o.writeback_cache:
+            want |= p.WRITEBACK_CACHE
+            want &= ~p.PASSTHROUGH  # the kernel refuses passthrough with write-back caching
+        if not o.readdirplus:
+            want &= ~(p.DO_READDIRPLUS | p.READDIRPLUS_AUTO)
+        granted = want & kernel_flags
+        max_pages = (o.max_write + 4095) // 4096
+        reply = p.INIT_OUT.pack(
+            p.KERNEL_VERSION, min(minor, p.KERNEL_MINOR_VERSION), min(max_readahead, o.max_readahead),
+            granted & 0xFFFFFFFF, o.max_background, max(1, o.max_background * 3 // 4), o.max_write,
+            1, max_pages, 0, granted >> 32, 1 if granted & p.PASSTHROUGH else 0, 0)
+        self._reply(fd, unique, reply)
+        self.set_negotiated(f"{major}.{minor}", granted, min(max_readahead, o.max_readahead))
+        log.info("negotiated", extra={"fields": {"negotiated": self.negotiated}})
+
+    def set_negotiated(self, proto: str, granted: int, max_readahead: int) -> None:
+        o = self.options
+        self.negotiated = {
+            "engine": "kernel",
+            "proto": proto,
+            "flags": p.flag_names(granted),
+            "flags_value": granted,
+            "max_write": o.max_write,
+            "max_read": o.max_write,
+            "max_readahead": max_readahead,
+            "writeback_cache": bool(granted & p.WRITEBACK_CACHE),
+            "passthrough": bool(granted & p.PASSTHROUGH) and o.passthrough,
+            "resend": bool(granted & p.HAS_RESEND),
+            "readdirplus": bool(granted & p.DO_READDIRPLUS),
+            "keep_cache": self.fs.keep_cache,
+        }
+        self.fs.negotiated = self.negotiated
+        self.fs.notify_inval_inode = self.notify_inval_inode
+        self.fs.writeback = self.negotiated["writeback_cache"]
+        self._readdirplus = bool(granted & p.DO_READDIRPLUS)
+        if self.negotiated["passthrough"]:
+            master = self.devices[0]
+            self.fs.backing_open = lambda fd: ksys.backing_open(master, fd)
+            self.fs.backing_close = lambda bid: ksys.backing_close(master, bid)
+            self.fs.passthrough = True
+
+    def resend(self) -> None:
+        """Ask the kernel to queue again what a dead server read but never answered."""
+        os.write(self.devices[0], p.OUT_HEADER.pack(16, p.NOTIFY_RESEND, 0))
+
+    # ------------------------------------------------------------ notifications
+
+    def notify_inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None:
+        """Drop the kernel's cached attributes (and data in [offset, offset+length), 0: all)."""
+        body = p.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length)
+        self._notify(p.NOTIFY_INVAL_INODE, body)
+
+    def notify_inval_entry(self, parent: int, name: bytes) -> None:
+        """Drop the kernel's cached name ``name`` in directory ``parent``."""
+        body = p.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+        self._notify(p.NOTIFY_INVAL_ENTRY, body)
+
+    def _notify(self, code: int, body: bytes) -> None:
+        try:
+            os.writev(self.devices[0], [p.OUT_HEADER.pack(16 + len(body), code, 0), body])
+        except FileNotFoundError:
+            pass  # nothing cached: nothing to drop
+
+    # ------------------------------------------------------------ serving
+
+    def start(self) -> None:
+        """Start the workers (after init() or a takeover)."""
+        self.initialized.set()
+        for _ in range(max(1, self.options.min_workers)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._workers >= self.options.max_workers:
+                return
+            index = self._workers
+            self._workers += 1
+            self._idle += 1
+        fd = self.devices[index % len(self.devices)]
+        threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{index}", daemon=True).start()
+
+    def _worker(self, fd: int) -> None:
+        buf = bytearray(self._bufsize)
+        view = memoryview(buf)
+        readv = os.readv
+        unpack = p.IN_HEADER.unpack_from
+        handlers = self._handlers
+        op_index = self._op_index
+        record = self.stats.record
+        clock = time.perf_counter_ns
+        inflight = self._inflight
+        interrupted = self.fs.interrupted
+        lock = self._lock
+        while True:
+            try:
+                n = readv(fd, [buf])
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EAGAIN):
+                    continue  # the request was interrupted before we read it
+                if exc.errno == errno.ENODEV:
+                    self.stopped.set()
+                    return
+                log.error("reading /dev/fuse failed", extra={"fields": {"error": str(exc)}})
+                self.stopped.set()
+                return
+            with lock:
+                self._idle -= 1
+                spawn = self._idle <= 0
+            if spawn:
+                self._spawn()
+            t0 = clock()
+            _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
+            handler = handlers.get(opcode)
+            inflight.add(unique)
+            err = 0
+            reply = None
+            try:
+                if handler is None:
+                    err = errno.ENOSYS
+                else:
+                    reply = handler(unique, nodeid, uid, gid, pid, view[40:n])
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+            except Exception:  # noqa: BLE001 - a bug must not kill the worker
+                log.exception("request failed", extra={"fields": {"opcode": opcode}})
+                err = errno.EIO
+            inflight.discard(unique)
+            if err:
+                self._reply_error(fd, unique, err)
+            elif reply is not None:
+                try:
+                    if type(reply) is list:
+                        os.writev(fd, [p.OUT_HEADER.pack(16 + sum(map(len, reply)), 0, unique), *reply])
+                    else:
+                        os.writev(fd, [p.OUT_HEADER.pack(16 + len(reply), 0, unique), reply])
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # ENOENT: the request was aborted meanwhile
+                        log.error("the kernel refused a reply", extra={"fields": {
+                            "opcode": opcode, "error": str(exc)}})
+                        self._reply_error(fd, unique, errno.EIO)
+            if interrupted:
+                interrupted.discard(unique)
+            with lock:
+                self._idle += 1
+            failed = err != 0
+            i = op_index.get(opcode, -1)
+            if i >= 0:
+                record(i, clock() - t0, failed)
+
+    def _reply(self, fd: int, unique: int, payload: bytes) -> None:
+        os.writev(fd, [p.OUT_HEADER.pack(16 + len(payload), 0, unique), payload])
+
+    def _reply_error(self, fd: int, unique: int, code: int) -> None:
+        try:
+            os.write(fd, p.OUT_HEADER.pack(16, -code, unique))
+        except OSError:
+            pass  # interrupted and already answered, or the connection is gone
+
+    # ------------------------------------------------------------ replies
+
+    def _entry(self, nodeid: int, st: os.stat_result) -> bytes:
+        e, a = self._entry_valid, self._attr_valid
+        return p.ENTRY_PREFIX.pack(nodeid, 0, e[0], a[0], e[1], a[1]) + pack_attr(st)
+
+    def _attr(self, st: os.stat_result) -> bytes:
+        a = self._attr_valid
+        return p.ATTR_OUT_PREFIX.pack(a[0], a[1], 0) + pack_attr(st)
+
+    @staticmethod
+    def _name(body: memoryview, start: int = 0) -> bytes:
+        raw = bytes(body[start:])
+        return raw[: raw.index(b"\0")] if b"\0" in raw else raw
+
+    @staticmethod
+    def _two_names(body: memoryview, start: int) -> tuple[bytes, bytes]:
+        raw = bytes(body[start:])
+        first, _, rest = raw.partition(b"\0")
+        return first, rest.partition(b"\0")[0]
+
+    # ------------------------------------------------------------ handlers
+    # Each takes (unique, nodeid, uid, gid, pid, body) and returns the reply
+    # payload (bytes or a list of buffers), or None for no reply.
+
+    def _lookup(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        name = self._name(body)
+        try:
+            node, st = self.fs.lookup(nodeid, name)
+        except FileNotFoundError:
+            if not self._negative_valid[0] and not self._negative_valid[1]:
+                raise
+            n = self._negative_valid
+            return p.ENTRY_PREFIX.pack(0, 0, n[0], 0, n[1], 0) + bytes(p.ATTR.size)
+        return self._entry(node.nodeid, st)
+
+    def _forget(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.forget(nodeid, p.FORGET_IN.unpack_from(body, 0)[0])
+        return None
+
+    def _batch_forget(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        count = p.BATCH_FORGET_IN.unpack_from(body, 0)[0]
+        forget = self.fs.forget
+        for i in range(count):
+            nid, nlookup = p.FORGET_ONE.unpack_from(body, 8 + 16 * i)
+            forget(nid, nlookup)
+        return None
+
+    def _getattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        return self._attr(self.fs.getattr(nodeid))
+
+    def _setattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, a_uid, a_gid, _) = \
+            p.SETATTR_IN.unpack_from(body, 0)
+        st = self.fs.setattr(nodeid, valid, fh, size, (atime, atimens), (mtime, mtimens), mode, a_uid, a_gid,
+                             unique)
+        return self._attr(st)
+
+    def _readlink(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        return self.fs.readlink(nodeid)
+
+    def _symlink(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        name, target = self._two_names(body, 0)
+        node, st = self.fs.symlink(Caller(uid, gid, pid), nodeid, name, target, unique)
+        return self._entry(node.nodeid, st)
+
+    def _mknod(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        mode, rdev, _, _ = p.MKNOD_IN.unpack_from(body, 0)
+        node, st = self.fs.mknod(Caller(uid, gid, pid), nodeid, self._name(body, p.MKNOD_IN.size), mode, rdev,
+                                 unique)
+        return self._entry(node.nodeid, st)
+
+    def _mkdir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        mode, _ = p.MKDIR_IN.unpack_from(body, 0)
+        node, st = self.fs.mkdir(Caller(uid, gid, pid), nodeid, self._name(body, p.MKDIR_IN.size), mode, unique)
+        return self._entry(node.nodeid, st)
+
+    def _unlink(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.unlink(nodeid, self._name(body), unique)
+        return b""
+
+    def _rmdir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.rmdir(nodeid, self._name(body), unique)
+        return b""
+
+    def _rename(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        newdir = p.RENAME_IN.unpack_from(body, 0)[0]
+        old, new = self._two_names(body, p.RENAME_IN.size)
+        self.fs.rename(nodeid, old, newdir, new, 0, unique)
+        return b""
+
+    def _rename2(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        newdir, flags, _ = p.RENAME2_IN.unpack_from(body, 0)
+        old, new = self._two_names(body, p.RENAME2_IN.size)
+        self.fs.rename(nodeid, old, newdir, new, flags, unique)
+        return b""
+
+    def _link(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        old = p.LINK_IN.unpack_from(body, 0)[0]
+        node, st = self.fs.link(old, nodeid, self._name(body, p.LINK_IN.size), unique)
+        return self._entry(node.nodeid, st)
+
+    def _open(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        flags, open_in_flags = p.OPEN_IN.unpack_from(body, 0)
+        fh, open_flags, backing_id = self.fs.open(nodeid, flags, unique,
+                                                  bool(open_in_flags & p.OPEN_KILL_SUIDGID))
+        return p.OPEN_OUT.pack(fh, open_flags, backing_id)
+
+    def _create(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(body, 0)
+        node, st, fh, open_flags = self.fs.create(Caller(uid, gid, pid), nodeid,
+                                                  self._name(body, p.CREATE_IN.size), mode, flags, unique)
+        return self._entry(node.nodeid, st) + p.OPEN_OUT.pack(fh, open_flags, 0)
+
+    def _read(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size, _, _, flags, _ = p.READ_IN.unpack_from(body, 0)
+        return self.fs.read(fh, nodeid, offset, size, flags)
+
+    def _write(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size, write_flags, _, flags, _ = p.WRITE_IN.unpack_from(body, 0)
+        n = self.fs.write(fh, nodeid, offset, body[40:40 + size], write_flags, flags, unique)
+        return p.WRITE_OUT.pack(n, 0)
+
+    def _statfs(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        return p.STATFS_OUT.pack(*self.fs.statfs(), 0)
+
+    def _release(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.release(p.RELEASE_IN.unpack_from(body, 0)[0], nodeid)
+        return b""
+
+    def _flush(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        return b""
+
+    def _fsync(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(body, 0)
+        self.fs.fsync(fh, nodeid, bool(fsync_flags & p.FSYNC_FDATASYNC))
+        return b""
+
+    def _setxattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        size, flags = p.SETXATTR_IN.unpack_from(body, 0)
+        raw = bytes(body[p.SETXATTR_IN.size:])
+        name, _, rest = raw.partition(b"\0")
+        self.fs.setxattr(nodeid, name, rest[:size], flags, unique)
+        return b""
+
+    def _getxattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        size, _ = p.GETXATTR_IN.unpack_from(body, 0)
+        return self._sized(self.fs.getxattr(nodeid, self._name(body, p.GETXATTR_IN.size)), size)
+
+    def _listxattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        size, _ = p.GETXATTR_IN.unpack_from(body, 0)
+        return self._sized(self.fs.listxattr(nodeid), size)
+
+    @staticmethod
+    def _sized(data: bytes, size: int) -> bytes:
+        if not size:
+            return p.GETXATTR_OUT.pack(len(data), 0)
+        if len(data) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return data
+
+    def _removexattr(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.removexattr(nodeid, self._name(body), unique)
+        return b""
+
+    def _opendir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        return p.OPEN_OUT.pack(self.fs.opendir(nodeid), 0, 0)
+
+    def _readdir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body, 0)
+        out: list[bytes] = []
+        used = 0
+        for off, name, ino, kind in self.fs.dir_entries(fh, nodeid, offset):
+            rec = p.dirent_size(len(name))
+            if used + rec > size:
+                break
+            out.append(p.DIRENT.pack(ino, off, len(name), kind) + name + bytes(rec - p.DIRENT.size - len(name)))
+            used += rec
+        return b"".join(out)
+
+    def _readdirplus(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body, 0)
+        out: list[bytes] = []
+        used = 0
+        empty_entry = bytes(p.ENTRY_PREFIX.size + p.ATTR.size)
+        for off, name, ino, kind in self.fs.dir_entries(fh, nodeid, offset):
+            rec = p.ENTRY_PREFIX.size + p.ATTR.size + p.dirent_size(len(name))
+            if used + rec > size:
+                break
+            if name in (b".", b".."):
+                entry = empty_entry
+            else:
+                try:
+                    node, st = self.fs.lookup(nodeid, name)
+                except OSError:
+                    continue  # gone since the listing was read
+                entry = self._entry(node.nodeid, st)
+                ino = st.st_ino
+            pad = bytes(p.dirent_size(len(name)) - p.DIRENT.size - len(name))
+            out.append(entry + p.DIRENT.pack(ino, off, len(name), kind) + name + pad)
+            used += rec
+        return b"".join(out)
+
+    def _releasedir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.releasedir(p.RELEASE_IN.unpack_from(body, 0)[0])
+        return b""
+
+    def _fsyncdir(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, _, _ = p.FSYNC_IN.unpack_from(body, 0)
+        self.fs.fsyncdir(fh, nodeid)
+        return b""
+
+    def _access(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.fs.access(nodeid, p.ACCESS_IN.unpack_from(body, 0)[0])
+        return b""
+
+    def _interrupt(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        target = p.INTERRUPT_IN.unpack_from(body, 0)[0]
+        if target in self._inflight:
+            self.fs.interrupted.add(target)
+        return None
+
+    def _fallocate(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body, 0)
+        self.fs.fallocate(fh, nodeid, mode, offset, length, unique)
+        return b""
+
+    def _lseek(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body, 0)
+        return p.LSEEK_OUT.pack(self.fs.lseek(fh, nodeid, offset, whence))
+
+    def _destroy(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        self.stopped.set()
+        return b""

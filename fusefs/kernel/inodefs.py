@@ -1,0 +1,913 @@
+"""The volume's filesystem, by inode, for the kernel engine.
+
+The same semantics as :mod:`fusefs.operations` (the libfuse engine's
+filesystem), on node IDs instead of paths: read-only (EROFS), the freeze
+gate, the quota (ENOSPC) and the I/O limits, each one attribute test when it
+has nothing to do. Those four live in the engine-neutral modules; this
+module only calls their public methods:
+
+- :class:`fusefs.quota.Quota`: ``take_inode``, ``give_inode``, ``extend``,
+  ``reserve_exact``, ``set_size``, ``release_bytes``, and the attributes
+  ``capacity``, ``used_bytes``, ``used_inodes``, ``inode_limit``;
+  :class:`fusefs.quota.InodeState` (constructor and its slots);
+- :class:`fusefs.freeze.FreezeGate`: ``enter``, ``enter_write``, ``leave``,
+  ``frozen``;
+- :class:`fusefs.limits.IOLimits`: ``active``, ``throttle``;
+- :class:`fusefs.opstats.OpStats`: ``shard`` (byte counters).
+
+Each node keeps an ``O_PATH`` descriptor (see :mod:`fusefs.kernel.nodes`),
+so every call is relative to a descriptor, never to a path string: names
+cannot be redirected by a pod, renames on the host do not matter, and an
+open file that was unlinked keeps working (no hidden files, unlike the
+libfuse engine). Files are opened through ``/proc/self/fd/N`` of the node.
+
+Methods raise OSError; the engine turns it into the reply's errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from fusefs.freeze import FreezeGate
+from fusefs.kernel import protocol as p
+from fusefs.kernel import syscalls as ksys
+from fusefs.kernel.nodes import Node, NodeTable
+from fusefs.limits import IOLimits
+from fusefs.opstats import OpStats
+from fusefs.quota import InodeState, Quota
+
+log = logging.getLogger("fusefs.kernel.inodefs")
+
+_STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOCTTY
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+STATFS_BLOCK = 4096
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE = 8, 32
+RENAME_EXCHANGE = 2
+#: How often a request parked by a freeze looks whether it was interrupted.
+INTERRUPT_POLL = 0.05
+_monotonic = time.monotonic
+#: Set in the file handle of a passthrough open, so that its RELEASE is
+#: recognised even when it comes to a successor after a handover.
+PASSTHROUGH_FH = 1 << 62
+#: Every open asks the kernel not to send FLUSH on close(2): there is nothing
+#: to do for it (writes are never buffered here), it saves a round trip per
+#: close, and a process that closes a descriptor of the mount while no server
+#: runs (a successor being started, say) does not wait for one. (With the
+#: kernel's write-back cache the kernel still writes dirty pages back on close.)
+_NOFLUSH = p.FOPEN_NOFLUSH
+_PRIV_BITS = stat.S_ISUID | stat.S_ISGID
+
+
+@dataclass
+class Caller:
+    """Who sent a request (from the request header)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+class _WritePage:
+    """What FreezeGate.enter_write looks at: was this write page write-back?"""
+
+    __slots__ = ("writepage",)
+
+    def __init__(self, writepage: bool) -> None:
+        self.writepage = writepage
+
+
+_NOT_WRITEPAGE = _WritePage(False)
+_WRITEPAGE = _WritePage(True)
+
+
+class Handle:
+    """An open file or directory: its real descriptor and node."""
+
+    __slots__ = ("fh", "fd", "node", "state", "writable", "last_end", "last_time", "passthrough",
+                 "entries", "scan", "is_dir")
+
+    def __init__(self, fh: int, fd: int, node: Node, writable: bool) -> None:
+        self.fh = fh
+        self.fd = fd
+        self.node = node
+        self.state: InodeState | None = None
+        self.writable = writable
+        self.last_end = -1
+        self.last_time = 0.0
+        self.passthrough = False
+        self.entries: list[tuple[bytes, int, int]] | None = None
+        self.scan: Iterator[os.DirEntry[bytes]] | None = None
+        self.is_dir = False
+
+
+class Interrupted(Exception):
+    """The kernel interrupted the request (the caller got a signal)."""
+
+
+class InodeFs:
+    """Passthrough by inode, with quota, freeze, read-only and I/O limits."""
+
+    def __init__(self, source: str, *, quota: Quota, gate: FreezeGate | None = None,
+                 limits: IOLimits | None = None, stats: OpStats | None = None, read_only: bool = False,
+                 xattr_names: set[bytes] | None = None, keep_cache: bool = True,
+                 journal: str | None = None, handle_epoch: int = 0) -> None:
+        self.source = os.path.realpath(source)
+        self.root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_path = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.nodes = NodeTable(root_path, journal)
+        self.quota = quota
+        self.gate = gate or FreezeGate()
+        self.limits = limits or IOLimits()
+        self.stats = stats or OpStats()
+        self.read_only = read_only
+        self.keep_cache = keep_cache
+        self.xattr_names: set[bytes] = set(xattr_names or ())
+        self._handles: dict[int, Handle] = {}
+        self._table = threading.Lock()
+        #: Orders the choice between cached and passthrough opens of an inode
+        #: (node.cached, node.backing), which the kernel requires never to mix.
+        self._iomode = threading.Lock()
+        #: File handles are (epoch << 32 | counter): a successor after a
+        #: handover uses a new epoch, so a handle the kernel still holds from
+        #: the old process can never name one of the new process's files.
+        self._epoch = handle_epoch
+        self._next_fh = 1
+        #: Set by the engine: passthrough is negotiated and allowed.
+        self.passthrough = False
+        #: Set by the engine: registers a backing file, returns its id.
+        self.backing_open: Any = None
+        self.backing_close: Any = None
+        #: Set by the engine: the kernel's write-back cache is on.
+        self.writeback = False
+        #: Set by the engine: FUSE_NOTIFY_INVAL_INODE(nodeid, offset, length).
+        self.notify_inval_inode: Any = lambda nodeid, offset, length: None
+        self.negotiated: dict[str, Any] = {}
+        #: Requests the kernel interrupted (unique numbers), set by the engine.
+        self.interrupted: set[int] = set()
+        #: Set once the connection is initialised (or taken over) and served.
+        self.initialized = threading.Event()
+
+    # ------------------------------------------------------------ helpers
+
+    def _new_fh(self) -> int:
+        with self._table:
+            fh = (self._epoch << 32) | self._next_fh
+            self._next_fh += 1
+        return fh
+
+    def _begin_mutation(self, unique: int = 0) -> Any:
+        """EROFS, or wait out a freeze (interruptibly); returns the gate flag."""
+        if self.read_only:
+            raise OSError(errno.EROFS, "read-only volume")
+        self._wait_thaw(unique)
+        return self.gate.enter()
+
+    def _wait_thaw(self, unique: int) -> None:
+        """While frozen, wait here where an INTERRUPT can end the wait (EINTR),
+        so a pod's process parked by a freeze stays killable."""
+        while self.gate.frozen:
+            if unique and unique in self.interrupted:
+                raise OSError(errno.EINTR, "interrupted while the volume is frozen")
+            time.sleep(INTERRUPT_POLL)
+
+    def _proc(self, node: Node) -> str:
+        return f"/proc/self/fd/{node.fd}"
+
+    def _give_to_caller(self, caller: Caller, parent: Node, fd: int, st: os.stat_result, is_path: bool) -> None:
+        """A new inode belongs to the caller, keeping a set-group-ID parent's group."""
+        uid, gid = caller.uid, caller.gid
+        if uid == 0 and gid == 0:
+            return
+        if st.st_gid != 0 or os.stat(parent.fd).st_mode & stat.S_ISGID:
+            gid = -1
+        if uid == 0 and gid == -1:
+            return
+        if is_path:
+            ksys.fchown_empty(fd, uid, gid)
+        else:
+            os.fchown(fd, uid, gid)
+
+    def _lookup_fd(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.nodes.remember(fd, st), st
+
+    # ------------------------------------------------------------ names
+
+    def lookup(self, parent_id: int, name: bytes) -> tuple[Node, os.stat_result]:
+        return self._lookup_fd(self.nodes.get(parent_id), name)
+
+    def forget(self, nodeid: int, count: int) -> None:
+        self.nodes.forget(nodeid, count)
+
+    def getattr(self, nodeid: int) -> os.stat_result:
+        return os.stat(self.nodes.get(nodeid).fd)
+
+    def readlink(self, nodeid: int) -> bytes:
+        return os.readlink(b"", dir_fd=self.nodes.get(nodeid).fd)
+
+    def mknod(self, caller: Caller, parent_id: int, name: bytes, mode: int, rdev: int,
+              unique: int = 0) -> tuple[Node, os.stat_result]:
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise OSError(errno.EPERM, "no device nodes in a volume")
+        return self._new_inode(caller, parent_id, name, unique,
+                               lambda d: os.mknod(name, mode, 0, dir_fd=d))
+
+    def mkdir(self, caller: Caller, parent_id: int, name: bytes, mode: int,
+              unique: int = 0) -> tuple[Node, os.stat_result]:
+        return self._new_inode(caller, parent_id, name, unique, lambda d: os.mkdir(name, mode & 0o7777, dir_fd=d))
+
+    def symlink(self, caller: Caller, parent_id: int, name: bytes, target: bytes,
+                unique: int = 0) -> tuple[Node, os.stat_result]:
+        return self._new_inode(caller, parent_id, name, unique, lambda d: os.symlink(target, name, dir_fd=d))
+
+    def _new_inode(self, caller: Caller, parent_id: int, name: bytes, unique: int,
+                   make: Any) -> tuple[Node, os.stat_result]:
+        parent = self.nodes.get(parent_id)
+        w = self._begin_mutation(unique)
+        try:
+            self.quota.take_inode()
+            try:
+                make(parent.fd)
+            except FileExistsError:
+                self.quota.give_inode()
+                if unique & p.UNIQUE_RESEND:
+                    return self._lookup_fd(parent, name)  # we made it before the crash
+                raise
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            node, st = self._lookup_fd(parent, name)
+            self._give_to_caller(caller, parent, node.fd, st, True)
+            if caller.uid or caller.gid:
+                st = os.stat(node.fd)
+            return node, st
+        finally:
+            self.gate.leave(w)
+
+    def link(self, old_id: int, parent_id: int, name: bytes, unique: int = 0) -> tuple[Node, os.stat_result]:
+        node = self.nodes.get(old_id)
+        parent = self.nodes.get(parent_id)
+        w = self._begin_mutation(unique)
+        try:
+            try:
+                os.link(self._proc(node), name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            except FileExistsError:
+                if not unique & p.UNIQUE_RESEND:
+                    raise
+            return self._lookup_fd(parent, name)
+        finally:
+            self.gate.leave(w)
+
+    def unlink(self, parent_id: int, name: bytes, unique: int = 0) -> None:
+        parent = self.nodes.get(parent_id)
+        w = self._begin_mutation(unique)
+        try:
+            try:
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                os.unlink(name, dir_fd=parent.fd)
+            except FileNotFoundError:
+                if unique & p.UNIQUE_RESEND:
+                    return  # done before the crash
+                raise
+            self._link_removed(st)
+        finally:
+            self.gate.leave(w)
+
+    def rmdir(self, parent_id: int, name: bytes, unique: int = 0) -> None:
+        parent = self.nodes.get(parent_id)
+        w = self._begin_mutation(unique)
+        try:
+            try:
+                os.rmdir(name, dir_fd=parent.fd)
+            except FileNotFoundError:
+                if unique & p.UNIQUE_RESEND:
+                    return
+                raise
+            self.quota.give_inode()
+        finally:
+            self.gate.leave(w)
+
+    def rename(self, parent_id: int, name: bytes, newparent_id: int, newname: bytes, flags: int,
+               unique: int = 0) -> None:
+        parent = self.nodes.get(parent_id)
+        newparent = self.nodes.get(newparent_id)
+        w = self._begin_mutation(unique)
+        try:
+            replaced = None
+            if not flags & RENAME_EXCHANGE:
+                try:
+                    replaced = os.stat(newname, dir_fd=newparent.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    replaced = None
+                if replaced is not None:
+                    try:
+                        moved = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        if unique & p.UNIQUE_RESEND:
+                            return  # renamed before the crash
+                        raise
+                    if (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev):
+                        replaced = None
+            if flags:
+                ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
+            else:
+                try:
+                    os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
+                except FileNotFoundError:
+                    if unique & p.UNIQUE_RESEND and replaced is None:
+                        return
+                    raise
+            if replaced is not None:
+                self._link_removed(replaced)
+        finally:
+            self.gate.leave(w)
+
+    def _link_removed(self, st: os.stat_result) -> None:
+        """Account for a name that is gone (unlink, rmdir, rename over)."""
+        if stat.S_ISDIR(st.st_mode):
+            self.quota.give_inode()
+            return
+        if st.st_nlink > 1:
+            return
+        node = self.nodes._by_key.get((st.st_dev, st.st_ino))
+        with self._table:
+            state = node.state if node is not None else None
+            if state is not None:
+                state.orphan = True
+                return
+        self.quota.release_bytes(st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        self.quota.give_inode()
+
+    # ------------------------------------------------------------ attributes
+
+    def setattr(self, nodeid: int, valid: int, fh: int, size: int, atime: tuple[int, int],
+                mtime: tuple[int, int], mode: int, uid: int, gid: int, unique: int = 0) -> os.stat_result:
+        node = self.nodes.get(nodeid)
+        handle = self._handles.get(fh) if valid & p.FATTR_FH else None
+        if valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE):
+            w = self._begin_mutation(unique)
+        else:
+            if self.read_only:
+                raise OSError(errno.EROFS, "read-only volume")
+            # Timestamps with a handle may be the kernel's write-back (see operations.utimens).
+            self._wait_thaw(unique) if handle is None else None
+            w = self.gate.enter(write_back=handle is not None)
+        try:
+            if valid & p.FATTR_MODE:
+                os.chmod(self._proc(node), mode & 0o7777)
+            if valid & (p.FATTR_UID | p.FATTR_GID):
+                ksys.fchown_empty(node.fd, uid if valid & p.FATTR_UID else -1, gid if valid & p.FATTR_GID else -1)
+            if valid & p.FATTR_SIZE:
+                self._truncate(node, handle, size)
+                if valid & p.FATTR_KILL_SUIDGID and not valid & p.FATTR_MODE:
+                    self._kill_privs(node, None)
+            if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
+                a = (0, ksys.UTIME_NOW) if valid & p.FATTR_ATIME_NOW else (
+                    atime if valid & p.FATTR_ATIME else (0, ksys.UTIME_OMIT))
+                m = (0, ksys.UTIME_NOW) if valid & p.FATTR_MTIME_NOW else (
+                    mtime if valid & p.FATTR_MTIME else (0, ksys.UTIME_OMIT))
+                ksys.utimens_empty(node.fd, a, m)
+            st = os.stat(node.fd)
+            node.mode = st.st_mode
+            return st
+        finally:
+            self.gate.leave(w)
+
+    def _truncate(self, node: Node, handle: Handle | None, length: int) -> None:
+        if handle is not None and handle.writable:
+            self._truncate_fd(handle.fd, handle.state, length)  # type: ignore[arg-type]
+            return
+        if not stat.S_ISREG(node.mode):
+            raise OSError(errno.EINVAL if not stat.S_ISDIR(node.mode) else errno.EISDIR, "not a regular file")
+        fd = os.open(self._proc(node), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            state = self._register(fd, node, True)
+            try:
+                self._truncate_fd(fd, state, length)
+            finally:
+                self._unregister_state(node, fd)
+        finally:
+            os.close(fd)
+
+    def _truncate_fd(self, fd: int, state: InodeState, length: int) -> None:
+        old = state.size
+        if length > old:
+            self.quota.reserve_exact(state, old, length)
+        try:
+            os.ftruncate(fd, length)
+        except BaseException:
+            if length > old:
+                self.quota.set_size(state, 0, old)
+            raise
+        if length < old:
+            self.quota.set_size(state, old, length)
+
+    def statfs(self) -> tuple[int, ...]:
+        """(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize)."""
+        q = self.quota
+        if q.capacity:
+            blocks = q.capacity // STATFS_BLOCK
+            used = -(-q.used_bytes // STATFS_BLOCK)
+            bfree = bavail = max(0, blocks - used)
+        else:
+            host = os.statvfs(self.root_fd)
+            scale = host.f_frsize / STATFS_BLOCK
+            blocks, bfree, bavail = (int(host.f_blocks * scale), int(host.f_bfree * scale),
+                                     int(host.f_bavail * scale))
+        ffree = max(0, q.inode_limit - q.used_inodes)
+        return blocks, bfree, bavail, q.inode_limit, ffree, STATFS_BLOCK, 255, STATFS_BLOCK
+
+    # ------------------------------------------------------------ open files
+
+    def _register(self, fd: int, node: Node, writable: bool, st: os.stat_result | None = None) -> InodeState:
+        """Count one more open on ``node``; returns its size tracker."""
+        with self._table:
+            state = node.state
+            if state is None:
+                if st is None:
+                    st = os.fstat(fd)
+                state = InodeState(st.st_ino, st.st_size)
+                node.state = state
+            state.opens += 1
+            state.writable = state.writable or writable
+        return state
+
+    def _unregister_state(self, node: Node, fd: int) -> None:
+        """One open fewer on ``node``: uncharge an orphan, re-check the size."""
+        with self._table:
+            state = node.state
+            if state is None:
+                return
+            state.opens -= 1
+            if state.opens > 0:
+                return
+            node.state = None
+        if state.orphan:
+            self.quota.release_bytes(state.size)
+            self.quota.give_inode()
+        elif state.writable:
+            actual = os.fstat(fd).st_size
+            if actual != state.size:
+                self.quota.set_size(None, state.size, actual)
+
+    def open(self, nodeid: int, flags: int, unique: int = 0, kill_privs: bool = False) -> tuple[int, int, int]:
+        """Returns (fh, open_flags, backing_id). ``kill_privs``: the kernel asks
+        us to clear set-user/group-ID (FUSE_OPEN_KILL_SUIDGID, with O_TRUNC)."""
+        node = self.nodes.get(nodeid)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and self.read_only:
+            raise OSError(errno.EROFS, "read-only volume")
+        truncate = bool(writable and flags & os.O_TRUNC)
+        if truncate and unique & p.UNIQUE_RESEND:
+            truncate = False  # truncated before the crash; again would drop data written since
+        w = self._begin_mutation(unique) if truncate else None
+        reserved = False
+        try:
+            if writable:
+                # The kernel cannot mix cached and passthrough opens of one
+                # inode (the open would fail with EIO): a writer reserves its
+                # cached open before a concurrent reader can choose passthrough.
+                with self._iomode:
+                    if node.backing is not None:
+                        raise OSError(errno.ETXTBSY, "open read-only through passthrough; cannot write now")
+                    node.cached += 1
+                reserved = True
+            fd = os.open(self._proc(node), self._real_flags(flags))
+            try:
+                state = self._register(fd, node, writable)
+                if truncate:
+                    self._truncate_fd(fd, state, 0)
+                    if kill_privs:
+                        self._kill_privs(node, fd)
+            except BaseException:
+                self._unregister_state(node, fd)
+                os.close(fd)
+                raise
+        except BaseException:
+            if reserved:
+                with self._iomode:
+                    node.cached -= 1
+            raise
+        finally:
+            if w is not None:
+                self.gate.leave(w)
+        handle = Handle(self._new_fh(), fd, node, writable)
+        handle.state = state
+        open_flags, backing_id = _NOFLUSH, 0
+        if not writable:
+            with self._iomode:
+                # A node restored after a handover without a backing file may
+                # have cached opens in the kernel that we have not seen yet.
+                if (self.passthrough and not self.limits.active and stat.S_ISREG(node.mode)
+                        and node.cached == 0 and not (node.restored and node.backing is None)):
+                    backing_id = self._backing_for(node, fd)
+                if backing_id:
+                    handle.passthrough = True
+                    handle.fh |= PASSTHROUGH_FH
+                    open_flags |= p.FOPEN_PASSTHROUGH
+                else:
+                    node.cached += 1
+        if not handle.passthrough and self.keep_cache:
+            open_flags |= p.FOPEN_KEEP_CACHE
+        with self._table:
+            self._handles[handle.fh] = handle
+        return handle.fh, open_flags, backing_id
+
+    def _real_flags(self, flags: int) -> int:
+        """Open flags for the backing file. With the write-back cache the
+        kernel reads pages of files opened write-only (partial page writes),
+        so those are opened read-write."""
+        flags = (flags & ~_STRIP_OPEN) | os.O_CLOEXEC
+        if self.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    def _backing_for(self, node: Node, fd: int) -> int:
+        """The node's passthrough backing id, registered from ``fd`` on its
+        first passthrough open; 0 if the kernel refuses. Caller holds _iomode."""
+        if node.backing is None:
+            try:
+                node.backing = (self.backing_open(fd), 0)
+            except OSError as exc:
+                log.debug("no passthrough", extra={"fields": {"error": str(exc)}})
+                return 0
+        node.backing = (node.backing[0], node.backing[1] + 1)
+        self.nodes.journal_backing(node)
+        return node.backing[0]
+
+    def create(self, caller: Caller, parent_id: int, name: bytes, mode: int, flags: int,
+               unique: int = 0) -> tuple[Node, os.stat_result, int, int]:
+        """Returns (node, stat, fh, open_flags)."""
+        parent = self.nodes.get(parent_id)
+        w = self._begin_mutation(unique)
+        try:
+            self.quota.take_inode()
+            try:
+                fd = os.open(name, self._real_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             mode & 0o7777, dir_fd=parent.fd)
+            except FileExistsError:
+                self.quota.give_inode()
+                if flags & os.O_EXCL and not unique & p.UNIQUE_RESEND:
+                    raise
+                node, st = self._lookup_fd(parent, name)  # lost a race, or made before the crash
+                fh, open_flags, _ = self.open(node.nodeid, flags & ~os.O_TRUNC)
+                return node, os.stat(node.fd), fh, open_flags
+            except BaseException:
+                self.quota.give_inode()
+                raise
+            try:
+                st = os.fstat(fd)
+                self._give_to_caller(caller, parent, fd, st, False)
+                if mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.fchmod(fd, mode & 0o7777)
+                node, _ = self._lookup_fd(parent, name)
+                state = self._register(fd, node, True, st)
+            except BaseException:
+                os.close(fd)
+                raise
+            handle = Handle(self._new_fh(), fd, node, True)
+            handle.state = state
+            with self._iomode:
+                node.cached += 1
+            with self._table:
+                self._handles[handle.fh] = handle
+            st = os.fstat(fd)
+            return node, st, handle.fh, _NOFLUSH | (p.FOPEN_KEEP_CACHE if self.keep_cache else 0)
+        finally:
+            self.gate.leave(w)
+
+    def handle(self, fh: int, nodeid: int, flags: int) -> Handle:
+        """The handle ``fh``; one the kernel kept from before a handover is
+        reopened from its node (the request says which node and flags)."""
+        handle = self._handles.get(fh)
+        if handle is not None:
+            return handle
+        node = self.nodes.get(nodeid)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        fd = os.open(self._proc(node), self._real_flags(flags))
+        handle = Handle(fh, fd, node, writable)
+        handle.passthrough = bool(fh & PASSTHROUGH_FH)
+        handle.state = self._register(fd, node, writable)
+        with self._table:
+            other = self._handles.setdefault(fh, handle)
+        if other is handle and not handle.passthrough:
+            with self._iomode:
+                node.cached += 1
+        if other is not handle:
+            self._unregister_state(node, fd)
+            os.close(fd)
+        return other
+
+    def read(self, fh: int, nodeid: int, offset: int, size: int, flags: int) -> bytes:
+        handle = self._handles.get(fh) or self.handle(fh, nodeid, flags)
+        if self.limits.active:
+            self.limits.throttle(size)
+        data = os.pread(handle.fd, size, offset)
+        self.stats.shard().bytes_read += len(data)
+        return data
+
+    def write(self, fh: int, nodeid: int, offset: int, data: Any, write_flags: int, flags: int,
+              unique: int = 0) -> int:
+        if self.read_only:
+            raise OSError(errno.EROFS, "read-only volume")
+        handle = self._handles.get(fh) or self.handle(fh, nodeid, flags)
+        if self.gate.frozen and not write_flags & p.WRITE_CACHE:
+            self._wait_thaw_write(handle, offset, unique)
+        w = self.gate.enter_write(offset, handle.last_end, handle.last_time,
+                                  _WRITEPAGE if write_flags & p.WRITE_CACHE else _NOT_WRITEPAGE)
+        try:
+            size = len(data)
+            if self.limits.active:
+                self.limits.throttle(size)
+            state = handle.state
+            end = offset + size
+            if end > state.size:  # type: ignore[union-attr]
+                allowed = self.quota.extend(state, end)  # type: ignore[arg-type]
+                if allowed <= offset:
+                    raise OSError(errno.ENOSPC, "quota exceeded")
+                if allowed < end:
+                    data = data[: allowed - offset]
+            if write_flags & p.WRITE_KILL_SUIDGID and (handle.node.mode & _PRIV_BITS or self._has_caps):
+                self._kill_privs(handle.node, handle.fd)
+            n = os.pwrite(handle.fd, data, offset)
+            if n < len(data):
+                self._resync_size(handle)
+            handle.last_end = offset + n
+            handle.last_time = _monotonic()
+            self.stats.shard().bytes_written += n
+            return n
+        except OSError:
+            self._resync_size(handle)
+            raise
+        finally:
+            w.busy = False
+
+    def _wait_thaw_write(self, handle: Handle, offset: int, unique: int) -> None:
+        """Park interruptibly before the gate, unless this write may pass a
+        settling freeze (the second half of a split write(2))."""
+        if offset == handle.last_end and offset % 4096 == 0 and _monotonic() - handle.last_time < 0.05:
+            return
+        self._wait_thaw(unique)
+
+    @property
+    def _has_caps(self) -> bool:
+        return b"security.capability" in self.xattr_names
+
+    def _kill_privs(self, node: Node, fd: int | None) -> None:
+        """What the kernel's file_remove_privs does for a writer without
+        CAP_FSETID, which it leaves to us (FUSE_HANDLE_KILLPRIV_V2, so that
+        it need not ask for security.capability before every write): clear
+        set-user-ID, set-group-ID if group-executable, and file capabilities."""
+        target: Any = fd if fd is not None else self._proc(node)
+        mode = os.stat(target).st_mode
+        kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            os.chmod(target, stat.S_IMODE(mode) & ~kill)
+        node.mode = mode & ~kill
+        if self._has_caps:
+            try:
+                os.removexattr(target, "security.capability")
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+
+    def _resync_size(self, handle: Handle) -> None:
+        try:
+            actual = os.fstat(handle.fd).st_size
+        except OSError:
+            return
+        self.quota.set_size(handle.state, 0, actual)
+
+    def flush(self, fh: int) -> None:
+        return None
+
+    def fsync(self, fh: int, nodeid: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if handle is None:
+            # A handle from before a handover: the request does not say how it
+            # was opened, so it is not adopted here (a later READ or WRITE,
+            # which does, will); fsync works on any descriptor of the inode.
+            fd = os.open(self._proc(self.nodes.get(nodeid)), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            finally:
+                os.close(fd)
+            return
+        if datasync:
+            os.fdatasync(handle.fd)
+        else:
+            os.fsync(handle.fd)
+
+    def release(self, fh: int, nodeid: int = 0) -> None:
+        with self._table:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            if fh & PASSTHROUGH_FH and nodeid:
+                try:
+                    self._drop_backing(self.nodes.get(nodeid))  # opened before a handover
+                except OSError:
+                    pass
+            return
+        node = handle.node
+        if not handle.passthrough:
+            with self._iomode:
+                node.cached -= 1
+        try:
+            self._unregister_state(node, handle.fd)
+        finally:
+            os.close(handle.fd)
+            if handle.passthrough:
+                self._drop_backing(node)
+
+    def _drop_backing(self, node: Node) -> None:
+        """One passthrough open of ``node`` fewer; the last closes its backing."""
+        with self._iomode:
+            if node.backing is None:
+                return
+            backing_id, count = node.backing
+            node.backing = (backing_id, count - 1) if count > 1 else None
+            self.nodes.journal_backing(node)
+            if count > 1:
+                return
+            try:
+                self.backing_close(backing_id)
+            except OSError as exc:
+                log.warning("backing close failed", extra={"fields": {"error": str(exc)}})
+
+    def fallocate(self, fh: int, nodeid: int, mode: int, offset: int, length: int, unique: int = 0) -> None:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")  # unreachable but after a handover, and rare then
+        w = self._begin_mutation(unique)
+        try:
+            fd, state = handle.fd, handle.state
+            assert state is not None
+            size = state.size
+            if mode & FALLOC_FL_KEEP_SIZE:
+                if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > size:
+                    raise OSError(errno.EOPNOTSUPP, "blocks past end of file would escape the quota")
+                ksys.fallocate(fd, mode, offset, length)
+                return
+            if mode & FALLOC_FL_COLLAPSE_RANGE:
+                ksys.fallocate(fd, mode, offset, length)
+                self.quota.set_size(state, 0, os.fstat(fd).st_size)
+                return
+            new_size = size + length if mode & FALLOC_FL_INSERT_RANGE else max(size, offset + length)
+            self.quota.reserve_exact(state, size, new_size)
+            try:
+                ksys.fallocate(fd, mode, offset, length)
+            except OSError:
+                self.quota.set_size(state, 0, os.fstat(fd).st_size)
+                raise
+        finally:
+            self.gate.leave(w)
+
+    def lseek(self, fh: int, nodeid: int, offset: int, whence: int) -> int:
+        handle = self._handles.get(fh)
+        if handle is not None:
+            return os.lseek(handle.fd, offset, whence)
+        fd = os.open(self._proc(self.nodes.get(nodeid)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.lseek(fd, offset, whence)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ directories
+
+    def opendir(self, nodeid: int) -> int:
+        node = self.nodes.get(nodeid)
+        fd = os.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        handle = Handle(self._new_fh(), fd, node, False)
+        handle.is_dir = True
+        with self._table:
+            self._handles[handle.fh] = handle
+        return handle.fh
+
+    def dir_entries(self, fh: int, nodeid: int, offset: int) -> Iterator[tuple[int, bytes, int, int]]:
+        """(next offset, name, ino, d_type) from ``offset`` on. Offsets are
+        positions in the listing read when the directory was opened (or
+        rewound), so a listing that is continued never repeats or skips."""
+        handle = self._handles.get(fh)
+        if handle is None:
+            handle = self.handle(fh, nodeid, os.O_RDONLY | os.O_DIRECTORY)
+            handle.is_dir = True
+        if handle.entries is None or offset == 0:
+            node = handle.node
+            handle.entries = [(b".", node.key[1], 4), (b"..", 1, 4)]
+            with os.scandir(handle.fd) as it:
+                for entry in it:
+                    name = os.fsencode(entry.name)
+                    try:
+                        kind = _dtype(entry)
+                    except OSError:
+                        continue
+                    handle.entries.append((name, entry.inode(), kind))
+        entries = handle.entries
+        for i in range(offset, len(entries)):
+            name, ino, kind = entries[i]
+            yield i + 1, name, ino, kind
+
+    def releasedir(self, fh: int) -> None:
+        with self._table:
+            handle = self._handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+
+    def fsyncdir(self, fh: int, nodeid: int) -> None:
+        handle = self._handles.get(fh)
+        os.fsync(handle.fd if handle is not None else self.root_fd)
+
+    # ------------------------------------------------------------ xattrs
+
+    def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        if name not in self.xattr_names:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return os.getxattr(self._proc(self.nodes.get(nodeid)), name)
+
+    def listxattr(self, nodeid: int) -> bytes:
+        if not self.xattr_names:
+            return b""
+        names = os.listxattr(self._proc(self.nodes.get(nodeid)))
+        return b"".join(os.fsencode(n) + b"\0" for n in names)
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int, unique: int = 0) -> None:
+        if name.startswith(b"system.posix_acl_"):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not enforced on this mount")
+        node = self.nodes.get(nodeid)
+        w = self._begin_mutation(unique)
+        try:
+            self.xattr_names.add(name)
+            os.setxattr(self._proc(node), name, value, flags)
+        finally:
+            self.gate.leave(w)
+
+    def removexattr(self, nodeid: int, name: bytes, unique: int = 0) -> None:
+        node = self.nodes.get(nodeid)
+        w = self._begin_mutation(unique)
+        try:
+            if name not in self.xattr_names:
+                raise OSError(errno.ENODATA, "no such attribute")
+            os.removexattr(self._proc(node), name)
+        finally:
+            self.gate.leave(w)
+
+    def access(self, nodeid: int, mask: int) -> None:
+        os.stat(self.nodes.get(nodeid).fd)
+
+    # ------------------------------------------------------------ freeze support
+
+    def sync_open_files(self) -> int:
+        """fsync every file open for writing (the last step of a freeze)."""
+        with self._table:
+            fds = [os.dup(h.fd) for h in self._handles.values() if h.writable]
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(self.root_fd)
+        return len(fds)
+
+    def write_back_open_files(self, mountpoint: str) -> int:
+        """With the kernel's write-back cache: make it send us every dirty page.
+
+        Dirty pages can only belong to files open for writing. For each,
+        FUSE_NOTIFY_INVAL_INODE makes the kernel write the pages back
+        (launder) before it drops them; the writes it sends carry
+        FUSE_WRITE_CACHE and pass the freeze while it is writing back.
+        Returns the number of files.
+        """
+        with self._table:
+            nodeids = {h.node.nodeid for h in self._handles.values() if h.writable}
+        for nodeid in nodeids:
+            self.notify_inval_inode(nodeid, 0, 0)
+        return len(nodeids)
+
+    def open_handles(self) -> int:
+        return sum(1 for h in list(self._handles.values()) if not h.is_dir)
+
+
+def _dtype(entry: os.DirEntry[bytes]) -> int:
+    if entry.is_dir(follow_symlinks=False):
+        return 4
+    if entry.is_file(follow_symlinks=False):
+        return 8
+    if entry.is_symlink():
+        return 10
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12

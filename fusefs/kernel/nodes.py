@@ -1,0 +1,244 @@
+"""The node table: the kernel's node IDs and what they stand for.
+
+The kernel knows an inode by the 64-bit node ID we gave it in a LOOKUP (or
+CREATE, MKNOD, ...) reply, and holds it until it sends FORGET for as many
+lookups as it was given. Each node keeps an ``O_PATH`` descriptor on its
+backing inode, so the node works whatever happens to its names (rename,
+unlink while open) and the inode number cannot be reused while the kernel
+still knows it: that is why ``(st_dev, st_ino)`` is a safe key to find the
+node of an inode a lookup returns again (hard links share one node).
+
+Node IDs must stay valid across a handover to a new process (the kernel
+keeps using them without a new LOOKUP). So every node ID given out is
+appended to a journal as its file handle (``name_to_handle_at``) and every
+node dropped is journalled too; a successor replays the journal and reopens
+each node with ``open_by_handle_at``. Journal lines::
+
+    N <next_id>                      header: the next node ID to give out
+    + <nodeid> <handle_type> <hex>   a node given out
+    - <nodeid>                       a node forgotten
+    B <nodeid> <backing_id> <count>  passthrough backing of a node (count 0: none)
+
+The journal is written with plain ``write`` (no fsync): it must survive the
+death of the process, not of the machine (a reboot ends the mount anyway).
+It is rewritten compactly when it holds many more lines than live nodes.
+Lookup counts are not journalled (that would be a write per LOOKUP): a
+restored node is kept until the kernel forgets it at least once, then
+dropped when its count, restored as :data:`RESTORED_LOOKUPS`, runs out, which
+bounds what a handover can leak to the nodes alive at the crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from fusefs.kernel import syscalls as ksys
+
+log = logging.getLogger("fusefs.kernel.nodes")
+
+ROOT_ID = 1
+#: Lookup count given to a node restored from the journal (its true count is
+#: unknown; see the module docstring).
+RESTORED_LOOKUPS = 1 << 40
+#: Rewrite the journal when it has this many times more lines than live nodes.
+COMPACT_FACTOR = 4
+COMPACT_MIN_LINES = 4096
+
+
+class Node:
+    """One inode the kernel knows."""
+
+    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached")
+
+    def __init__(self, nodeid: int, fd: int, key: tuple[int, int], mode: int) -> None:
+        self.nodeid = nodeid
+        #: O_PATH|O_NOFOLLOW descriptor on the backing inode.
+        self.fd = fd
+        self.key = key
+        self.lookups = 0
+        self.mode = mode
+        #: Per-inode data of the filesystem (open files, passthrough); see inodefs.
+        self.state: Any = None
+        self.backing: Any = None
+        self.restored = False
+        #: Open files on it that are not passthrough (the kernel caches them).
+        self.cached = 0
+
+
+class NodeTable:
+    """Node IDs <-> nodes, with lookup counts and an optional journal."""
+
+    def __init__(self, root_fd: int, journal: str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, Node] = {}
+        self._by_key: dict[tuple[int, int], Node] = {}
+        self._next = ROOT_ID + 1
+        st = os.fstat(root_fd)
+        root = Node(ROOT_ID, root_fd, (st.st_dev, st.st_ino), st.st_mode)
+        root.lookups = 1 << 62  # never forgotten
+        self._by_id[ROOT_ID] = root
+        self._by_key[root.key] = root
+        self.root = root
+        self.journal_path = journal
+        self._journal_fd = -1
+        self._journal_lines = 0
+
+    # ------------------------------------------------------------ hot path
+
+    def get(self, nodeid: int) -> Node:
+        try:
+            return self._by_id[nodeid]
+        except KeyError:
+            raise OSError(116, "stale node id") from None  # ESTALE
+
+    def remember(self, fd: int, st: os.stat_result) -> Node:
+        """The node for the inode behind ``fd`` (just opened O_PATH), counted
+        as one more lookup; ``fd`` is kept or closed."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is not None:
+                node.lookups += 1
+                node.mode = st.st_mode
+                close = True
+            else:
+                node = Node(self._next, fd, key, st.st_mode)
+                self._next += 1
+                node.lookups = 1
+                self._by_id[node.nodeid] = node
+                self._by_key[key] = node
+                close = False
+                if self._journal_fd >= 0:
+                    self._journal_add(node)
+        if close:
+            os.close(fd)
+        return node
+
+    def forget(self, nodeid: int, count: int) -> None:
+        with self._lock:
+            node = self._by_id.get(nodeid)
+            if node is None or nodeid == ROOT_ID:
+                return
+            node.lookups -= count
+            if node.lookups > 0:
+                return
+            del self._by_id[nodeid]
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
+            if self._journal_fd >= 0:
+                self._journal_write(f"- {nodeid}\n")
+        os.close(node.fd)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    # ------------------------------------------------------------ journal
+
+    def start_journal(self) -> None:
+        """Write a fresh journal of every live node and keep appending to it."""
+        if not self.journal_path:
+            return
+        with self._lock:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = f"{self.journal_path}.tmp"
+        lines = [f"N {self._next}\n"]
+        for node in self._by_id.values():
+            if node.nodeid != ROOT_ID:
+                lines.append(self._add_line(node))
+            if node.backing is not None:
+                lines.append(f"B {node.nodeid} {node.backing[0]} {node.backing[1]}\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(lines).encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        os.rename(tmp, self.journal_path)  # type: ignore[arg-type]
+        os.lseek(fd, 0, os.SEEK_END)
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd = fd
+        self._journal_lines = len(lines)
+
+    def journal_backing(self, node: Node) -> None:
+        """Record a node's passthrough backing (id, open count), which the
+        kernel keeps across a handover and a successor must reuse."""
+        if self._journal_fd < 0:
+            return
+        backing_id, count = node.backing if node.backing is not None else (0, 0)
+        with self._lock:
+            os.write(self._journal_fd, f"B {node.nodeid} {backing_id} {count}\n".encode())
+            self._journal_lines += 1
+
+    @staticmethod
+    def _add_line(node: Node) -> str:
+        try:
+            kind, handle = ksys.name_to_handle(node.fd)
+        except OSError as exc:
+            log.warning("no file handle for a node", extra={"fields": {"nodeid": node.nodeid, "error": str(exc)}})
+            return ""
+        return f"+ {node.nodeid} {kind} {handle.hex()}\n"
+
+    def _journal_add(self, node: Node) -> None:
+        # The counter is journalled with each node so a successor never
+        # reuses an ID (the header only says where the rewrite started).
+        self._journal_write(self._add_line(node))
+
+    def _journal_write(self, line: str) -> None:
+        os.write(self._journal_fd, line.encode())
+        self._journal_lines += 1
+        if self._journal_lines > max(COMPACT_MIN_LINES, COMPACT_FACTOR * len(self._by_id)):
+            self._rewrite()
+
+    def restore(self, mount_fd: int) -> int:
+        """Reopen every node of the journal (after a handover). Returns how many.
+
+        A node whose inode is gone (deleted meanwhile) is skipped: the kernel
+        gets ESTALE for it, as NFS clients do.
+        """
+        if not self.journal_path or not os.path.exists(self.journal_path):
+            return 0
+        entries: dict[int, tuple[int, bytes]] = {}
+        backings: dict[int, tuple[int, int]] = {}
+        next_id = self._next
+        with open(self.journal_path, encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if not parts:
+                    continue
+                if parts[0] == "N" and len(parts) == 2:
+                    next_id = max(next_id, int(parts[1]))
+                elif parts[0] == "+" and len(parts) == 4:
+                    nodeid = int(parts[1])
+                    entries[nodeid] = (int(parts[2]), bytes.fromhex(parts[3]))
+                    next_id = max(next_id, nodeid + 1)
+                elif parts[0] == "-" and len(parts) == 2:
+                    entries.pop(int(parts[1]), None)
+                    backings.pop(int(parts[1]), None)
+                elif parts[0] == "B" and len(parts) == 4:
+                    if int(parts[3]) > 0:
+                        backings[int(parts[1])] = (int(parts[2]), int(parts[3]))
+                    else:
+                        backings.pop(int(parts[1]), None)
+        restored = 0
+        with self._lock:
+            for nodeid, (kind, handle) in entries.items():
+                try:
+                    fd = ksys.open_by_handle(mount_fd, kind, handle, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                st = os.fstat(fd)
+                node = Node(nodeid, fd, (st.st_dev, st.st_ino), st.st_mode)
+                node.lookups = RESTORED_LOOKUPS
+                node.restored = True
+                node.backing = backings.get(nodeid) if nodeid != ROOT_ID else None
+                self._by_id[nodeid] = node
+                self._by_key.setdefault(node.key, node)
+                restored += 1
+            self._next = next_id
+        return restored

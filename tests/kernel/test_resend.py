@@ -1,0 +1,82 @@
+"""Requests the kernel sends again after a takeover (bit 63 of ``unique``)
+may have been executed by the dead session already: the filesystem must
+answer them as if once. Driven directly on the inode filesystem over a real
+directory, because which requests a kill catches half-done is up to timing."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from fusefs.kernel import protocol as p
+from fusefs.kernel.inodefs import Caller, InodeFs
+from fusefs.kernel.nodes import ROOT_ID
+from fusefs.quota import Quota
+
+ROOT = Caller(0, 0, 1)
+RESENT = p.UNIQUE_RESEND | 42
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> InodeFs:
+    (tmp_path / "v").mkdir()
+    return InodeFs(str(tmp_path / "v"), quota=Quota(1 << 20, 0, 1))
+
+
+def test_namespace_requests_done_before_the_crash_succeed_when_resent(fs: InodeFs, tmp_path: Path) -> None:
+    src = tmp_path / "v"
+    node, _ = fs.mkdir(ROOT, ROOT_ID, b"d", 0o755, 7)
+    again, _ = fs.mkdir(ROOT, ROOT_ID, b"d", 0o755, RESENT)
+    assert again.nodeid == node.nodeid
+    with pytest.raises(FileExistsError):
+        fs.mkdir(ROOT, ROOT_ID, b"d", 0o755, 8)        # not resent: a real EEXIST
+    fs.symlink(ROOT, ROOT_ID, b"l", b"d", 9)
+    fs.symlink(ROOT, ROOT_ID, b"l", b"d", RESENT)
+    f, _, fh, _ = fs.create(ROOT, ROOT_ID, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 10)
+    fs.release(fh)
+    f2, _, fh2, _ = fs.create(ROOT, ROOT_ID, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, RESENT)
+    fs.release(fh2)
+    assert f2.nodeid == f.nodeid
+    fs.link(f.nodeid, ROOT_ID, b"f2", 11)
+    fs.link(f.nodeid, ROOT_ID, b"f2", RESENT)
+    fs.rename(ROOT_ID, b"f2", ROOT_ID, b"f3", 0, 12)
+    fs.rename(ROOT_ID, b"f2", ROOT_ID, b"f3", 0, RESENT)
+    fs.unlink(ROOT_ID, b"f3", 13)
+    fs.unlink(ROOT_ID, b"f3", RESENT)
+    with pytest.raises(FileNotFoundError):
+        fs.unlink(ROOT_ID, b"f3", 14)
+    fs.rmdir(ROOT_ID, b"d", 15)
+    fs.rmdir(ROOT_ID, b"d", RESENT)
+    assert sorted(os.listdir(src)) == ["f", "l"]
+    assert fs.quota.used_inodes == 3                   # root, f, l: each charged once
+
+
+def test_a_resent_truncating_open_does_not_truncate_again(fs: InodeFs, tmp_path: Path) -> None:
+    f, _, fh, _ = fs.create(ROOT, ROOT_ID, b"f", 0o644, os.O_WRONLY | os.O_CREAT, 1)
+    assert fs.write(fh, f.nodeid, 0, b"first", 0, os.O_WRONLY) == 5
+    fs.release(fh)
+    fh, _, _ = fs.open(f.nodeid, os.O_WRONLY | os.O_TRUNC, 2)            # really truncates
+    assert (tmp_path / "v" / "f").read_bytes() == b""
+    assert fs.write(fh, f.nodeid, 0, b"written after", 0, os.O_WRONLY) == 13
+    charged = fs.quota.used_bytes
+    fh2, _, _ = fs.open(f.nodeid, os.O_WRONLY | os.O_TRUNC, RESENT)      # the same open, again
+    assert (tmp_path / "v" / "f").read_bytes() == b"written after"
+    fs.release(fh)
+    fs.release(fh2)
+    assert fs.quota.used_bytes == charged
+
+
+def test_a_handle_from_before_the_handover_is_adopted_with_its_open_flags(fs: InodeFs, tmp_path: Path) -> None:
+    f, _, fh, _ = fs.create(ROOT, ROOT_ID, b"f", 0o644, os.O_RDWR | os.O_CREAT, 1)
+    fs.release(fh)
+    old_fh = 12345                                   # a handle the dead session gave out
+    fs.fsync(old_fh, f.nodeid, False)                # fsync does not say how it was opened
+    assert fs.write(old_fh, f.nodeid, 0, b"abc", 0, os.O_WRONLY) == 3
+    with pytest.raises(OSError) as exc:
+        fs.read(old_fh, f.nodeid, 0, 3, os.O_WRONLY)  # adopted write-only, as it was opened
+    assert exc.value.errno == errno.EBADF
+    fs.release(old_fh)
+    assert (tmp_path / "v" / "f").read_bytes() == b"abc"
