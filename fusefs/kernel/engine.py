@@ -309,6 +309,16 @@ class Engine:
             if i >= 0:
                 record(i, clock() - t0, failed)
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is being served (after the connection ended);
+        False if some still are after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._inflight:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def _reply(self, fd: int, unique: int, payload: bytes) -> None:
         os.writev(fd, [p.OUT_HEADER.pack(16 + len(payload), 0, unique), payload])
 
