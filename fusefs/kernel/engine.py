@@ -29,7 +29,7 @@ from typing import Any
 
 from fusefs.kernel import protocol as p
 from fusefs.kernel import syscalls as ksys
-from fusefs.kernel.inodefs import Caller, InodeFs
+from fusefs.kernel.inodefs import Caller, InodeFs, current_request
 from fusefs.opstats import OpStats
 
 log = logging.getLogger("fusefs.kernel.engine")
@@ -251,6 +251,7 @@ class Engine:
         inflight = self._inflight
         interrupted = self.fs.interrupted
         lock = self._lock
+        current = current_request
         while True:
             try:
                 n = readv(fd, [buf])
@@ -274,6 +275,7 @@ class Engine:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
             inflight.add(unique)
+            current.unique = unique
             err = 0
             reply = None
             try:

@@ -90,6 +90,10 @@ class _WritePage:
         self.writepage = writepage
 
 
+#: The request the calling worker thread is serving (``unique``), set by the
+#: engine: what :meth:`InodeFs.request_interrupted` looks up.
+current_request = threading.local()
+
 _NOT_WRITEPAGE = _WritePage(False)
 _WRITEPAGE = _WritePage(True)
 
@@ -191,6 +195,13 @@ class InodeFs:
             if unique and unique in self.interrupted:
                 raise OSError(errno.EINTR, "interrupted while the volume is frozen")
             time.sleep(INTERRUPT_POLL)
+
+    def request_interrupted(self) -> bool:
+        """Whether the kernel sent INTERRUPT for the calling worker's request
+        (the I/O limits' check: a throttled request of a killed process
+        ends at once with EINTR)."""
+        unique = getattr(current_request, "unique", 0)
+        return bool(unique) and unique in self.interrupted
 
     def _proc(self, node: Node) -> str:
         return f"/proc/self/fd/{node.fd}"

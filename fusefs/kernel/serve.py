@@ -119,6 +119,8 @@ class KernelSession(Session):
             read_only=kwargs.get("read_only", False), options=libfuse_ops.options,
             xattrs_seen=libfuse_ops.xattrs_seen, capability_seen=libfuse_ops.capability_seen,
             kopts=kernel_options)
+        # libfuse's fuse_interrupted() would crash on this engine's threads.
+        self.limits.use_interrupt_check(self.ops.request_interrupted)
         # What Session reads from its filesystem object besides the common
         # methods (the libfuse engine's names), so both engines serve its
         # stats and control commands.
