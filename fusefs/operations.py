@@ -179,9 +179,10 @@ class FusefsOperations(binding.Operations):
         self._root_ino = os.fstat(self._root).st_ino
         #: Whether any xattr (and any ``security.capability``) may exist on
         #: the volume: from the usage scan or file, set by setxattr, never
-        #: cleared. Without one, listxattr and the ``security.capability``
-        #: query the kernel makes before every write(2) are answered without
-        #: a system call. Two flags: memory does not grow with xattr names.
+        #: cleared. Without one, listxattr and getxattr (the kernel's
+        #: ``security.capability`` query before every write(2), and the ACL
+        #: and label queries of every ``ls -l``) are answered without a
+        #: system call. Two flags: memory does not grow with xattr names.
         self.xattrs_seen = xattrs_seen
         self.capability_seen = capability_seen
         #: Open files and directories, against the volume's cap.
@@ -829,8 +830,8 @@ class FusefsOperations(binding.Operations):
         return self._root_b + path if path != b"/" else self._root_b
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int) -> int:
-        if name == _CAPABILITY and not self.capability_seen:
-            return _ERR_NODATA  # the hot path: the kernel asks before every write(2)
+        if not self.xattrs_seen or (name == _CAPABILITY and not self.capability_seen):
+            return _ERR_NODATA  # hot paths: every write(2) and every ls -l asks
         data = os.getxattr(self._abs(path), name, follow_symlinks=False)
         if not size:
             return len(data)
