@@ -135,6 +135,12 @@ class IOLimits:
         self._slots = threading.BoundedSemaphore(max(1, int(max_waiters)))
         self.set(bytes_per_second, ops_per_second)
 
+    def use_interrupt_check(self, interrupted: Callable[[], bool]) -> None:
+        """Ask ``interrupted()`` whether the calling request was interrupted:
+        each engine has its own way to know (libfuse's ``fuse_interrupted``
+        is only valid on libfuse's own worker threads)."""
+        self._interrupted = interrupted
+
     def set(self, bytes_per_second: int, ops_per_second: int) -> None:
         """Change both limits live. 0 means unlimited."""
         bytes_per_second, ops_per_second = int(bytes_per_second), int(ops_per_second)

@@ -24,12 +24,13 @@ the freeze gate (blocks while frozen), and the quota (ENOSPC). Data
 operations also pass the I/O limits. Each check is one attribute test when
 it has nothing to do.
 
-The quota charges every object by the model in :mod:`fusefs.quota`: an
-operation that adds a name charges a block for its directory's possible
-growth first, then settles on what the directories' sizes really did (the
-kernel holds a directory's lock across any operation on its entries, so
-the before/after sizes are exact). Opens count against a per-volume cap on
-open files and directories (EMFILE past it, to that opener only).
+The quota charges every object by the model in :mod:`fusefs.quota`, through
+:mod:`fusefs.charging` (shared with the kernel engine): an operation that
+adds a name charges a block for its directory's possible growth first, then
+settles on what the directories' sizes really did (the kernel holds a
+directory's lock across any operation on its entries, so the before/after
+sizes are exact). Opens count against a per-volume cap on open files and
+directories (EMFILE past it, to that opener only).
 """
 
 from __future__ import annotations
@@ -45,33 +46,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fusefs import binding
+from fusefs import binding, charging
 from fusefs.binding import (
     AT_SYMLINK_NOFOLLOW,
-    FALLOC_FL_COLLAPSE_RANGE,
-    FALLOC_FL_INSERT_RANGE,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
     RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
     errno_result,
     fuse_get_context,
 )
+from fusefs.charging import MAX_OPEN_FILES, RENAME_FLAGS, STATFS_BLOCK, OpenFiles  # noqa: F401 - re-exported
 from fusefs.freeze import FreezeGate
 from fusefs.hardlinks import LinkTracker
 from fusefs.limits import IOLimits
 from fusefs.opstats import OpStats
-from fusefs.quota import (
-    BLOCK,
-    XATTR_MAX_PER_INODE,
-    InodeState,
-    Quota,
-    QuotaExceeded,
-    blocks,
-    dir_charge,
-    inode_charge,
-    xattr_bytes,
-)
+from fusefs.quota import BLOCK, InodeState, Quota, blocks
 from fusefs.usage import xattr_total
 
 log = logging.getLogger("fusefs.operations")
@@ -84,8 +71,6 @@ _ERR_NODATA = -errno.ENODATA
 #: they would break the pass-through (O_DIRECT needs aligned buffers).
 _STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOCTTY
 _OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
-#: Stat block size reported by statfs.
-STATFS_BLOCK = 4096
 #: uid_t/gid_t -1 as libfuse passes it ("do not change").
 _ID_UNCHANGED = 0xFFFFFFFF
 _monotonic = time.monotonic
@@ -100,11 +85,10 @@ def _splice_write(fd: int, bufv: Any, size: int, offset: int) -> int:
     return binding.buf_copy_to_fd(bufv, fd, size, offset)
 
 
-#: The rename flags a volume supports; others (RENAME_WHITEOUT, which makes
-#: a character device, and any future flag) are refused with EINVAL.
-RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
-#: Open files and directories per volume when none is given (see docs/fusefs.md).
-MAX_OPEN_FILES = 16384
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    binding.check(binding.fallocate(fd, mode, offset, length))
+
+
 _CAPABILITY = b"security.capability"
 
 
@@ -201,9 +185,8 @@ class FusefsOperations(binding.Operations):
         #: system call. Two flags: memory does not grow with xattr names.
         self.xattrs_seen = xattrs_seen
         self.capability_seen = capability_seen
-        #: Open files and directories now, and opens refused at the cap.
-        self.open_count = 0
-        self.open_refused = 0
+        #: Open files and directories, against the volume's cap.
+        self.open_files = OpenFiles(self.options.max_open_files)
         self._handles: dict[int, _Handle] = {}
         self._inodes: dict[int, InodeState] = {}
         self._table = threading.Lock()
@@ -348,68 +331,33 @@ class FusefsOperations(binding.Operations):
             self._handles[fd] = handle
         return handle
 
-    def _take_slot(self) -> None:
-        """Count an open file or directory against the volume's cap (EMFILE)."""
-        with self._table:
-            if self.open_count >= self.options.max_open_files:
-                self.open_refused += 1
-                raise OSError(errno.EMFILE, "the volume's open-file cap is reached")
-            self.open_count += 1
-
-    def _give_slot(self) -> None:
-        with self._table:
-            self.open_count -= 1
-
     def _open_fd(self, rel: bytes, flags: int, mode: int = 0o777) -> int:
-        """os.open in the volume, under the open-file cap. The session's own
-        descriptor table filling up is ENFILE to the opener (the system's
-        limit, from its point of view), never EMFILE to everyone."""
-        self._take_slot()
-        try:
-            return os.open(rel, flags, mode, dir_fd=self._root)
-        except OSError as exc:
-            self._give_slot()
-            if exc.errno == errno.EMFILE:
-                raise OSError(errno.ENFILE, "the volume's session has no descriptor left") from exc
-            raise
+        """os.open in the volume, under the open-file cap (EMFILE past it)."""
+        return self.open_files.open(rel, flags, mode, dir_fd=self._root)
 
-    def _dir_size(self, rel_dir: bytes) -> int:
-        return os.stat(rel_dir, dir_fd=self._root, follow_symlinks=False).st_size
+    def _dir_sizes(self, *rel_dirs: bytes) -> Callable[[], list[int | None]]:
+        """What :func:`fusefs.charging.name_op` measures: these directories' sizes."""
+        def sizes() -> list[int | None]:
+            out: list[int | None] = []
+            for rel in rel_dirs:
+                try:
+                    out.append(os.stat(rel, dir_fd=self._root, follow_symlinks=False).st_size)
+                except OSError:
+                    out.append(None)  # removed meanwhile (only its own rmdir can, which settles itself)
+            return out
+        return sizes
 
     def _xattr_extra(self, path: bytes, st: os.stat_result) -> int:
         """The xattr charge of the inode at ``path`` if this name is its last."""
-        if not self.xattrs_seen or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)):
+        if not self.xattrs_seen:
             return 0
-        return blocks(xattr_total(self._abs(path)))
+        return charging.xattr_charge(st, lambda: xattr_total(self._abs(path)))
 
     def _link_removed(self, st: os.stat_result, extra: int = 0) -> None:
         """Account for a name that is gone (unlink, rmdir, rename over);
         ``extra`` is the inode's xattr charge (see :meth:`_xattr_extra`)."""
-        if stat.S_ISDIR(st.st_mode):
-            self.quota.release_bytes(dir_charge(st.st_size) + extra)
-            self.quota.give_inode()
-            return
-        if st.st_nlink > 1:
-            return  # other names still hold the inode
         with self._table:
-            state = self._inodes.get(st.st_ino)
-            if state is not None:
-                state.orphan = True  # still open: uncharge on the last close
-                state.extra = extra
-                return
-        self.quota.release_bytes(inode_charge(st) + extra)
-        self.quota.give_inode()
-
-    def _names_changed(self, parents: tuple[bytes, ...], before: list[int], reserved: int) -> None:
-        """Settle a namespace operation: charge what its directories grew
-        (or refund what they shrank) against the ``reserved`` bytes."""
-        delta = 0
-        for parent, size in zip(parents, before):
-            try:
-                delta += dir_charge(self._dir_size(parent)) - dir_charge(size)
-            except OSError:
-                pass  # removed meanwhile (only its own rmdir can, which settles itself)
-        self.quota.adjust(delta - reserved)
+            charging.name_removed(self.quota, st, extra, self._inodes.get(st.st_ino))
 
     def _lstat(self, rel: bytes) -> os.stat_result | None:
         try:
@@ -449,22 +397,10 @@ class FusefsOperations(binding.Operations):
 
     def statfs(self, path: bytes, buf: Any) -> int:
         sv = buf.contents
-        q = self.quota.snapshot()  # while the usage is recounted: full
         sv.f_bsize = sv.f_frsize = STATFS_BLOCK
         sv.f_namemax = 255
-        if q["capacity"]:
-            total = q["capacity"] // STATFS_BLOCK
-            used = -(-q["used_bytes"] // STATFS_BLOCK)
-            sv.f_blocks = total
-            sv.f_bfree = sv.f_bavail = max(0, total - used)
-        else:
-            host = os.statvfs(self._root)
-            scale = host.f_frsize / STATFS_BLOCK
-            sv.f_blocks = int(host.f_blocks * scale)
-            sv.f_bfree = int(host.f_bfree * scale)
-            sv.f_bavail = int(host.f_bavail * scale)
-        sv.f_files = q["total_inodes"]
-        sv.f_ffree = sv.f_favail = max(0, q["total_inodes"] - q["used_inodes"])
+        sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree = charging.statfs_counts(self.quota, self._root)
+        sv.f_favail = sv.f_ffree
         return 0
 
     # ------------------------------------------------------------ checks
@@ -507,23 +443,15 @@ class FusefsOperations(binding.Operations):
         try:
             flags = fip.contents.flags
             rel = _rel(path)
-            parent = _parent(rel)
-            self._charge_new_inode(BLOCK)
             try:
-                before = self._dir_size(parent)
-                fd = self._open_fd(rel, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | _OPEN_ADD,
-                                   mode & 0o7777)
+                fd = charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: self._open_fd(
+                    rel, (flags & ~_STRIP_OPEN) | os.O_CREAT | os.O_EXCL | _OPEN_ADD, mode & 0o7777), inode=True)
             except FileExistsError:
-                self._uncharge_new_inode(BLOCK)
                 if flags & os.O_EXCL:
                     raise
                 w2, w = w, None
                 self.gate.leave(w2)
                 return self.open(path, fip)  # lost a race with another creator
-            except BaseException:
-                self._uncharge_new_inode(BLOCK)
-                raise
-            self._names_changed((parent,), [before], BLOCK)
             try:
                 st = os.fstat(fd)
                 self._give_to_caller(rel, fd, st)
@@ -539,19 +467,6 @@ class FusefsOperations(binding.Operations):
         self._fill_open(fip, fd, True)
         return 0
 
-    def _charge_new_inode(self, nbytes: int) -> None:
-        """An inode and ``nbytes`` for a new object, all or nothing."""
-        self.quota.take_inode()
-        try:
-            self.quota.charge(nbytes)
-        except QuotaExceeded:
-            self.quota.give_inode()
-            raise
-
-    def _uncharge_new_inode(self, nbytes: int) -> None:
-        self.quota.give_inode()
-        self.quota.release_bytes(nbytes)
-
     def _unregister(self, fd: int) -> None:
         """Forget a handle and close it; uncharge or re-check its inode."""
         with self._table:
@@ -566,18 +481,10 @@ class FusefsOperations(binding.Operations):
                     del self._inodes[state.ino]
         try:
             if state is not None:
-                if state.orphan:
-                    self.quota.release_bytes(blocks(state.size) + state.extra)
-                    self.quota.give_inode()
-                elif state.writable:  # read-only handles cannot have changed the size
-                    actual = os.fstat(fd).st_size
-                    if actual != state.size:
-                        log.debug("size drift on close", extra={"fields": {
-                            "ino": state.ino, "tracked": state.size, "actual": actual}})
-                        self.quota.set_size(None, state.size, actual)
+                charging.last_close(self.quota, state, fd)
         finally:
             os.close(fd)
-            self._give_slot()
+            self.open_files.give()
 
     def release(self, path: bytes | None, fip: Any) -> int:
         self._unregister(fip.contents.fh)
@@ -638,10 +545,10 @@ class FusefsOperations(binding.Operations):
                 size = allowed - offset
             n = put(fh, data, size, offset)
             if n < 0:
-                self._resync_size(fh, state)
+                charging.resync_size(self.quota, fh, state)
                 return n
             if n < size:
-                self._resync_size(fh, state)
+                charging.resync_size(self.quota, fh, state)
             handle.last_end = offset + n
             handle.last_time = _monotonic()
             self.stats.shard().bytes_written += n
@@ -650,14 +557,6 @@ class FusefsOperations(binding.Operations):
             return n
         finally:
             w.busy = False
-
-    def _resync_size(self, fd: int, state: InodeState) -> None:
-        """After a failed or short write, charge what the file really holds."""
-        try:
-            actual = os.fstat(fd).st_size
-        except OSError:
-            return
-        self.quota.set_size(state, 0, actual)
 
     def truncate(self, path: bytes | None, length: int, fip: Any) -> int:
         w = self._begin_mutation()
@@ -680,42 +579,15 @@ class FusefsOperations(binding.Operations):
             self.gate.leave(w)
 
     def _truncate_fd(self, fd: int, state: InodeState, length: int) -> None:
-        old = state.size
-        if length > old:
-            self.quota.reserve_exact(state, old, length)
-        try:
-            os.ftruncate(fd, length)
-        except BaseException:
-            if length > old:
-                self.quota.set_size(state, 0, old)
-            raise
-        if length < old:
-            self.quota.set_size(state, old, length)
+        charging.truncate_fd(self.quota, fd, state, length)
 
     def fallocate(self, path: bytes | None, mode: int, offset: int, length: int, fip: Any) -> int:
         w = self._begin_mutation()
         try:
             fd = fip.contents.fh
             handle = self._handles[fd]
-            state = handle.state
-            size = state.size
-            self._touched(handle.path, state.ino)
-            if mode & FALLOC_FL_KEEP_SIZE:
-                if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > size:
-                    # Blocks past end of file would escape the byte quota.
-                    return -errno.EOPNOTSUPP
-                binding.check(binding.fallocate(fd, mode, offset, length))
-                return 0
-            if mode & FALLOC_FL_COLLAPSE_RANGE:
-                binding.check(binding.fallocate(fd, mode, offset, length))
-                self.quota.set_size(state, 0, os.fstat(fd).st_size)
-                return 0
-            new_size = size + length if mode & FALLOC_FL_INSERT_RANGE else max(size, offset + length)
-            self.quota.reserve_exact(state, size, new_size)
-            if binding.fallocate(fd, mode, offset, length) < 0:
-                err = errno_result()
-                self.quota.set_size(state, 0, os.fstat(fd).st_size)
-                return err
+            self._touched(handle.path, handle.state.ino)
+            charging.fallocate_fd(self.quota, fd, handle.state, mode, offset, length, _fallocate)
             return 0
         finally:
             self.gate.leave(w)
@@ -742,15 +614,7 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             rel = _rel(path)
-            parent = _parent(rel)
-            self._charge_new_inode(own + BLOCK)
-            try:
-                before = self._dir_size(parent)
-                make(rel)
-            except BaseException:
-                self._uncharge_new_inode(own + BLOCK)
-                raise
-            self._names_changed((parent,), [before], BLOCK)
+            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: make(rel), own=own, inode=True)
             self._give_to_caller(rel)
             return 0
         finally:
@@ -762,16 +626,8 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             rel = _rel(path)
-            parent = _parent(rel)
-            self.quota.charge(BLOCK)
-            try:
-                before = self._dir_size(parent)
-                os.link(_rel(existing), rel, src_dir_fd=self._root, dst_dir_fd=self._root,
-                        follow_symlinks=False)
-            except BaseException:
-                self.quota.release_bytes(BLOCK)
-                raise
-            self._names_changed((parent,), [before], BLOCK)
+            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: os.link(
+                _rel(existing), rel, src_dir_fd=self._root, dst_dir_fd=self._root, follow_symlinks=False))
             ino = os.stat(rel, dir_fd=self._root, follow_symlinks=False).st_ino
             self.links.observe(existing, ino)
             self.links.observe(path, ino)
@@ -784,12 +640,10 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             rel = _rel(path)
-            parent = _parent(rel)
             st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
             extra = self._xattr_extra(path, st)
-            before = self._dir_size(parent)
-            os.unlink(rel, dir_fd=self._root)
-            self._names_changed((parent,), [before], 0)
+            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: os.unlink(rel, dir_fd=self._root),
+                             growth=0)
             self._link_removed(st, extra)
             if self.links.forget(path) is not None or st.st_nlink > 1:
                 self.links.changed(st.st_ino)  # the other names' link count
@@ -801,12 +655,10 @@ class FusefsOperations(binding.Operations):
         w = self._begin_mutation()
         try:
             rel = _rel(path)
-            parent = _parent(rel)
             st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
             extra = self._xattr_extra(path, st)
-            before = self._dir_size(parent)
-            os.rmdir(rel, dir_fd=self._root)
-            self._names_changed((parent,), [before], 0)
+            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: os.rmdir(rel, dir_fd=self._root),
+                             growth=0)
             self._link_removed(st, extra)
             return 0
         finally:
@@ -820,21 +672,15 @@ class FusefsOperations(binding.Operations):
         create would); every rename settles on what both directories' sizes
         did.
         """
-        if flags & ~RENAME_FLAGS:
-            return -errno.EINVAL  # RENAME_WHITEOUT would make a device node
+        charging.check_rename_flags(flags)
         w = self._begin_mutation()
         try:
             src, dst = _rel(old), _rel(new)
-            parents = tuple(dict.fromkeys((_parent(src), _parent(dst))))
-            replaced = other = self._lstat(dst)
-            # Only a new name can grow a directory (a rename over an existing
-            # name reuses its entry): atomic replacement works on a full volume.
-            reserve = BLOCK if other is None else 0
-            self.quota.charge(reserve)
-            try:
-                before = [self._dir_size(p) for p in parents]
+            other = self._lstat(dst)
+
+            def do() -> tuple[os.stat_result, os.stat_result | None, int]:
                 moved = os.stat(src, dir_fd=self._root, follow_symlinks=False)
-                extra = 0
+                replaced, extra = other, 0
                 if flags & RENAME_EXCHANGE or (
                         replaced is not None and (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev)):
                     replaced = None  # nothing goes away (two names of one inode: a no-op)
@@ -844,10 +690,12 @@ class FusefsOperations(binding.Operations):
                     binding.check(binding.renameat2(self._root, src, self._root, dst, flags))
                 else:
                     os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
-            except BaseException:
-                self.quota.release_bytes(reserve)
-                raise
-            self._names_changed(parents, before, reserve)
+                return moved, replaced, extra
+            # Only a new name can grow a directory (a rename over an existing
+            # name reuses its entry): atomic replacement works on a full volume.
+            moved, replaced, extra = charging.name_op(
+                self.quota, self._dir_sizes(*dict.fromkeys((_parent(src), _parent(dst)))), do,
+                growth=BLOCK if other is None else 0)
             if replaced is not None:
                 self._link_removed(replaced, extra)
             dirs = stat.S_ISDIR(moved.st_mode) or bool(
@@ -967,7 +815,7 @@ class FusefsOperations(binding.Operations):
 
     def releasedir(self, path: bytes | None, fip: Any) -> int:
         os.close(fip.contents.fh)
-        self._give_slot()
+        self.open_files.give()
         return 0
 
     def fsyncdir(self, path: bytes | None, datasync: int, fip: Any) -> int:
@@ -1018,22 +866,12 @@ class FusefsOperations(binding.Operations):
             where = self._abs(path)
             total = xattr_total(where) if self.xattrs_seen else 0
             old = self._xattr_len(where, name)
-            new_total = total + xattr_bytes(len(name), size) - (xattr_bytes(len(name), old) if old >= 0 else 0)
-            if new_total > XATTR_MAX_PER_INODE:
-                return -errno.ENOSPC
-            delta = blocks(new_total) - blocks(total)
-            self.quota.charge(delta)
             # Before the call: a racing getxattr must look.
             self.xattrs_seen = True
             if name == _CAPABILITY:
                 self.capability_seen = True
-            try:
-                os.setxattr(where, name, data, options, follow_symlinks=False)
-            except BaseException:
-                self.quota.adjust(-max(delta, 0))
-                raise
-            if delta < 0:
-                self.quota.adjust(delta)
+            charging.set_xattr(self.quota, total, len(name), old, size,
+                               lambda: os.setxattr(where, name, data, options, follow_symlinks=False))
             self._touched(path)
             return 0
         finally:
@@ -1043,12 +881,7 @@ class FusefsOperations(binding.Operations):
         """The length of attribute ``name``'s value, or -1 if it is not set."""
         if not self.xattrs_seen:
             return -1
-        try:
-            return len(os.getxattr(where, name, follow_symlinks=False))
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-                return -1
-            raise
+        return charging.xattr_len(where, name)
 
     def removexattr(self, path: bytes, name: bytes) -> int:
         w = self._begin_mutation()
@@ -1061,7 +894,7 @@ class FusefsOperations(binding.Operations):
             if old < 0:
                 return _ERR_NODATA
             os.removexattr(where, name, follow_symlinks=False)
-            self.quota.adjust(blocks(total - xattr_bytes(len(name), old)) - blocks(total))
+            charging.removed_xattr(self.quota, total, len(name), old)
             self._touched(path)
             return 0
         finally:
@@ -1072,18 +905,9 @@ class FusefsOperations(binding.Operations):
     def sync_open_files(self) -> int:
         """fsync every open file (the last step of a freeze). Returns the count.
 
-        Descriptors are duplicated under the table lock so that a concurrent
-        release cannot close (and the number be reused) under our feet.
+        See :func:`fusefs.charging.sync_files`.
         """
-        with self._table:
-            fds = [os.dup(h.fd) for h in self._handles.values() if h.writable]
-        for fd in fds:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.fsync(self._root)
-        return len(fds)
+        return charging.sync_files(self._table, self._handles.values(), self._root)
 
     def write_back_open_files(self, mountpoint: str) -> int:
         """With the kernel's write-back cache: make it send us every dirty page.
@@ -1111,4 +935,4 @@ class FusefsOperations(binding.Operations):
 
     def open_handles(self) -> int:
         """Open files and directories now (what the cap counts)."""
-        return self.open_count
+        return self.open_files.count

@@ -43,7 +43,8 @@ from fusefs.control import Busy, ControlServer, InvalidRequest
 from fusefs.freeze import FreezeAborted, FreezeGate, FreezeTimeout
 from fusefs.limits import IOLimits
 from fusefs import usage
-from fusefs.operations import MAX_OPEN_FILES, FsOptions, FusefsOperations
+from fusefs.charging import MAX_OPEN_FILES
+from fusefs.operations import FsOptions, FusefsOperations
 from fusefs.opstats import OpStats, render_prometheus
 from fusefs.quota import Quota
 
@@ -305,8 +306,8 @@ class Session:
             "throttle_refused": self.limits.refused,
             "throttle_interrupted": self.limits.interrupted_requests,
             "open_files": self.ops.open_handles(),
-            "open_files_max": self.ops.options.max_open_files,
-            "open_files_refused": self.ops.open_refused,
+            "open_files_max": self.ops.open_files.limit,
+            "open_files_refused": self.ops.open_files.refused,
             "invalidations": self.ops.links.invalidations,
             "abnormal": self.abnormal,
             "worker_threads": self.stats_.threads(),

@@ -64,20 +64,23 @@ class ScanResult:
             self.problems.append(what)
 
 
-def xattr_total(path: str | int, result: ScanResult | None = None) -> int:
+def xattr_total(path: str | int, result: ScanResult | None = None, follow: bool = False) -> int:
     """Sum of :func:`fusefs.quota.xattr_bytes` over an inode's attributes.
 
-    ``path`` is a descriptor or a path whose last component is not followed.
+    ``path`` is a descriptor or a path whose last component is not followed
+    unless ``follow`` (for ``/proc/self/fd/N`` of an ``O_PATH`` descriptor,
+    which the f*xattr calls refuse; the magic link leads to the inode
+    itself, a symbolic link included).
     """
+    follow = follow or isinstance(path, int)
     try:
-        names = os.listxattr(path, follow_symlinks=False) if not isinstance(path, int) else os.listxattr(path)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError:
         return 0  # ENOTSUP on the backing fs, or gone meanwhile: nothing charged for it
     total = 0
     for name in names:
         try:
-            value = os.getxattr(path, name, follow_symlinks=False) if not isinstance(path, int) \
-                else os.getxattr(path, name)
+            value = os.getxattr(path, name, follow_symlinks=follow)
         except OSError:
             continue
         total += xattr_bytes(len(os.fsencode(name)), len(value))

@@ -29,7 +29,7 @@ from typing import Any
 
 from fusefs.kernel import protocol as p
 from fusefs.kernel import syscalls as ksys
-from fusefs.kernel.inodefs import Caller, InodeFs
+from fusefs.kernel.inodefs import Caller, InodeFs, current_request
 from fusefs.opstats import OpStats
 
 log = logging.getLogger("fusefs.kernel.engine")
@@ -251,6 +251,7 @@ class Engine:
         inflight = self._inflight
         interrupted = self.fs.interrupted
         lock = self._lock
+        current = current_request
         while True:
             try:
                 n = readv(fd, [buf])
@@ -274,6 +275,7 @@ class Engine:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
             inflight.add(unique)
+            current.unique = unique
             err = 0
             reply = None
             try:
@@ -308,6 +310,16 @@ class Engine:
             i = op_index.get(opcode, -1)
             if i >= 0:
                 record(i, clock() - t0, failed)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is being served (after the connection ended);
+        False if some still are after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._inflight:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _reply(self, fd: int, unique: int, payload: bytes) -> None:
         os.writev(fd, [p.OUT_HEADER.pack(16 + len(payload), 0, unique), payload])

@@ -6,10 +6,16 @@ gate, the quota (ENOSPC) and the I/O limits, each one attribute test when it
 has nothing to do. Those four live in the engine-neutral modules; this
 module only calls their public methods:
 
-- :class:`fusefs.quota.Quota`: ``take_inode``, ``give_inode``, ``extend``,
-  ``reserve_exact``, ``set_size``, ``release_bytes``, and the attributes
-  ``capacity``, ``used_bytes``, ``used_inodes``, ``inode_limit``;
-  :class:`fusefs.quota.InodeState` (constructor and its slots);
+- :mod:`fusefs.charging`: what each operation charges, around its system
+  call (the block model of :mod:`fusefs.quota`, names settled on the
+  directories' real growth, xattrs capped per inode, orphans uncharged on
+  their last close), the open-file cap (EMFILE), the rename flags a volume
+  supports (EINVAL for others), and ``df``'s figures; the same functions
+  the libfuse engine calls;
+- :class:`fusefs.quota.Quota`: ``extend`` (the write path) and
+  :class:`fusefs.quota.InodeState`; while the usage is unknown (a mount
+  after a crash, until the background scan is done) the quota refuses all
+  growth, for both engines alike;
 - :class:`fusefs.freeze.FreezeGate`: ``enter``, ``enter_write``, ``leave``,
   ``frozen``;
 - :class:`fusefs.limits.IOLimits`: ``active``, ``throttle``;
@@ -35,22 +41,22 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from fusefs import charging
+from fusefs.charging import MAX_OPEN_FILES, RENAME_EXCHANGE, STATFS_BLOCK, OpenFiles
 from fusefs.freeze import FreezeGate
 from fusefs.kernel import protocol as p
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.nodes import Node, NodeTable
 from fusefs.limits import IOLimits
 from fusefs.opstats import OpStats
-from fusefs.quota import InodeState, Quota
+from fusefs.quota import BLOCK, InodeState, Quota, blocks
+from fusefs.usage import xattr_total
 
 log = logging.getLogger("fusefs.kernel.inodefs")
 
 _STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOCTTY
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-STATFS_BLOCK = 4096
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
-FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE = 8, 32
-RENAME_EXCHANGE = 2
+_CAPABILITY = b"security.capability"
 #: How often a request parked by a freeze looks whether it was interrupted.
 INTERRUPT_POLL = 0.05
 _monotonic = time.monotonic
@@ -83,6 +89,10 @@ class _WritePage:
     def __init__(self, writepage: bool) -> None:
         self.writepage = writepage
 
+
+#: The request the calling worker thread is serving (``unique``), set by the
+#: engine: what :meth:`InodeFs.request_interrupted` looks up.
+current_request = threading.local()
 
 _NOT_WRITEPAGE = _WritePage(False)
 _WRITEPAGE = _WritePage(True)
@@ -117,8 +127,9 @@ class InodeFs:
 
     def __init__(self, source: str, *, quota: Quota, gate: FreezeGate | None = None,
                  limits: IOLimits | None = None, stats: OpStats | None = None, read_only: bool = False,
-                 xattr_names: set[bytes] | None = None, keep_cache: bool = True,
-                 journal: str | None = None, handle_epoch: int = 0) -> None:
+                 xattrs_seen: bool = True, capability_seen: bool = True, keep_cache: bool = True,
+                 journal: str | None = None, handle_epoch: int = 0,
+                 max_open_files: int = MAX_OPEN_FILES) -> None:
         self.source = os.path.realpath(source)
         self.root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         root_path = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -129,7 +140,14 @@ class InodeFs:
         self.stats = stats or OpStats()
         self.read_only = read_only
         self.keep_cache = keep_cache
-        self.xattr_names: set[bytes] = set(xattr_names or ())
+        #: Whether any xattr (and any ``security.capability``) may exist on
+        #: the volume (see :class:`fusefs.operations.FusefsOperations`): set
+        #: by setxattr and the usage scan. Without one, listxattr and the
+        #: ``security.capability`` lookups are answered without a system call.
+        self.xattrs_seen = xattrs_seen
+        self.capability_seen = capability_seen
+        #: Open files and directories, against the volume's cap.
+        self.open_files = OpenFiles(max_open_files)
         self._handles: dict[int, Handle] = {}
         self._table = threading.Lock()
         #: Orders the choice between cached and passthrough opens of an inode
@@ -178,6 +196,13 @@ class InodeFs:
                 raise OSError(errno.EINTR, "interrupted while the volume is frozen")
             time.sleep(INTERRUPT_POLL)
 
+    def request_interrupted(self) -> bool:
+        """Whether the kernel sent INTERRUPT for the calling worker's request
+        (the I/O limits' check: a throttled request of a killed process
+        ends at once with EINTR)."""
+        unique = getattr(current_request, "unique", 0)
+        return bool(unique) and unique in self.interrupted
+
     def _proc(self, node: Node) -> str:
         return f"/proc/self/fd/{node.fd}"
 
@@ -223,32 +248,31 @@ class InodeFs:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise OSError(errno.EPERM, "no device nodes in a volume")
-        return self._new_inode(caller, parent_id, name, unique,
+        return self._new_inode(caller, parent_id, name, unique, 0,
                                lambda d: os.mknod(name, mode, 0, dir_fd=d))
 
     def mkdir(self, caller: Caller, parent_id: int, name: bytes, mode: int,
               unique: int = 0) -> tuple[Node, os.stat_result]:
-        return self._new_inode(caller, parent_id, name, unique, lambda d: os.mkdir(name, mode & 0o7777, dir_fd=d))
+        return self._new_inode(caller, parent_id, name, unique, BLOCK,
+                               lambda d: os.mkdir(name, mode & 0o7777, dir_fd=d))
 
     def symlink(self, caller: Caller, parent_id: int, name: bytes, target: bytes,
                 unique: int = 0) -> tuple[Node, os.stat_result]:
-        return self._new_inode(caller, parent_id, name, unique, lambda d: os.symlink(target, name, dir_fd=d))
+        return self._new_inode(caller, parent_id, name, unique, blocks(len(target)),
+                               lambda d: os.symlink(target, name, dir_fd=d))
 
-    def _new_inode(self, caller: Caller, parent_id: int, name: bytes, unique: int,
+    def _new_inode(self, caller: Caller, parent_id: int, name: bytes, unique: int, own: int,
                    make: Any) -> tuple[Node, os.stat_result]:
+        """mknod, mkdir and symlink alike: charge an inode, ``own`` bytes and a
+        block for the parent's growth; make it; settle; give it to the caller."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
-            self.quota.take_inode()
             try:
-                make(parent.fd)
+                charging.name_op(self.quota, _sizes(parent), lambda: make(parent.fd), own=own, inode=True)
             except FileExistsError:
-                self.quota.give_inode()
                 if unique & p.UNIQUE_RESEND:
                     return self._lookup_fd(parent, name)  # we made it before the crash
-                raise
-            except BaseException:
-                self.quota.give_inode()
                 raise
             node, st = self._lookup_fd(parent, name)
             self._give_to_caller(caller, parent, node.fd, st, True)
@@ -259,12 +283,14 @@ class InodeFs:
             self.gate.leave(w)
 
     def link(self, old_id: int, parent_id: int, name: bytes, unique: int = 0) -> tuple[Node, os.stat_result]:
+        """A new name (charged through its directory's growth), no new inode."""
         node = self.nodes.get(old_id)
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
             try:
-                os.link(self._proc(node), name, dst_dir_fd=parent.fd, follow_symlinks=True)
+                charging.name_op(self.quota, _sizes(parent), lambda: os.link(
+                    self._proc(node), name, dst_dir_fd=parent.fd, follow_symlinks=True))
             except FileExistsError:
                 if not unique & p.UNIQUE_RESEND:
                     raise
@@ -273,84 +299,82 @@ class InodeFs:
             self.gate.leave(w)
 
     def unlink(self, parent_id: int, name: bytes, unique: int = 0) -> None:
+        self._remove(parent_id, name, unique, lambda d: os.unlink(name, dir_fd=d))
+
+    def rmdir(self, parent_id: int, name: bytes, unique: int = 0) -> None:
+        self._remove(parent_id, name, unique, lambda d: os.rmdir(name, dir_fd=d))
+
+    def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any) -> None:
+        """unlink and rmdir alike: settle the parent's size, uncharge the inode
+        if that was its last name (on its last close if it is open)."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
             try:
                 st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-                os.unlink(name, dir_fd=parent.fd)
+                extra = self._xattr_extra(parent, name, st)
+                charging.name_op(self.quota, _sizes(parent), lambda: remove(parent.fd), growth=0)
             except FileNotFoundError:
                 if unique & p.UNIQUE_RESEND:
                     return  # done before the crash
                 raise
-            self._link_removed(st)
-        finally:
-            self.gate.leave(w)
-
-    def rmdir(self, parent_id: int, name: bytes, unique: int = 0) -> None:
-        parent = self.nodes.get(parent_id)
-        w = self._begin_mutation(unique)
-        try:
-            try:
-                os.rmdir(name, dir_fd=parent.fd)
-            except FileNotFoundError:
-                if unique & p.UNIQUE_RESEND:
-                    return
-                raise
-            self.quota.give_inode()
+            self._link_removed(st, extra)
         finally:
             self.gate.leave(w)
 
     def rename(self, parent_id: int, name: bytes, newparent_id: int, newname: bytes, flags: int,
                unique: int = 0) -> None:
+        """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE
+        only (EINVAL for others). A rename to a new name charges a block
+        first for the target directory's growth (ENOSPC on a full volume, as
+        a create); a rename over an existing name reuses its entry, so an
+        atomic replacement works on a full volume."""
+        charging.check_rename_flags(flags)
         parent = self.nodes.get(parent_id)
         newparent = self.nodes.get(newparent_id)
         w = self._begin_mutation(unique)
         try:
-            replaced = None
-            if not flags & RENAME_EXCHANGE:
-                try:
-                    replaced = os.stat(newname, dir_fd=newparent.fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    replaced = None
+            try:
+                other: os.stat_result | None = os.stat(newname, dir_fd=newparent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                other = None
+
+            def do() -> tuple[os.stat_result | None, int]:
+                replaced, extra = (None if flags & RENAME_EXCHANGE else other), 0
                 if replaced is not None:
-                    try:
-                        moved = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        if unique & p.UNIQUE_RESEND:
-                            return  # renamed before the crash
-                        raise
+                    moved = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
                     if (moved.st_ino, moved.st_dev) == (replaced.st_ino, replaced.st_dev):
-                        replaced = None
-            if flags:
-                ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
-            else:
-                try:
+                        replaced = None  # two names of one inode: a no-op
+                    else:
+                        extra = self._xattr_extra(newparent, newname, replaced)
+                if flags:
+                    ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
+                else:
                     os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
-                except FileNotFoundError:
-                    if unique & p.UNIQUE_RESEND and replaced is None:
-                        return
-                    raise
+                return replaced, extra
+            try:
+                replaced, extra = charging.name_op(self.quota, _sizes(parent, newparent), do,
+                                                   growth=BLOCK if other is None else 0)
+            except FileNotFoundError:
+                if unique & p.UNIQUE_RESEND:
+                    return  # renamed before the crash
+                raise
             if replaced is not None:
-                self._link_removed(replaced)
+                self._link_removed(replaced, extra)
         finally:
             self.gate.leave(w)
 
-    def _link_removed(self, st: os.stat_result) -> None:
+    def _xattr_extra(self, parent: Node, name: bytes, st: os.stat_result) -> int:
+        """The xattr charge of ``name``'s inode if this name is its last."""
+        if not self.xattrs_seen:
+            return 0
+        return charging.xattr_charge(st, lambda: xattr_total(f"/proc/self/fd/{parent.fd}/{os.fsdecode(name)}"))
+
+    def _link_removed(self, st: os.stat_result, extra: int = 0) -> None:
         """Account for a name that is gone (unlink, rmdir, rename over)."""
-        if stat.S_ISDIR(st.st_mode):
-            self.quota.give_inode()
-            return
-        if st.st_nlink > 1:
-            return
-        node = self.nodes._by_key.get((st.st_dev, st.st_ino))
+        node = self.nodes.by_key((st.st_dev, st.st_ino))
         with self._table:
-            state = node.state if node is not None else None
-            if state is not None:
-                state.orphan = True
-                return
-        self.quota.release_bytes(st.st_size if stat.S_ISREG(st.st_mode) else 0)
-        self.quota.give_inode()
+            charging.name_removed(self.quota, st, extra, node.state if node is not None else None)
 
     # ------------------------------------------------------------ attributes
 
@@ -393,7 +417,7 @@ class InodeFs:
             return
         if not stat.S_ISREG(node.mode):
             raise OSError(errno.EINVAL if not stat.S_ISDIR(node.mode) else errno.EISDIR, "not a regular file")
-        fd = os.open(self._proc(node), os.O_WRONLY | os.O_CLOEXEC)
+        fd = self.open_files.open(self._proc(node), os.O_WRONLY | os.O_CLOEXEC)
         try:
             state = self._register(fd, node, True)
             try:
@@ -402,34 +426,15 @@ class InodeFs:
                 self._unregister_state(node, fd)
         finally:
             os.close(fd)
+            self.open_files.give()
 
     def _truncate_fd(self, fd: int, state: InodeState, length: int) -> None:
-        old = state.size
-        if length > old:
-            self.quota.reserve_exact(state, old, length)
-        try:
-            os.ftruncate(fd, length)
-        except BaseException:
-            if length > old:
-                self.quota.set_size(state, 0, old)
-            raise
-        if length < old:
-            self.quota.set_size(state, old, length)
+        charging.truncate_fd(self.quota, fd, state, length)
 
     def statfs(self) -> tuple[int, ...]:
-        """(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize)."""
-        q = self.quota
-        if q.capacity:
-            blocks = q.capacity // STATFS_BLOCK
-            used = -(-q.used_bytes // STATFS_BLOCK)
-            bfree = bavail = max(0, blocks - used)
-        else:
-            host = os.statvfs(self.root_fd)
-            scale = host.f_frsize / STATFS_BLOCK
-            blocks, bfree, bavail = (int(host.f_blocks * scale), int(host.f_bfree * scale),
-                                     int(host.f_bavail * scale))
-        ffree = max(0, q.inode_limit - q.used_inodes)
-        return blocks, bfree, bavail, q.inode_limit, ffree, STATFS_BLOCK, 255, STATFS_BLOCK
+        """(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize);
+        while the usage is being recounted the volume shows as full."""
+        return (*charging.statfs_counts(self.quota, self.root_fd), STATFS_BLOCK, 255, STATFS_BLOCK)
 
     # ------------------------------------------------------------ open files
 
@@ -456,13 +461,7 @@ class InodeFs:
             if state.opens > 0:
                 return
             node.state = None
-        if state.orphan:
-            self.quota.release_bytes(state.size)
-            self.quota.give_inode()
-        elif state.writable:
-            actual = os.fstat(fd).st_size
-            if actual != state.size:
-                self.quota.set_size(None, state.size, actual)
+        charging.last_close(self.quota, state, fd)
 
     def open(self, nodeid: int, flags: int, unique: int = 0, kill_privs: bool = False) -> tuple[int, int, int]:
         """Returns (fh, open_flags, backing_id). ``kill_privs``: the kernel asks
@@ -486,7 +485,7 @@ class InodeFs:
                         raise OSError(errno.ETXTBSY, "open read-only through passthrough; cannot write now")
                     node.cached += 1
                 reserved = True
-            fd = os.open(self._proc(node), self._real_flags(flags))
+            fd = self.open_files.open(self._proc(node), self._real_flags(flags))
             try:
                 state = self._register(fd, node, writable)
                 if truncate:
@@ -496,6 +495,7 @@ class InodeFs:
             except BaseException:
                 self._unregister_state(node, fd)
                 os.close(fd)
+                self.open_files.give()
                 raise
         except BaseException:
             if reserved:
@@ -551,24 +551,22 @@ class InodeFs:
 
     def create(self, caller: Caller, parent_id: int, name: bytes, mode: int, flags: int,
                unique: int = 0) -> tuple[Node, os.stat_result, int, int]:
-        """Returns (node, stat, fh, open_flags)."""
+        """Returns (node, stat, fh, open_flags). Charged an inode and a block
+        for the parent's growth, settled as for any new name; the open
+        counts against the open-file cap."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
-            self.quota.take_inode()
             try:
-                fd = os.open(name, self._real_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             mode & 0o7777, dir_fd=parent.fd)
+                fd = charging.name_op(self.quota, _sizes(parent), lambda: self.open_files.open(
+                    name, self._real_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o7777,
+                    dir_fd=parent.fd), inode=True)
             except FileExistsError:
-                self.quota.give_inode()
                 if flags & os.O_EXCL and not unique & p.UNIQUE_RESEND:
                     raise
                 node, st = self._lookup_fd(parent, name)  # lost a race, or made before the crash
                 fh, open_flags, _ = self.open(node.nodeid, flags & ~os.O_TRUNC)
                 return node, os.stat(node.fd), fh, open_flags
-            except BaseException:
-                self.quota.give_inode()
-                raise
             try:
                 st = os.fstat(fd)
                 self._give_to_caller(caller, parent, fd, st, False)
@@ -578,6 +576,7 @@ class InodeFs:
                 state = self._register(fd, node, True, st)
             except BaseException:
                 os.close(fd)
+                self.open_files.give()
                 raise
             handle = Handle(self._new_fh(), fd, node, True)
             handle.state = state
@@ -592,13 +591,20 @@ class InodeFs:
 
     def handle(self, fh: int, nodeid: int, flags: int) -> Handle:
         """The handle ``fh``; one the kernel kept from before a handover is
-        reopened from its node (the request says which node and flags)."""
+        reopened from its node (the request says which node and flags). It
+        counts against the open-file cap but is never refused: the kernel
+        already holds that open."""
         handle = self._handles.get(fh)
         if handle is not None:
             return handle
         node = self.nodes.get(nodeid)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        fd = os.open(self._proc(node), self._real_flags(flags))
+        self.open_files.take(check=False)
+        try:
+            fd = os.open(self._proc(node), self._real_flags(flags))
+        except BaseException:
+            self.open_files.give()
+            raise
         handle = Handle(fh, fd, node, writable)
         handle.passthrough = bool(fh & PASSTHROUGH_FH)
         handle.state = self._register(fd, node, writable)
@@ -610,6 +616,7 @@ class InodeFs:
         if other is not handle:
             self._unregister_state(node, fd)
             os.close(fd)
+            self.open_files.give()
         return other
 
     def read(self, fh: int, nodeid: int, offset: int, size: int, flags: int) -> bytes:
@@ -645,13 +652,13 @@ class InodeFs:
                 self._kill_privs(handle.node, handle.fd)
             n = os.pwrite(handle.fd, data, offset)
             if n < len(data):
-                self._resync_size(handle)
+                charging.resync_size(self.quota, handle.fd, handle.state)  # type: ignore[arg-type]
             handle.last_end = offset + n
             handle.last_time = _monotonic()
             self.stats.shard().bytes_written += n
             return n
         except OSError:
-            self._resync_size(handle)
+            charging.resync_size(self.quota, handle.fd, handle.state)  # type: ignore[arg-type]
             raise
         finally:
             w.busy = False
@@ -665,7 +672,7 @@ class InodeFs:
 
     @property
     def _has_caps(self) -> bool:
-        return b"security.capability" in self.xattr_names
+        return self.capability_seen
 
     def _kill_privs(self, node: Node, fd: int | None) -> None:
         """What the kernel's file_remove_privs does for a writer without
@@ -681,18 +688,12 @@ class InodeFs:
             os.chmod(target, stat.S_IMODE(mode) & ~kill)
         node.mode = mode & ~kill
         if self._has_caps:
-            try:
-                os.removexattr(target, "security.capability")
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
-
-    def _resync_size(self, handle: Handle) -> None:
-        try:
-            actual = os.fstat(handle.fd).st_size
-        except OSError:
-            return
-        self.quota.set_size(handle.state, 0, actual)
+            where = self._proc(node)  # the f*xattr calls refuse O_PATH descriptors
+            total = xattr_total(where, follow=True)
+            old = charging.xattr_len(where, _CAPABILITY, follow=True)
+            if old >= 0:
+                os.removexattr(where, _CAPABILITY)
+                charging.removed_xattr(self.quota, total, len(_CAPABILITY), old)
 
     def flush(self, fh: int) -> None:
         return None
@@ -732,6 +733,7 @@ class InodeFs:
             self._unregister_state(node, handle.fd)
         finally:
             os.close(handle.fd)
+            self.open_files.give()
             if handle.passthrough:
                 self._drop_backing(node)
 
@@ -756,25 +758,8 @@ class InodeFs:
             raise OSError(errno.EBADF, "unknown file handle")  # unreachable but after a handover, and rare then
         w = self._begin_mutation(unique)
         try:
-            fd, state = handle.fd, handle.state
-            assert state is not None
-            size = state.size
-            if mode & FALLOC_FL_KEEP_SIZE:
-                if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > size:
-                    raise OSError(errno.EOPNOTSUPP, "blocks past end of file would escape the quota")
-                ksys.fallocate(fd, mode, offset, length)
-                return
-            if mode & FALLOC_FL_COLLAPSE_RANGE:
-                ksys.fallocate(fd, mode, offset, length)
-                self.quota.set_size(state, 0, os.fstat(fd).st_size)
-                return
-            new_size = size + length if mode & FALLOC_FL_INSERT_RANGE else max(size, offset + length)
-            self.quota.reserve_exact(state, size, new_size)
-            try:
-                ksys.fallocate(fd, mode, offset, length)
-            except OSError:
-                self.quota.set_size(state, 0, os.fstat(fd).st_size)
-                raise
+            assert handle.state is not None
+            charging.fallocate_fd(self.quota, handle.fd, handle.state, mode, offset, length, ksys.fallocate)
         finally:
             self.gate.leave(w)
 
@@ -792,7 +777,7 @@ class InodeFs:
 
     def opendir(self, nodeid: int) -> int:
         node = self.nodes.get(nodeid)
-        fd = os.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self.open_files.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         handle = Handle(self._new_fh(), fd, node, False)
         handle.is_dir = True
         with self._table:
@@ -828,6 +813,7 @@ class InodeFs:
             handle = self._handles.pop(fh, None)
         if handle is not None:
             os.close(handle.fd)
+            self.open_files.give()
 
     def fsyncdir(self, fh: int, nodeid: int) -> None:
         handle = self._handles.get(fh)
@@ -836,24 +822,33 @@ class InodeFs:
     # ------------------------------------------------------------ xattrs
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
-        if name not in self.xattr_names:
+        if not self.xattrs_seen or (name == _CAPABILITY and not self.capability_seen):
             raise OSError(errno.ENODATA, "no such attribute")
         return os.getxattr(self._proc(self.nodes.get(nodeid)), name)
 
     def listxattr(self, nodeid: int) -> bytes:
-        if not self.xattr_names:
+        if not self.xattrs_seen:
             return b""
         names = os.listxattr(self._proc(self.nodes.get(nodeid)))
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int, unique: int = 0) -> None:
+        """Set an attribute, charged by the model in :mod:`fusefs.quota` (see
+        :func:`fusefs.charging.set_xattr`: ENOSPC past the per-inode cap)."""
         if name.startswith(b"system.posix_acl_"):
             raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not enforced on this mount")
         node = self.nodes.get(nodeid)
         w = self._begin_mutation(unique)
         try:
-            self.xattr_names.add(name)
-            os.setxattr(self._proc(node), name, value, flags)
+            where = self._proc(node)
+            total = xattr_total(where, follow=True) if self.xattrs_seen else 0
+            old = charging.xattr_len(where, name, follow=True) if self.xattrs_seen else -1
+            # Before the call: a racing getxattr must look.
+            self.xattrs_seen = True
+            if name == _CAPABILITY:
+                self.capability_seen = True
+            charging.set_xattr(self.quota, total, len(name), old, len(value),
+                               lambda: os.setxattr(where, name, value, flags))
         finally:
             self.gate.leave(w)
 
@@ -861,9 +856,15 @@ class InodeFs:
         node = self.nodes.get(nodeid)
         w = self._begin_mutation(unique)
         try:
-            if name not in self.xattr_names:
+            if not self.xattrs_seen:
                 raise OSError(errno.ENODATA, "no such attribute")
-            os.removexattr(self._proc(node), name)
+            where = self._proc(node)
+            total = xattr_total(where, follow=True)
+            old = charging.xattr_len(where, name, follow=True)
+            if old < 0:
+                raise OSError(errno.ENODATA, "no such attribute")
+            os.removexattr(where, name)
+            charging.removed_xattr(self.quota, total, len(name), old)
         finally:
             self.gate.leave(w)
 
@@ -873,16 +874,9 @@ class InodeFs:
     # ------------------------------------------------------------ freeze support
 
     def sync_open_files(self) -> int:
-        """fsync every file open for writing (the last step of a freeze)."""
-        with self._table:
-            fds = [os.dup(h.fd) for h in self._handles.values() if h.writable]
-        for fd in fds:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.fsync(self.root_fd)
-        return len(fds)
+        """fsync every file open for writing (the last step of a freeze); see
+        :func:`fusefs.charging.sync_files`."""
+        return charging.sync_files(self._table, self._handles.values(), self.root_fd)
 
     def write_back_open_files(self, mountpoint: str) -> int:
         """With the kernel's write-back cache: make it send us every dirty page.
@@ -900,7 +894,24 @@ class InodeFs:
         return len(nodeids)
 
     def open_handles(self) -> int:
-        return sum(1 for h in list(self._handles.values()) if not h.is_dir)
+        """Open files and directories now (what the cap counts)."""
+        return self.open_files.count
+
+
+def _sizes(*dirs: Node) -> Any:
+    """What :func:`fusefs.charging.name_op` measures: these directories'
+    sizes (each once; None for one that is gone)."""
+    unique = list({d.nodeid: d for d in dirs}.values())
+
+    def sizes() -> list[int | None]:
+        out: list[int | None] = []
+        for d in unique:
+            try:
+                out.append(os.stat(d.fd).st_size)
+            except OSError:
+                out.append(None)
+        return out
+    return sizes
 
 
 def _dtype(entry: os.DirEntry[bytes]) -> int:

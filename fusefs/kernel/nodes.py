@@ -94,6 +94,10 @@ class NodeTable:
         except KeyError:
             raise OSError(116, "stale node id") from None  # ESTALE
 
+    def by_key(self, key: tuple[int, int]) -> Node | None:
+        """The node of inode ``(st_dev, st_ino)``, if the kernel knows it."""
+        return self._by_key.get(key)
+
     def remember(self, fd: int, st: os.stat_result) -> Node:
         """The node for the inode behind ``fd`` (just opened O_PATH), counted
         as one more lookup; ``fd`` is kept or closed."""

@@ -43,6 +43,9 @@ from fusefs.session import Session
 log = logging.getLogger("fusefs.kernel.serve")
 
 STATE_VERSION = 1
+#: How long a stopping session waits for requests still being served before
+#: it persists the usage (it does not persist it if they do not finish).
+DRAIN_SECONDS = 5.0
 
 
 @dataclass
@@ -61,13 +64,14 @@ def new_stats() -> OpStats:
 
 
 def make_fs(source: str, *, quota: Any, gate: Any, limits: Any, stats: OpStats, read_only: bool,
-            xattr_names: set[bytes], keep_cache: bool, kopts: KernelOptions) -> InodeFs:
+            options: FsOptions, xattrs_seen: bool, capability_seen: bool, kopts: KernelOptions) -> InodeFs:
     journal = f"{kopts.state_file}.nodes" if kopts.state_file else None
     epoch = 0
     if kopts.takeover:
         epoch = _read_state(kopts).get("epoch", 0) + 1
     return InodeFs(source, quota=quota, gate=gate, limits=limits, stats=stats, read_only=read_only,
-                   xattr_names=xattr_names, keep_cache=keep_cache, journal=journal, handle_epoch=epoch)
+                   xattrs_seen=xattrs_seen, capability_seen=capability_seen, keep_cache=options.keep_cache,
+                   journal=journal, handle_epoch=epoch, max_open_files=options.max_open_files)
 
 
 def _read_state(kopts: KernelOptions) -> dict[str, Any]:
@@ -106,15 +110,21 @@ class KernelSession(Session):
         self.max_write = options.max_write
         libfuse_ops = self.ops
         self.stats_ = new_stats()
+        # The xattr flags as Session found them (the usage file, or True
+        # until its background scan says otherwise; a scan that ends before
+        # the swap below set them on libfuse_ops, one that ends after sets
+        # them on the new object, and reading True is only slower).
         self.ops = make_fs(  # type: ignore[assignment]
             self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-            read_only=kwargs.get("read_only", False), xattr_names=set(getattr(libfuse_ops, "xattr_names", ())),
-            keep_cache=options.keep_cache, kopts=kernel_options)
+            read_only=kwargs.get("read_only", False), options=libfuse_ops.options,
+            xattrs_seen=libfuse_ops.xattrs_seen, capability_seen=libfuse_ops.capability_seen,
+            kopts=kernel_options)
+        # libfuse's fuse_interrupted() would crash on this engine's threads.
+        self.limits.use_interrupt_check(self.ops.request_interrupted)
         # What Session reads from its filesystem object besides the common
         # methods (the libfuse engine's names), so both engines serve its
         # stats and control commands.
-        for name, default in (("options", options), ("links", None), ("open_refused", 0),
-                              ("xattrs_seen", True), ("capability_seen", True), ("fuse_session", None)):
+        for name, default in (("options", options), ("links", None), ("fuse_session", None)):
             if not hasattr(self.ops, name):
                 setattr(self.ops, name, getattr(libfuse_ops, name, default))
 
@@ -159,10 +169,12 @@ def run(session: Any, kopts: KernelOptions) -> int:
     session.limits.set(0, 0)
     if session.server is not None:
         session.server.close()
+    held = False  # whether a holder may still keep the connection for a successor
     if kopts.holder_socket and stop.is_set():
         try:
             handover.drop(kopts.holder_socket, session.volume_id)
         except OSError as exc:
+            held = True
             log.warning("holder did not drop the descriptors", extra={"fields": {"error": str(exc)}})
     try:
         ksys.lazy_unmount(session.mountpoint)
@@ -170,6 +182,10 @@ def run(session: Any, kopts: KernelOptions) -> int:
         log.warning("unmount failed", extra={"fields": {"error": str(exc)}})
     for fd in engine.devices:
         os.close(fd)
+    if not held and engine.drain(DRAIN_SECONDS):
+        # The connection is gone and nothing is in flight: the usage is
+        # final, and the next mount trusts it instead of rescanning.
+        session.persist_usage()
     log.info("unmounted; exiting")
     return 0
 

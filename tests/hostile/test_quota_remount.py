@@ -112,3 +112,69 @@ def test_an_entry_the_scan_cannot_measure_makes_the_volume_abnormal(base_dir: Pa
             v.stop()
         finally:
             subprocess.run(["umount", "-l", str(inner)], check=False)
+
+
+def test_nothing_grows_while_the_usage_is_unknown(base_dir: Path) -> None:  # noqa: F811
+    """While the usage is unknown (here for good: the scan cannot measure an
+    entry) every operation that can grow the volume is refused with ENOSPC,
+    not only creates and writes; what cannot grow it keeps working."""
+    import errno
+    import subprocess
+    import time
+
+    with volumes(base_dir) as made:
+        v = Volume(base_dir, capacity=MiB)
+        made.append(v)
+        for name in ("f", "a", "b"):
+            (v.source / name).write_bytes(b"x")
+            os.chown(v.source / name, 1000, 1000)
+        inner = v.source / "mounted-here"
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inner)], check=True)
+        try:
+            v.start()
+            deadline = time.monotonic() + 30
+            while v.stats()["scan"]["state"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert v.stats()["scan"]["state"] == "failed"
+            m = v.mountpoint
+
+            def append() -> None:
+                fd = os.open(m / "f", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"y" * 10, 4096)      # past the block the file is charged
+                finally:
+                    os.close(fd)
+
+            growth = {
+                "create": lambda: os.close(os.open(m / "new", os.O_CREAT | os.O_WRONLY, 0o644)),
+                "mkdir": lambda: os.mkdir(m / "d"),
+                "mkfifo": lambda: os.mkfifo(m / "p"),
+                "symlink": lambda: os.symlink("f", m / "s"),
+                "link": lambda: os.link(m / "f", m / "f2"),
+                "rename to a new name": lambda: os.rename(m / "a", m / "c"),
+                "setxattr": lambda: os.setxattr(m / "f", "user.k", b"v"),
+                "truncate up": lambda: os.truncate(m / "f", 1 << 16),
+                "write past the charged block": append,
+            }
+
+            def pod() -> dict[str, int]:
+                refused = {}
+                for what, attempt in growth.items():
+                    try:
+                        attempt()
+                        refused[what] = 0
+                    except OSError as exc:
+                        refused[what] = exc.errno or -1
+                # what cannot grow the volume still works
+                os.rename(m / "a", m / "b")                    # over an existing name
+                os.unlink(m / "b")
+                assert (m / "f").read_bytes() == b"x"
+                return refused
+            refused = as_pod(pod)
+            assert refused == {what: errno.ENOSPC for what in growth}
+            assert sorted(os.listdir(v.source)) == ["f", "mounted-here"]
+            v.stop()
+        finally:
+            subprocess.run(["umount", "-l", str(inner)], check=False)

@@ -302,3 +302,27 @@ def test_racing_readers_and_writers_never_get_eio(kstart: Callable[..., Mounted]
         results.append(out.decode().split()[-3:])
     assert all(r[2] == "0" for r in results), results
     assert all(int(r[0]) > 0 for r in results[:2]), results
+
+
+def test_a_throttled_request_of_a_killed_process_ends_at_once(kstart: Callable[..., Mounted]) -> None:
+    """The I/O limits ask the engine, not libfuse, whether a request was
+    interrupted: a writer killed while throttled is gone at once (EINTR for
+    its request, counted), and the session lives on. (Asking libfuse's
+    fuse_interrupted() from this engine's threads crashed the session.)"""
+    m = kstart(bytes_per_second=256 << 10)  # 1 MiB requests: the first passes, each next waits ~4 s
+    writer = subprocess.Popen([sys.executable, "-c",
+                               "import os, sys; fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644);"
+                               " os.write(fd, b'x' * (16 << 20))", str(m.mountpoint / "f")])
+    try:
+        wait_for(lambda: m.client.stats()["throttled_seconds"] > 0 or writer.poll() is not None,
+                 what="the writer to be throttled")
+        assert writer.poll() is None, "the writer was never held by the limit"
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(30)  # without the interrupt it would wait out ~60 s of throttling
+        wait_for(lambda: m.client.stats()["throttle_interrupted"] >= 1, what="the interrupt to be counted")
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert m.proc.poll() is None, m.log()
+    assert m.client.ping()["ready"]
