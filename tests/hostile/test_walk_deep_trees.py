@@ -18,7 +18,7 @@ import pytest
 
 from csi_driver.gen import csi_pb2
 from tests.hostile.walk_helpers import (
-    create_from, deep_depth, delete_volume, make_deep, make_wide, remove_deep, snapshot, uniq,
+    create_from, deep_depth, delete_volume, make_deep, make_wide, snapshot, uniq,
 )
 
 pytestmark = pytest.mark.privileged
@@ -27,13 +27,6 @@ LEVELS = int(os.environ.get("FUSEPATH_DEEP_LEVELS", "20000"))
 #: depth squared; this is deep enough to pass PATH_MAX and the recursion limit.
 ARCHIVE_LEVELS = int(os.environ.get("FUSEPATH_DEEP_ARCHIVE_LEVELS", "3000"))
 WIDE = int(os.environ.get("FUSEPATH_WIDE_ENTRIES", "20000"))
-
-
-@pytest.fixture(autouse=True)
-def _deep_cleanup(tmp_path):
-    """Runs after the driver fixture's teardown (autouse fixtures come first)."""
-    yield
-    remove_deep(tmp_path)
 
 
 def _wait(predicate, timeout: float = 120.0) -> bool:
