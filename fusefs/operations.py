@@ -639,12 +639,7 @@ class FusefsOperations(binding.Operations):
     def unlink(self, path: bytes) -> int:
         w = self._begin_mutation()
         try:
-            rel = _rel(path)
-            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
-            extra = self._xattr_extra(path, st)
-            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: os.unlink(rel, dir_fd=self._root),
-                             growth=0)
-            self._link_removed(st, extra)
+            st = self._remove_name(path, os.unlink)
             if self.links.forget(path) is not None or st.st_nlink > 1:
                 self.links.changed(st.st_ino)  # the other names' link count
             return 0
@@ -654,15 +649,21 @@ class FusefsOperations(binding.Operations):
     def rmdir(self, path: bytes) -> int:
         w = self._begin_mutation()
         try:
-            rel = _rel(path)
-            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
-            extra = self._xattr_extra(path, st)
-            charging.name_op(self.quota, self._dir_sizes(_parent(rel)), lambda: os.rmdir(rel, dir_fd=self._root),
-                             growth=0)
-            self._link_removed(st, extra)
+            self._remove_name(path, os.rmdir)
             return 0
         finally:
             self.gate.leave(w)
+
+    def _remove_name(self, path: bytes, remove: Callable[..., None]) -> os.stat_result:
+        """unlink or rmdir ``path`` and give back its inode's charge if this was
+        its last name. Removing a name charges nothing and measures nothing
+        (see :func:`fusefs.charging.name_op`); returns the inode's old lstat."""
+        rel = _rel(path)
+        st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        extra = self._xattr_extra(path, st)
+        remove(rel, dir_fd=self._root)
+        self._link_removed(st, extra)
+        return st
 
     def rename(self, old: bytes, new: bytes, flags: int) -> int:
         """rename(2)/renameat2(2), with RENAME_NOREPLACE and RENAME_EXCHANGE only.
