@@ -142,18 +142,22 @@ DU_SLACK = 64 << 10
 INODE_SLACK = 1
 
 
-def wait_scanned(v: Volume, timeout: float = 120.0) -> dict[str, Any]:
-    """Stats once the volume's usage is known (trusted, or the scan is done)."""
+def wait_scan_ended(v: Volume, timeout: float = 120.0) -> dict[str, Any]:
+    """Stats once the volume's usage scan is no longer running, whatever it ended in."""
     import time
 
     deadline = time.monotonic() + timeout
-    while True:
-        st = v.stats()
-        if st["scan"]["state"] in ("trusted", "done"):
-            return st
-        assert st["scan"]["state"] == "running", st["scan"]
+    while (st := v.stats())["scan"]["state"] == "running":
         assert time.monotonic() < deadline, st["scan"]
         time.sleep(0.05)
+    return st
+
+
+def wait_scanned(v: Volume, timeout: float = 120.0) -> dict[str, Any]:
+    """Stats once the volume's usage is known (trusted, or the scan is done)."""
+    st = wait_scan_ended(v, timeout)
+    assert st["scan"]["state"] in ("trusted", "done"), st["scan"]
+    return st
 
 
 def fill(root: Path, prefix: str, chunk: int = 64 << 10) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
-from tests.hostile.quota_volume import DU_SLACK, Volume, as_pod, du_bytes, fill, volumes, wait_scanned
+from tests.hostile.quota_volume import DU_SLACK, Volume, as_pod, du_bytes, fill, volumes, wait_scan_ended, wait_scanned
 
 pytestmark = pytest.mark.privileged
 
@@ -86,7 +86,6 @@ def test_an_entry_the_scan_cannot_measure_makes_the_volume_abnormal(base_dir: Pa
     can do, but a host can) cannot be measured: never counted as free."""
     import errno
     import subprocess
-    import time
 
     with volumes(base_dir) as made:
         v = Volume(base_dir, capacity=MiB)
@@ -96,10 +95,7 @@ def test_an_entry_the_scan_cannot_measure_makes_the_volume_abnormal(base_dir: Pa
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inner)], check=True)
         try:
             v.start()
-            deadline = time.monotonic() + 30
-            while (st := v.stats())["scan"]["state"] == "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            st = wait_scan_ended(v, timeout=30)
             assert st["scan"]["state"] == "failed"
             assert "mounted-here" in st["abnormal"] and "another filesystem" in st["abnormal"]
             assert st["used_bytes"] == st["capacity"]                 # shows full...
@@ -120,7 +116,6 @@ def test_nothing_grows_while_the_usage_is_unknown(base_dir: Path) -> None:  # no
     not only creates and writes; what cannot grow it keeps working."""
     import errno
     import subprocess
-    import time
 
     with volumes(base_dir) as made:
         v = Volume(base_dir, capacity=MiB)
@@ -133,11 +128,7 @@ def test_nothing_grows_while_the_usage_is_unknown(base_dir: Path) -> None:  # no
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inner)], check=True)
         try:
             v.start()
-            deadline = time.monotonic() + 30
-            while v.stats()["scan"]["state"] == "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            assert v.stats()["scan"]["state"] == "failed"
+            assert wait_scan_ended(v, timeout=30)["scan"]["state"] == "failed"
             m = v.mountpoint
 
             def append() -> None:
