@@ -41,19 +41,24 @@ def test_parse_size() -> None:
     assert default_volume_id("/x/y z").startswith("standalone-y-z-")
 
 
-def test_background_mount_and_umount(base_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["libfuse", "kernel"])
+def test_background_mount_and_umount(base_dir: Path, engine: str) -> None:
     src, mnt = base_dir / "src", base_dir / "mnt"
     src.mkdir()
     mnt.mkdir()
     sock = str(base_dir / "ctl.sock")
     try:
         assert mount_main([str(src), str(mnt), "--capacity", "1Mi", "--control-socket", sock,
-                           "--volume-id", "bench-1"]) == 0
+                           "--volume-id", "bench-1", f"--engine={engine}"]) == 0
         assert mountinfo_entry(str(mnt)) == ("fuse.fusefs", "fusepath:bench-1")
+        client = SessionClient(sock)
+        assert client.stats()["negotiated"].get("engine", "libfuse") == engine  # libfuse does not name itself
         (mnt / "f").write_bytes(b"x" * 1000)
         assert (src / "f").read_bytes() == b"x" * 1000
+        with pytest.raises(OSError):
+            (mnt / "big").write_bytes(b"y" * (2 << 20))   # past the 1 MiB quota
         assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 1 << 20
-        pid = SessionClient(sock).ping()["pid"]
+        pid = client.ping()["pid"]
         subprocess.run(["umount", str(mnt)], check=True)      # a plain umount ends the session
         wait_until(lambda: not _alive(pid))
         assert not Path(sock).exists()
