@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from typing import Any
 import grpc
 
 from common import (GiB, MiB, BenchDriver, Options, Section, Target, cpu_seconds, create_volume, drop_caches,
+                    parse_collapsed,
                     fusefs_daemon_pid, fusefs_session_pids, median_of, ratio, rpc_error_text, run_quiet, REPO,
                     running_driver, sampling, stage_and_publish, standalone, top_functions)
 
@@ -197,7 +199,12 @@ def profile_fusefs(driver: BenchDriver, directory: Path, plan: Plan, out: Path) 
 
 def profile_session(child: int, directory: Path, plan: Plan, out: Path, note: str = "",
                     ls_l: bool = False) -> dict[str, Any]:
-    """py-spy on one FUSE session process under the workloads where Python pays most."""
+    """py-spy on one FUSE session process under the workloads where Python pays most.
+
+    With ``ls_l`` (the kernel engine) the shares are of the samples where the
+    session was serving a request: py-spy counts a worker blocked reading
+    /dev/fuse as active, and those samples would bury the rest.
+    """
     seconds = 4.0
     workloads: dict[str, Callable[[], float]] = {  # each returns how many operations it made
         "rand_write_4k_1job": lambda: run_fio(directory, "rand_write_4k_1job", plan) * plan.runtime,
@@ -214,10 +221,31 @@ def profile_session(child: int, directory: Path, plan: Plan, out: Path, note: st
             cpu, wall = cpu_seconds(child) - cpu0, time.perf_counter() - wall0
         cost = {"operations": int(ops), "session_cpu_us_per_op": round(1e6 * cpu / ops, 1) if ops else None,
                 "session_cores_busy": round(cpu / wall, 2)}
-        result[name] = {**cost, **(prof if "skipped" in prof else {**top_functions(prof["stacks"]),
-                                                                   "raw_profile": prof["raw_profile"]})}
+        if "skipped" not in prof and ls_l:
+            busy = _busy_stacks(out.with_name(prof["raw_profile"]))
+            prof = {**prof, "stacks": busy, "samples_all": sum(n for _, n in prof["stacks"])}
+        result[name] = {**cost, **(prof if "skipped" in prof else {
+            **top_functions(prof["stacks"]), "raw_profile": prof["raw_profile"],
+            **({"samples_all": prof["samples_all"]} if "samples_all" in prof else {})})}
     shutil.rmtree(directory / "profile-creates", ignore_errors=True)
     return result
+
+
+def _busy_stacks(raw_path: Path) -> list[tuple[list[str], int]]:
+    """The kernel engine's samples without those of workers waiting for a
+    request (on the lines of ``Engine._worker`` that read or poll /dev/fuse)
+    and of its watchdog."""
+    source = (REPO / "fusefs" / "kernel" / "engine.py").read_text().splitlines()
+    waits = {i + 1 for i, line in enumerate(source) if "readv(fd, [buf])" in line or "poller.poll(" in line}
+    kept = []
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        where = re.search(r"engine\.py:(\d+)\)$", leaf)
+        if "_watch (" in stack or ("_worker (" in leaf and where and int(where.group(1)) in waits):
+            continue
+        kept.append(line)
+    return parse_collapsed("\n".join(kept))
 
 
 def _create_until(box: Path, seconds: float) -> int:
