@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,8 +97,14 @@ def run(opts: common.Options, runs: int | None = None) -> dict[str, Any]:
     opts.work.mkdir(parents=True, exist_ok=True)
     results = []
     for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="rm-", dir=opts.work) as tmp:
-            results.append(one_run(Path(tmp)))
+        tmp = Path(tempfile.mkdtemp(prefix="rm-", dir=opts.work))
+        results.append(one_run(tmp))
+        if any(r["errors"] or r["lost_lines"] or r["stuck"] for r in results[-1].values()):
+            # Keep the logs of a run that went wrong (fusefs.log, driver.log, holder.log).
+            section.notes.append(f"a run saw errors; its logs are in {tmp}")
+            print(f"a run saw errors; its logs are in {tmp}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     table = summarise(results)
     section.results = {"kinds": table}
     for kind, row in table.items():

@@ -403,17 +403,20 @@ def documented_kubectl_commands() -> Iterator[tuple[str, str]]:
 
 def test_the_documented_install_checks_work() -> None:
     """`kubectl rollout status` refuses an OnDelete DaemonSet; every `-l` selector the docs
-    give for the node pods must match the DaemonSet's pod labels."""
-    node = find(render(BASE), "DaemonSet", "fusepath-node")
-    labels = node["spec"]["template"]["metadata"]["labels"]
+    give for pods in our namespace must match the pod labels of a node DaemonSet (the node
+    plugin's or the holder's)."""
+    daemonsets = [find(render(BASE), "DaemonSet", name) for name in ("fusepath-node", "fusepath-holder")]
     checked = 0
     for doc, command in documented_kubectl_commands():
-        if node["spec"]["updateStrategy"]["type"] == "OnDelete":
-            assert not re.search(r"rollout status (daemonset|ds)/fusepath-node", command), f"{doc}: {command}"
+        for ds in daemonsets:
+            if ds["spec"]["updateStrategy"]["type"] == "OnDelete":
+                name = ds["metadata"]["name"]
+                assert not re.search(rf"rollout status (daemonset|ds)/{name}", command), f"{doc}: {command}"
         if "fusepath-system" in command and " pod" in command:
             for selector in re.findall(r"-l\s+(\S+)", command):
                 key, _, value = selector.partition("=")
-                assert labels.get(key) == value, f"{doc}: {command}: no node pod has {selector}"
+                assert any(ds["spec"]["template"]["metadata"]["labels"].get(key) == value for ds in daemonsets), \
+                    f"{doc}: {command}: no pod of ours has {selector}"
                 checked += 1
     assert checked >= 2, "the docs give no command that waits for the node pods"
 
