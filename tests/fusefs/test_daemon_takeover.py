@@ -347,6 +347,13 @@ def _unmount_leaves_nothing(node: KernelNode, served: Served, holders: list[str]
     assert not list((node.state_dir / "kernel").glob(f"{served.vid}*")), "kernel state left behind"
 
 
+def _wait_logged(log: Path, text: str, count: int) -> None:
+    deadline = time.monotonic() + RECOVERY_DEADLINE
+    while log.read_text().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.read_text().count(text) >= count, f"{text!r} not logged {count} times in {log}"
+
+
 def _own_holder(node: KernelNode) -> str:
     return str(socket_dir_for(node.state_dir) / "holder.sock")
 
@@ -443,3 +450,67 @@ def test_without_an_external_holder_a_daemon_sigkill_falls_back_to_a_fresh_mount
         c.unpublish(served.vid, served.target)
         c.unmount(served.vid)
     assert not mountinfo.mounts_at(served.stage) and not mountinfo.mounts_at(served.target)
+
+
+def test_embedded_driver_on_the_kernel_engine_keeps_the_mount_across_daemon_deaths(tmp_path: Path) -> None:
+    """``fusepath-csi --fusefs=embedded --fusefs-engine=kernel`` starts a detached
+    holder beside the daemon and re-uses it after its own restart; when the
+    daemon dies, the driver's new daemon takes the connection over: a file
+    open since before the kill keeps working and the mount is the same."""
+    from csi_driver.gen import csi_pb2
+    from tests.harness import Driver, mount_cap
+
+    driver = Driver(tmp_path, "--fusefs-engine=kernel")
+    try:
+        driver.start()
+        cap = mount_cap()
+        name = f"pvc-{uuid.uuid4().hex[:12]}"
+        vol = driver.create_volume(name, size=8 * MiB, cap=cap)
+        staging = driver.kubelet_dir / "plugins" / name / "globalmount"
+        target = driver.kubelet_dir / "pods" / name / "volumes" / "mount"
+        staging.parent.mkdir(parents=True)
+        target.parent.mkdir(parents=True)
+        driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap))
+        driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap))
+        daemon_log = driver.data_dir / "fusefs.log"
+        holders = embedded.holder_pids(driver.data_dir)
+        assert len(holders) == 1, holders
+        sock = embedded.holder_socket_for(driver.data_dir)
+        for fd in handover.take(sock, vol.volume_id):
+            os.close(fd)
+        before = (mountinfo.top_mount(str(staging)).mount_id, mountinfo.top_mount(str(target)).mount_id)
+        held = os.open(target / "held", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(held, b"before\n")
+            # The driver restarts: the holder is re-used, not replaced.
+            driver.kill(signal.SIGKILL)
+            driver.start()
+            assert embedded.holder_pids(driver.data_dir) == holders
+            for n in (1, 2):
+                pid = embedded.daemon_pid(driver.data_dir)
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                os.write(held, b"after %d\n" % n)  # waits for the new daemon's session
+                os.fsync(held)
+                _wait_logged(daemon_log, "took over the volume's FUSE connection", n)
+            assert (mountinfo.top_mount(str(staging)).mount_id, mountinfo.top_mount(str(target)).mount_id) == before
+            assert embedded.holder_pids(driver.data_dir) == holders
+        finally:
+            os.close(held)
+        assert (driver.volume_dir(vol.volume_id) / "held").read_text() == "before\nafter 1\nafter 2\n"
+        assert daemon_log.read_text().count("took over the volume's FUSE connection") == 2
+        assert "re-mounted volume" not in daemon_log.read_text()
+        assert driver.log_path.read_text().count("takes over every volume's connection") == 2
+        driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vol.volume_id, target_path=str(target)))
+        driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)))
+        assert not mountinfo.mounts_at(str(staging))
+        with pytest.raises(OSError, match="not found"):
+            handover.take(sock, vol.volume_id)
+    finally:
+        driver.teardown()
+    assert not embedded.holder_pids(driver.data_dir)
