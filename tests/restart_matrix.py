@@ -56,6 +56,7 @@ from pathlib import Path
 from csi_driver.gen import csi_pb2
 from fusefs import mountinfo
 from fusefs.client import FuseFSClient
+from fusefs.kernel import handover
 from tests.harness import MiB, AccessMode, Driver, mount_cap, unmount_all_under
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,13 +69,14 @@ TICK = 0.05
 #: Seconds after the restart at which a container still seeing errors is given up on.
 FAILED_AFTER = 3.0
 #: Every kind of restart, in the order the matrix runs them.
-KINDS = ("session", "daemon", "fusefs-container", "node-plugin-pod", "driver")
+KINDS = ("session", "daemon", "fusefs-container", "node-plugin-pod", "driver", "holder")
 DESCRIPTIONS = {
     "session": "SIGKILL of the volume's FUSE session",
     "daemon": "SIGKILL of the fusefs daemon, a new one started",
     "fusefs-container": "every fusefs process SIGKILLed, a fresh daemon started (container restart)",
     "node-plugin-pod": "every driver and fusefs process SIGKILLed, both started fresh (pod replaced)",
     "driver": "SIGKILL of the CSI driver, a new one started",
+    "holder": "SIGKILL of the holder, a new one started; then a fusefs container restart",
 }
 
 CONTAINER = r"""
@@ -374,6 +376,15 @@ def kill_all(pids: list[int]) -> None:
     wait_gone(pids)
 
 
+def holder_answers(path: Path) -> bool:
+    """True when a holder answers on ``path`` (a stale socket file does not)."""
+    try:
+        handover.take(str(path), "probe")
+    except OSError as exc:
+        return "not found" in str(exc)
+    return True
+
+
 def capabilities(pid: int) -> int:
     """The effective capability set of ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -438,7 +449,7 @@ class Node:
 
     def start_holder(self) -> None:
         """The holder as its DaemonSet runs it: uid 0, no capability at all, no new privileges."""
-        self.holder_socket.parent.mkdir(mode=0o700)
+        self.holder_socket.parent.mkdir(mode=0o700, exist_ok=True)
         log = open(self.root / "holder.log", "ab")
         self.holder = subprocess.Popen(
             ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--",
@@ -447,11 +458,25 @@ class Node:
             start_new_session=True)
         log.close()
         deadline = time.monotonic() + DEADLINE
-        while not self.holder_socket.exists():
+        while not holder_answers(self.holder_socket):
             assert self.holder.poll() is None, (self.root / "holder.log").read_text()
-            assert time.monotonic() < deadline, "the holder never made its socket"
+            assert time.monotonic() < deadline, "the holder never answered on its socket"
             time.sleep(0.02)
         assert capabilities(self.holder.pid) == 0
+
+    def wait_held(self, timeout: float = DEADLINE) -> None:
+        """Until the holder keeps the volume's connection (fusefs gives a new holder every one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fds = handover.take(str(self.holder_socket), self.volume_id)
+            except OSError as exc:
+                assert time.monotonic() < deadline, f"the new holder never got the connection: {exc}"
+                time.sleep(0.05)
+                continue
+            for fd in fds:
+                os.close(fd)
+            return
 
     def stage_and_publish(self) -> None:
         assert self.driver is not None
@@ -522,6 +547,13 @@ class Node:
         elif kind == "driver":
             self.driver.kill(signal.SIGKILL)
             self.driver.start()
+        elif kind == "holder":
+            assert self.holder is not None
+            kill_all([self.holder.pid])
+            self.holder.wait()
+            self.start_holder()
+            self.wait_held()
+            self.kill("fusefs-container")
         else:
             raise ValueError(kind)
 

@@ -7,7 +7,10 @@ runc-like containers (``rslave`` with ``master:`` in its mountinfo,
 ``private`` with none), each with a writer (append, fsync, every 50 ms,
 through a descriptor opened before the kill) and a reader (a descriptor held
 since before the kill, read after dropping its page cache, and new opens by
-path). Then the kill, and what kubelet would start again.
+path). Then the kill, and what kubelet would start again. The last kind
+restarts the holder itself (as kubelet restarts a crashed container), waits
+until fusefs has given the new holder the volume's connection, and then
+restarts the fusefs container.
 
 Asserted for every kind: zero errors in both containers, every line
 fsynced before the kill on the backing disk (each once, in order), and both
