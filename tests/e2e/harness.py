@@ -15,6 +15,9 @@
                 PID 1) and restarted by kubelet: the pod sees no error
     replace-node-pod   the same pod, while its node's fusepath-node pod is
                 deleted and replaced (the upgrade path): no error either
+    replace-holder     the node's fusepath-holder pod replaced, then (once
+                fusefs has had time to give the new holder every
+                connection) the fusefs container restarted: no error either
     cleanup     deleting everything removes the PVs and snapshot contents
     node-clean  nothing is left on the node: no volume, archive or mount
     undeploy    (when asked, or after --driver-on-host) remove the driver
@@ -71,6 +74,8 @@ while :; do
   sleep 0.05 2>/dev/null || usleep 50000
 done
 """
+#: What docs/deploy.md tells to wait after a new holder is Ready.
+HOLDER_SETTLE = 5.0
 TICKER_CONTAINERS = {"rslave": "HostToContainer", "private": None}
 SIZE_MIB = 64
 EXPANDED_MIB = 128
@@ -272,6 +277,7 @@ class Scenario:
             ("enospc", self.step_enospc, ("write",)),
             ("restart-fusefs", self.step_restart_fusefs, ("write",)),
             ("replace-node-pod", self.step_replace_node_pod, ("write",)),
+            ("replace-holder", self.step_replace_holder, ("write",)),
         ]
         for name, func, needs in plan:
             self._run_step(name, func, needs)
@@ -535,6 +541,30 @@ class Scenario:
 
         new = wait_for(f"a new fusepath-node pod on {self.node} to be ready", replaced, self.opts.timeout)
         return self.ticker_unharmed(mark, f"node pod {old} replaced by {new}")
+
+    def step_replace_holder(self) -> str:
+        """docs/deploy.md's holder upgrade: delete the holder pod, wait for the new one, wait
+        HOLDER_SETTLE seconds, then restart fusefs: the connections must have been kept."""
+        self.ticking_node_pod()
+        holders = self.core.list_namespaced_pod(DRIVER_NAMESPACE, label_selector=HOLDER_LABELS,
+                                                field_selector=f"spec.nodeName={self.node}").items
+        if not holders:
+            raise StepSkipped(f"no fusepath-holder pod on node {self.node}")
+        old = holders[0].metadata.name
+        self.core.delete_namespaced_pod(old, DRIVER_NAMESPACE)
+
+        def replaced() -> str | None:
+            pods = self.core.list_namespaced_pod(DRIVER_NAMESPACE, label_selector=HOLDER_LABELS,
+                                                 field_selector=f"spec.nodeName={self.node}").items
+            fresh = [p for p in pods if p.metadata.name != old and p.metadata.deletion_timestamp is None]
+            ready = fresh and fresh[0].status.phase == "Running" and all(
+                c.ready for c in fresh[0].status.container_statuses or [])
+            return fresh[0].metadata.name if ready else None
+
+        new = wait_for(f"a new fusepath-holder pod on {self.node}", replaced, self.opts.timeout)
+        time.sleep(HOLDER_SETTLE)
+        detail = self.step_restart_fusefs()
+        return f"holder {old} replaced by {new}; then {detail}"
 
     def ticking_node_pod(self) -> str:
         """The ticker pod, started if needed, ticking; returns its node's fusepath-node pod."""
