@@ -68,6 +68,8 @@ PROGRESS = 5
 TICK = 0.05
 #: Seconds after the restart at which a container still seeing errors is given up on.
 FAILED_AFTER = 3.0
+#: How long docs/deploy.md says to wait after a new holder is up before fusefs may restart.
+HOLDER_SETTLE = 5.0
 #: Every kind of restart, in the order the matrix runs them.
 KINDS = ("session", "daemon", "fusefs-container", "node-plugin-pod", "driver", "holder")
 DESCRIPTIONS = {
@@ -405,6 +407,7 @@ class Phase:
     lost: dict[str, list[int]] = field(default_factory=dict)
     stories: dict[str, str] = field(default_factory=dict)
     stuck: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = []
@@ -433,6 +436,8 @@ class Node:
         self.volume_id = ""
         self.staging: Path | None = None
         self.targets: dict[str, Path] = {}
+        #: What the last kill noticed on its way (shown with the phase).
+        self.notes: list[str] = []
 
     # -- building it -----------------------------------------------------------------
 
@@ -464,19 +469,21 @@ class Node:
             time.sleep(0.02)
         assert capabilities(self.holder.pid) == 0
 
-    def wait_held(self, timeout: float = DEADLINE) -> None:
-        """Until the holder keeps the volume's connection (fusefs gives a new holder every one)."""
+    def wait_held(self, timeout: float) -> bool:
+        """Whether the holder keeps the volume's connection within ``timeout`` (fusefs gives a
+        new holder every connection)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 fds = handover.take(str(self.holder_socket), self.volume_id)
-            except OSError as exc:
-                assert time.monotonic() < deadline, f"the new holder never got the connection: {exc}"
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
                 time.sleep(0.05)
                 continue
             for fd in fds:
                 os.close(fd)
-            return
+            return True
 
     def stage_and_publish(self) -> None:
         assert self.driver is not None
@@ -552,7 +559,10 @@ class Node:
             kill_all([self.holder.pid])
             self.holder.wait()
             self.start_holder()
-            self.wait_held()
+            # As docs/deploy.md says: once the new holder is up, wait a few
+            # seconds, then the node plugin may restart.
+            self.notes.append("the new holder got the connection" if self.wait_held(HOLDER_SETTLE)
+                              else f"the new holder did not get the connection within {HOLDER_SETTLE}s")
             self.kill("fusefs-container")
         else:
             raise ValueError(kind)
@@ -560,9 +570,10 @@ class Node:
     def phase(self, kind: str) -> Phase:
         """One kill and what both containers saw, from the kill until both progressed past the restart."""
         killed = time.monotonic()
+        self.notes = []
         self.kill(kind)
         restarted = time.monotonic()
-        phase = Phase(kind, killed, restarted)
+        phase = Phase(kind, killed, restarted, notes=list(self.notes))
         deadline = restarted + DEADLINE
         waiting = dict(self.containers)
         while waiting and time.monotonic() < deadline:
@@ -652,7 +663,8 @@ def _make_rshared(path: Path) -> None:
 
 def describe(phase: Phase) -> str:
     """One paragraph: what each container saw, its pause, and any problem."""
-    lines = [f"{phase.kind} ({DESCRIPTIONS[phase.kind]}): restart took {phase.restarted - phase.killed:.2f}s"]
+    lines = [f"{phase.kind} ({DESCRIPTIONS[phase.kind]}): restart took {phase.restarted - phase.killed:.2f}s"
+             + "".join(f"; {note}" for note in phase.notes)]
     for name in sorted(phase.pauses):
         lines.append(f"  {name}: pause {phase.pauses[name]:.2f}s, {len(phase.errors.get(name, []))} errors; "
                      f"{phase.stories.get(name, '')}")
