@@ -386,16 +386,19 @@ def test_session_sigkill_is_a_takeover_pods_see_no_error(knode: KernelNode, hold
     _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
 
 
-def test_daemon_sigkill_with_an_external_holder_is_a_takeover(knode: KernelNode, holder: Holder) -> None:
-    """(b) and (d): SIGKILL of the daemon (and so of its sessions), a new daemon
-    with the same state directory takes the connection over from the holder."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_daemon_death_with_an_external_holder_is_a_takeover(knode: KernelNode, holder: Holder, sig: int) -> None:
+    """(b) and (d): SIGKILL of the daemon (and so of its sessions), or SIGTERM
+    (a container stop: with an external holder the daemon leaves the
+    connections to it); a new daemon with the same state directory takes the
+    connection over from the holder."""
     first = knode.start()
     served = _serve(knode)
     before = served.mount_ids()
     session = _session_pid(knode, served.vid)
     killed = time.monotonic()
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
+    first.send_signal(sig)
+    first.wait(30)
     kill_and_wait([session])  # dies of its parent's death; make sure before we look
     assert mountinfo.is_volume_mount(mountinfo.top_mount(served.stage), served.vid)
     knode.start()
@@ -407,8 +410,48 @@ def test_daemon_sigkill_with_an_external_holder_is_a_takeover(knode: KernelNode,
     assert _remount_count(knode, served.vid) == 0
     assert knode.metric("fusefs_takeovers_total", served.vid) == 1
     _assert_fsynced_kept(knode, served)
-    print(f"daemon SIGKILL -> takeover: longest pause between fsyncs {served.pod.longest_pause():.3f}s")
+    print(f"daemon {signal.Signals(sig).name} -> takeover: longest pause between fsyncs "
+          f"{served.pod.longest_pause():.3f}s")
     _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
+
+
+def test_a_restarted_external_holder_gets_the_connections_back(knode: KernelNode, holder: Holder,
+                                                              root: Path) -> None:
+    """The external holder restarts while the daemon runs: the daemon gives the
+    new one every connection from its own copy, so a daemon SIGKILL after that
+    is still a takeover."""
+    first = knode.start()
+    served = _serve(knode)
+    before = served.mount_ids()
+    holder.proc.terminate()
+    holder.proc.wait(10)
+    holder.proc = _start_holder(holder.socket, root / "holder.log").proc
+    deadline = time.monotonic() + RECOVERY_DEADLINE
+    while not _has(holder.socket, served.vid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _has(holder.socket, served.vid), f"the new holder never got the descriptors:\n{knode.log_tail()}"
+    session = _session_pid(knode, served.vid)
+    killed = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    kill_and_wait([session])
+    knode.start()
+    _wait_new_session(knode, served.vid, session)
+    served.pod.ticks_after(TICKS_AFTER, killed)
+    assert served.pod.errors() == [], served.pod.errors()[:10]
+    assert served.mount_ids() == before
+    assert _remount_count(knode, served.vid) == 0
+    _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
+
+
+def _has(sock: str, vid: str) -> bool:
+    try:
+        fds = handover.take(sock, vid)
+    except OSError:
+        return False
+    for fd in fds:
+        os.close(fd)
+    return bool(fds)
 
 
 def test_without_an_external_holder_a_daemon_sigkill_falls_back_to_a_fresh_mount(lone_node: KernelNode) -> None:
