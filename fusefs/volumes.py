@@ -731,7 +731,7 @@ class VolumeManager:
     def _forget_kernel_state(self, volume_id: str) -> None:
         """Remove the kernel engine's state and node journal of an unmounted volume."""
         base = self.kernel_state_file(volume_id)
-        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp")):
+        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp"), Path(f"{base}.nodes.tmp")):
             try:
                 path.unlink()
             except FileNotFoundError:
