@@ -414,9 +414,9 @@ class VolumeManager:
         record.last_restart = (f"FUSE session restarted at {now_text()} after {reason}; the new session took "
                                "over the live FUSE connection")
         record.last_restart_at = time.time()
+        self.metrics.takeovers.inc(record.volume_id)  # before the state says so (List readers)
         volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
         self._save()
-        self.metrics.takeovers.inc(record.volume_id)
         log.warning("took over the volume's FUSE connection", extra={"fields": {
             "volume_id": record.volume_id, "reason": reason, "pid": record.pid,
             "duration_ms": round((time.monotonic() - started) * 1000),
