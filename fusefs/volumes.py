@@ -648,7 +648,8 @@ class VolumeManager:
             given, failed = 0, 0
             for volume in list(self._volumes.values()):
                 with volume.lock:  # never races an Unmount, which drops them
-                    if volume.removed or volume.state != MOUNTED or self._own_holder is None:
+                    if volume.removed or volume.state != MOUNTED or self._own_holder is None \
+                            or _holder_has(self.config.holder_socket, volume.volume_id):
                         continue
                     try:
                         fds = handover.take(self._own_holder.path, volume.volume_id)
