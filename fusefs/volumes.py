@@ -414,9 +414,9 @@ class VolumeManager:
         record.last_restart = (f"FUSE session restarted at {now_text()} after {reason}; the new session took "
                                "over the live FUSE connection")
         record.last_restart_at = time.time()
+        self.metrics.takeovers.inc(record.volume_id)  # before the state says so (List readers)
         volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
         self._save()
-        self.metrics.takeovers.inc(record.volume_id)
         log.warning("took over the volume's FUSE connection", extra={"fields": {
             "volume_id": record.volume_id, "reason": reason, "pid": record.pid,
             "duration_ms": round((time.monotonic() - started) * 1000),
@@ -648,7 +648,8 @@ class VolumeManager:
             given, failed = 0, 0
             for volume in list(self._volumes.values()):
                 with volume.lock:  # never races an Unmount, which drops them
-                    if volume.removed or volume.state != MOUNTED or self._own_holder is None:
+                    if volume.removed or volume.state != MOUNTED or self._own_holder is None \
+                            or _holder_has(self.config.holder_socket, volume.volume_id):
                         continue
                     try:
                         fds = handover.take(self._own_holder.path, volume.volume_id)
@@ -731,7 +732,7 @@ class VolumeManager:
     def _forget_kernel_state(self, volume_id: str) -> None:
         """Remove the kernel engine's state and node journal of an unmounted volume."""
         base = self.kernel_state_file(volume_id)
-        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp")):
+        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp"), Path(f"{base}.nodes.tmp")):
             try:
                 path.unlink()
             except FileNotFoundError:

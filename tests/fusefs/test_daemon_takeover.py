@@ -26,10 +26,12 @@ printed, not asserted: timing goals belong to bench/.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -256,10 +258,28 @@ class Served:
     pod: Pod
 
     def mount_ids(self) -> tuple[int, int]:
-        """Mount IDs of the staging mount and of the target's (top) bind."""
-        stage, target = mountinfo.top_mount(self.stage), mountinfo.top_mount(self.target)
-        assert stage is not None and target is not None
-        return stage.mount_id, target.mount_id
+        """Unique mount IDs of the staging mount and of the target's (top) bind.
+
+        Not mountinfo's IDs: the kernel hands a freed one to the next mount,
+        so a fresh mount made after detaching the old one can show the same.
+        """
+        for path in (self.stage, self.target):
+            assert mountinfo.is_volume_mount(mountinfo.top_mount(path), self.vid), path
+        return _unique_mount_id(self.stage), _unique_mount_id(self.target)
+
+
+def _unique_mount_id(path: str) -> int:
+    """statx(STATX_MNT_ID_UNIQUE) (Linux 6.8+): an ID never reused while the system runs."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(-100, path.encode(), 0x100 | 0x4000, 0x4000, buf) != 0:  # AT_FDCWD, NOFOLLOW|DONT_SYNC
+        err = ctypes.get_errno()
+        raise OSError(err, f"statx {path}: {os.strerror(err)}")
+    mask, = struct.unpack_from("I", buf.raw, 0)
+    assert mask & 0x4000, "the kernel gave no unique mount ID"
+    return struct.unpack_from("Q", buf.raw, 0x90)[0]  # stx_mnt_id
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _serve(node: KernelNode) -> Served:
@@ -524,7 +544,7 @@ def test_embedded_driver_on_the_kernel_engine_keeps_the_mount_across_daemon_deat
         sock = embedded.holder_socket_for(driver.data_dir)
         for fd in handover.take(sock, vol.volume_id):
             os.close(fd)
-        before = (mountinfo.top_mount(str(staging)).mount_id, mountinfo.top_mount(str(target)).mount_id)
+        before = (_unique_mount_id(str(staging)), _unique_mount_id(str(target)))
         held = os.open(target / "held", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(held, b"before\n")
@@ -539,7 +559,7 @@ def test_embedded_driver_on_the_kernel_engine_keeps_the_mount_across_daemon_deat
                 os.write(held, b"after %d\n" % n)  # waits for the new daemon's session
                 os.fsync(held)
                 _wait_logged(daemon_log, "took over the volume's FUSE connection", n)
-            assert (mountinfo.top_mount(str(staging)).mount_id, mountinfo.top_mount(str(target)).mount_id) == before
+            assert (_unique_mount_id(str(staging)), _unique_mount_id(str(target))) == before
             assert embedded.holder_pids(driver.data_dir) == holders
         finally:
             os.close(held)
