@@ -30,7 +30,9 @@ Each container drops to uid 1000 and runs two threads: a **writer** that
 appends a numbered line and fsyncs it every 50 ms through a descriptor
 opened before any kill, and a **reader** that every 50 ms drops the page
 cache of a file it has held open since before any kill and reads it again
-through that descriptor, then opens the same file by path and reads it.
+through that descriptor, then opens the same file by path and reads it;
+and an **opener** that opens and closes that file by path every few
+milliseconds, so that a kill finds OPEN and RELEASE requests in flight.
 
 A phase kills something (:data:`KINDS`), starts again what kubelet would
 start, waits until both containers have made progress past the restart, and
@@ -160,8 +162,27 @@ def reader():
         time.sleep(tick)
 
 
+def opener():
+    # Opens and closes by path as fast as a busy pod would, so that a kill
+    # finds OPEN and RELEASE requests in flight; one line per tick.
+    while True:
+        start, count, status = time.monotonic(), 0, "ok"
+        while time.monotonic() - start < tick:
+            try:
+                os.close(os.open(ref_path, os.O_RDONLY))
+                count += 1
+            except OSError as exc:
+                status = code(exc)
+                break
+            time.sleep(0.005)
+        say(f"O {count} {start:.4f} {time.monotonic():.4f} {status}")
+        if status != "ok":
+            time.sleep(tick)
+
+
 threading.Thread(target=writer, daemon=True).start()
 threading.Thread(target=reader, daemon=True).start()
+threading.Thread(target=opener, daemon=True).start()
 threading.Event().wait()
 """
 
@@ -212,6 +233,9 @@ class Container:
     def reads(self) -> list[Op]:
         return [op for op in list(self.ops) if op.what == "R"]
 
+    def opens(self) -> list[Op]:
+        return [op for op in list(self.ops) if op.what == "O"]
+
     def errors(self) -> list[Op]:
         return [op for op in list(self.ops) if not op.ok]
 
@@ -219,9 +243,9 @@ class Container:
         return {op.seq for op in self.writes() if op.ok}
 
     def progressed(self, since: float) -> bool:
-        """Both threads have done PROGRESS good operations that started after ``since``."""
+        """Every thread has done PROGRESS good operations that started after ``since``."""
         return all(sum(1 for op in ops if op.ok and op.start > since) >= PROGRESS
-                   for ops in (self.writes(), self.reads()))
+                   for ops in (self.writes(), self.reads(), self.opens()))
 
     def pause(self, since: float, until: float) -> float:
         """The longest gap between two successful fsyncs that ended from ``since`` on.
