@@ -448,9 +448,9 @@ class VolumeManager:
         if old is not None:
             old.kill()
         volume.state = RESTARTING
-        if self.config.engine == "kernel":
+        if self.holder_sockets():
             # A holder copy of an older connection must never be taken over
-            # in place of the one mounted now.
+            # in place of the one mounted now (nor outlive it).
             self._drop_held(record.volume_id)
         bindmount.detach_all(record.staging_path)
         os.makedirs(record.staging_path, mode=0o750, exist_ok=True)
@@ -723,9 +723,8 @@ class VolumeManager:
                 self._unbind(record.volume_id, target)
             if volume.session is not None:
                 volume.session.stop()
-            if self.config.engine == "kernel" or self.config.holder_socket:
-                self._drop_held(volume_id)  # the connection ends with the last copy
-                self._forget_kernel_state(volume_id)
+            self._drop_held(volume_id)  # the connection ends with the last copy
+            self._forget_kernel_state(volume_id)
             bindmount.detach_all(record.staging_path)
             _rmdir_quietly(record.staging_path)
             with self._lock:
