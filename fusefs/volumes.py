@@ -149,6 +149,8 @@ class VolumeManager:
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
         self._stop = threading.Event()
+        #: Set when a session exits: the watcher looks at once, not at its next tick.
+        self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         #: The in-process holder (kernel engine): a session crash leaves the
         #: connection here even with no external holder.
@@ -241,6 +243,7 @@ class VolumeManager:
         re-mounts and re-binds everything from the state file.
         """
         self._stop.set()
+        self._wake.set()
         keep = self.config.engine == "kernel" and bool(self.config.holder_socket)
         if keep:
             log.info("leaving every FUSE connection to the external holder", extra={"fields": {
@@ -445,9 +448,9 @@ class VolumeManager:
         if old is not None:
             old.kill()
         volume.state = RESTARTING
-        if self.config.engine == "kernel":
+        if self.holder_sockets():
             # A holder copy of an older connection must never be taken over
-            # in place of the one mounted now.
+            # in place of the one mounted now (nor outlive it).
             self._drop_held(record.volume_id)
         bindmount.detach_all(record.staging_path)
         os.makedirs(record.staging_path, mode=0o750, exist_ok=True)
@@ -487,7 +490,7 @@ class VolumeManager:
             engine=self.config.engine,
             state_file=str(self.kernel_state_file(record.volume_id)) if kernel else "",
             holder_sockets=self.holder_sockets() if kernel else (), takeover=takeover)
-        session = SessionProcess.start(self._spawner, spec)
+        session = SessionProcess.start(self._spawner, spec, on_exit=self._wake.set)
         try:
             session.wait_ready(self.config.session_timeout)
         except BaseException:
@@ -612,7 +615,11 @@ class VolumeManager:
     def _watch(self) -> None:
         """Notice sessions that exit on their own, retry failed re-mounts, and
         give a new external holder the connections it missed."""
-        while not self._stop.wait(self.config.watch_interval):
+        while True:
+            self._wake.wait(self.config.watch_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._check_external_holder()
             for volume in list(self._volumes.values()):
                 reason = self._needs_restart(volume)
@@ -716,9 +723,8 @@ class VolumeManager:
                 self._unbind(record.volume_id, target)
             if volume.session is not None:
                 volume.session.stop()
-            if self.config.engine == "kernel" or self.config.holder_socket:
-                self._drop_held(volume_id)  # the connection ends with the last copy
-                self._forget_kernel_state(volume_id)
+            self._drop_held(volume_id)  # the connection ends with the last copy
+            self._forget_kernel_state(volume_id)
             bindmount.detach_all(record.staging_path)
             _rmdir_quietly(record.staging_path)
             with self._lock:
