@@ -153,6 +153,13 @@ class LiveUsage:
         self._mm.close()
 
 
+def figures(path: str, token: str) -> tuple[int, int] | None:
+    """``(used_bytes, used_inodes)`` the file holds for connection ``token``,
+    or None; reads only (for tests and tools)."""
+    found = _read(path, token)
+    return None if found is None else found[1:]
+
+
 def _read(path: str, token: str) -> tuple[int, int, int] | None:
     """(seq, used_bytes, used_inodes) of the newest whole slot, or None."""
     try:
