@@ -239,6 +239,11 @@ class Session:
         engine's takeover); None: the usual rules (usage file, or a scan)."""
         return None
 
+    def _orphan_charges(self) -> tuple[int, int]:
+        """Bytes and inodes charged for open files that have no name left
+        (see :meth:`_audit`); only the kernel engine audits."""
+        return 0, 0
+
     def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
                   capability_seen: bool) -> Any:
         """The filesystem object the engine calls (the libfuse engine's here);
@@ -303,7 +308,10 @@ class Session:
                 self._scan_failed(f"{found.unmeasured} entries could not be measured "
                                   f"(e.g. {'; '.join(found.problems[:3])}); the volume accepts no growth", t0)
                 return
-            judged = self.quota.audit_end(mark, found.used_bytes, found.used_inodes)
+            # Inodes unlinked while open are charged until their last close,
+            # which will uncharge them, but have no name the scan could see.
+            orphan_bytes, orphan_inodes = self._orphan_charges()
+            judged = self.quota.audit_end(mark, found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes)
             if judged["verdict"] == "moved":
                 continue
             if judged["verdict"] == "exact":

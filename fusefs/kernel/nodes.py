@@ -178,6 +178,11 @@ class NodeTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def states(self) -> list[Any]:
+        """The per-inode data of every node that has some (open inodes)."""
+        with self._lock:
+            return [n.state for n in self._by_id.values() if n.state is not None]
+
     # ------------------------------------------------------------ journal
 
     def start_journal(self) -> None:

@@ -43,7 +43,7 @@ from fusefs.kernel.engine import OPERATIONS, Engine, EngineOptions
 from fusefs.kernel.inodefs import InodeFs
 from fusefs.live_usage import LiveUsage, live_path, new_token
 from fusefs.opstats import OpStats
-from fusefs.quota import Quota
+from fusefs.quota import Quota, blocks
 from fusefs.session import Session
 
 log = logging.getLogger("fusefs.kernel.serve")
@@ -156,6 +156,14 @@ class KernelSession(Session):
         if figures is None:
             return None
         return Quota(capacity, *figures)
+
+    def _orphan_charges(self) -> tuple[int, int]:
+        total = count = 0
+        for state in self.ops.nodes.states():
+            if state.orphan:
+                total += blocks(state.size) + state.extra
+                count += 1
+        return total, count
 
     def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
                   capability_seen: bool) -> Any:
