@@ -15,7 +15,8 @@ node dropped is journalled too; a successor replays the journal and reopens
 each node with ``open_by_handle_at``. Journal lines::
 
     N <next_id>                             header: the next node ID to give out
-    + <nodeid> <handle_type> <hex> <slot>   a node given out, its lookup-count slot
+    + <nodeid> <handle_type> <hex>          a node given out
+    S <nodeid> <slot>                       its lookup count's slot (see below)
     - <nodeid>                              a node forgotten
     B <nodeid> <backing_id> <count>         passthrough backing of a node (count 0: none)
 
@@ -31,7 +32,8 @@ still uses (ESTALE for a pod's open file or working directory) or keep one
 forever. A write per LOOKUP to the journal would cost a system call each;
 instead the counts live in ``<journal>.counts``, an array of 64-bit words
 mapped ``MAP_SHARED`` (one store per LOOKUP or FORGET, no system call), one
-slot per live node, named by its ``+`` line. A count is stored before the
+slot per live node, named by the ``S`` line written with its ``+`` line
+(a separate line, which a session of an older version ignores). A count is stored before the
 reply that gives the lookup is written, so a session killed in between
 leaves a count one too high for that node (kept until the session ends: a
 leak bounded by the requests in flight at the kill), never one too low. A
@@ -296,7 +298,8 @@ class NodeTable:
         except OSError as exc:
             log.warning("no file handle for a node", extra={"fields": {"nodeid": node.nodeid, "error": str(exc)}})
             return ""
-        return f"+ {node.nodeid} {kind} {handle.hex()} {node.slot}\n"
+        slot = f"S {node.nodeid} {node.slot}\n" if node.slot >= 0 else ""
+        return f"+ {node.nodeid} {kind} {handle.hex()}\n{slot}"
 
     def _journal_add(self, node: Node) -> None:
         # The counter is journalled with each node so a successor never
@@ -328,14 +331,13 @@ class NodeTable:
                     continue
                 if parts[0] == "N" and len(parts) == 2:
                     next_id = max(next_id, int(parts[1]))
-                elif parts[0] == "+" and len(parts) in (4, 5):
+                elif parts[0] == "+" and len(parts) == 4:
                     nodeid = int(parts[1])
                     entries[nodeid] = (int(parts[2]), bytes.fromhex(parts[3]))
-                    if len(parts) == 5:
-                        slots[nodeid] = int(parts[4])
-                    else:
-                        slots.pop(nodeid, None)
+                    slots.pop(nodeid, None)
                     next_id = max(next_id, nodeid + 1)
+                elif parts[0] == "S" and len(parts) == 3 and int(parts[1]) in entries:
+                    slots[int(parts[1])] = int(parts[2])
                 elif parts[0] == "-" and len(parts) == 2:
                     entries.pop(int(parts[1]), None)
                     slots.pop(int(parts[1]), None)
