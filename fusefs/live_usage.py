@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import struct
 from typing import Any
 
 log = logging.getLogger("fusefs.live_usage")
@@ -55,6 +56,8 @@ WORDS = 12
 SIZE = WORDS * 8
 _SLOTS = (4, 8)
 _FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A slot's four words, written field by field from the first to the last.
+_PACK_SLOT = struct.Struct("<4q").pack_into
 
 
 def live_path(state_file: str) -> str:
@@ -130,15 +133,12 @@ class LiveUsage:
     # ------------------------------------------------------------ updating
 
     def publish(self, used_bytes: int, used_inodes: int) -> None:
-        """Record the counters (caller holds the quota's lock): four stores."""
+        """Record the counters (caller holds the quota's lock): one
+        ``pack_into`` that stores the slot's four words in order (a kill
+        in the middle leaves its two ``seq`` words different)."""
         seq = self._seq + 1
         self._seq = seq
-        w = self._words
-        base = _SLOTS[seq & 1]
-        w[base] = seq
-        w[base + 1] = used_bytes
-        w[base + 2] = used_inodes
-        w[base + 3] = seq
+        _PACK_SLOT(self._mm, _SLOTS[seq & 1] * 8, seq, used_bytes, used_inodes, seq)
 
     def forget(self) -> None:
         """The figures are no longer known (the usage is being rebuilt):

@@ -290,7 +290,13 @@ class Quota:
         if delta:
             with self._lock:
                 if not self.recovering:
-                    self._add_bytes(delta)
+                    self.used_bytes += delta
+                    if delta > 0:
+                        self.grown_bytes += delta
+                    else:
+                        self.released_bytes -= delta
+                    if self._out is not None:
+                        self._out.publish(self.used_bytes, self.used_inodes)
 
     def _add_bytes(self, delta: int) -> None:
         """Caller holds the lock, and the usage is known."""
