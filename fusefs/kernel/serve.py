@@ -196,7 +196,6 @@ def run(session: Any, kopts: KernelOptions) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=session._become_ready, name="ready", daemon=True).start()
     try:
         if kopts.takeover:
             _take_over(session, engine, kopts)
@@ -211,6 +210,9 @@ def run(session: Any, kopts: KernelOptions) -> int:
     if kopts.holder_socket:
         handover.put(kopts.holder_socket, session.volume_id, engine.devices)
         log.info("descriptors given to the holder", extra={"fields": {"devices": len(engine.devices)}})
+    # Ready (the control socket answers) only once a holder keeps the
+    # connection: a kill from then on never ends the mount.
+    threading.Thread(target=session._become_ready, name="ready", daemon=True).start()
     while not stop.wait(0.2):
         if engine.stopped.is_set():
             break
