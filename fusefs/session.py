@@ -285,10 +285,13 @@ class Session:
 
     def _audit(self) -> None:
         """Check adopted counters with a scan while the volume keeps growing
-        (see :meth:`fusefs.quota.Quota.audit_end`); a pass during which a
-        name moved proves nothing and is repeated. Until a pass judges them
-        the counters are not persisted as clean."""
+        (see :meth:`fusefs.quota.Quota.audit_end`), up to SCAN_PASSES passes
+        until one is exact (nothing changed during its walk). A pass during
+        which a name moved proves nothing; one during which the volume
+        changed corrects only what it proves. Unless a pass was exact, the
+        usage is not persisted as clean (the next fresh mount rescans)."""
         t0 = time.monotonic()
+        judged: dict[str, Any] = {"verdict": "moved"}
         for attempt in range(1, SCAN_PASSES + 1):
             self.scan_info["passes"] = attempt
             mark = self.quota.audit_start()
@@ -312,17 +315,13 @@ class Session:
             # which will uncharge them, but have no name the scan could see.
             orphan_bytes, orphan_inodes = self._orphan_charges()
             judged = self.quota.audit_end(mark, found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes)
-            if judged["verdict"] == "moved":
-                continue
+            self.scan_info.update(audit=judged, dir_bytes=found.dir_bytes, unmeasured=0)
             if judged["verdict"] == "exact":
                 self.ops.xattrs_seen, self.ops.capability_seen = found.xattrs, found.capability
-            self.scan_info.update(state="done", seconds=round(time.monotonic() - t0, 3), audit=judged,
-                                  dir_bytes=found.dir_bytes, unmeasured=0)
-            log.info("usage audit done", extra={"fields": {**judged, **self.scan_info}})
-            return
-        self.scan_info.update(state="unconfirmed", seconds=round(time.monotonic() - t0, 3))
-        log.warning("usage audit inconclusive (names moved during every pass); the adopted figures stay",
-                    extra={"fields": self.scan_info})
+                break
+        state = "unconfirmed" if judged["verdict"] == "moved" else "done"
+        self.scan_info.update(state=state, seconds=round(time.monotonic() - t0, 3))
+        log.info("usage audit ended", extra={"fields": self.scan_info})
 
     def _scan_failed(self, why: str, t0: float) -> None:
         """The usage stays unknown: no growth (never counted as free), reported."""
@@ -334,6 +333,8 @@ class Session:
         """After the unmount: the figures, marked clean, for the next mount."""
         if not self.usage_file or self.quota.recovering or self.scan_info.get("state") not in ("trusted", "done"):
             return  # unknown or unconfirmed usage is rebuilt next time (the file is already dirty)
+        if self.scan_info.get("adopted") and self.scan_info.get("audit", {}).get("verdict") != "exact":
+            return  # adopted figures no exact audit confirmed: the same
         q = self.quota.snapshot()
         try:
             usage.store(self.usage_file, self._root_fd, clean=True, used_bytes=q["used_bytes"],

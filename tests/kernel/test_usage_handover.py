@@ -226,3 +226,28 @@ def test_an_untrusted_live_usage_file_means_a_rescan(small_volume: Volume, damag
     again = _stats(v)
     assert again["scan"].get("adopted") is True, again["scan"]
     assert (again["used_bytes"], again["used_inodes"]) == (grown["used_bytes"], grown["used_inodes"])
+
+
+def test_the_audit_corrects_the_charge_of_a_file_unlinked_while_open(small_volume: Volume) -> None:
+    """A file unlinked while open stays charged until its last close; the
+    successor adopts that charge but cannot know the file (its last close
+    will not uncharge it). Its audit scan, with nothing changing meanwhile,
+    is exact and replaces the counters: the usage is the backing
+    directory's, before and after the file is closed. (The file's data went
+    with the dead session's descriptors, the last on its backing inode.)"""
+    v = small_volume
+    v.start()
+    (v.mountpoint / "kept").write_bytes(b"k" * 10000)
+    (v.mountpoint / "gone").write_bytes(b"g" * MiB)
+    fd = os.open(v.mountpoint / "gone", os.O_RDWR)
+    try:
+        os.unlink(v.mountpoint / "gone")
+        charged = _stats(v)
+        _kill(v)
+        v.start(takeover=True)
+        st = wait_for(lambda: (s := _stats(v))["scan"]["state"] != "running" and s, what="the audit")
+        assert st["scan"]["adopted"] is True and st["scan"]["audit"]["verdict"] == "exact", st["scan"]
+        assert st["used_bytes"] == charged["used_bytes"] - MiB
+    finally:
+        os.close(fd)
+    assert (_stats(v)["used_bytes"], _stats(v)["used_inodes"]) == _truth(v.source)
