@@ -18,7 +18,9 @@ Command line (the daemon's contract; see docs/fusefs.md)::
 - The usage is persisted in ``--usage-file`` (default: the control socket's
   path with ``.usage`` for ``.sock``, in the daemon's private directory) at a
   clean exit and trusted at the next start; otherwise it is rebuilt by a
-  background scan while the mount already serves (see fusefs.usage).
+  background scan while the mount already serves (see fusefs.usage). A
+  kernel-engine takeover adopts the dead session's live counters instead
+  and audits them with that scan (see fusefs.live_usage).
 
 Threads: the main thread sits in libfuse's multithreaded loop (inside
 ``fuse_main_real``); libfuse runs requests on its own worker threads; Python
