@@ -36,7 +36,9 @@ slot per live node, named by the ``S`` line written with its ``+`` line
 (a separate line, which a session of an older version ignores). A count is stored before the
 reply that gives the lookup is written, so a session killed in between
 leaves a count one too high for that node (kept until the session ends: a
-leak bounded by the requests in flight at the kill), never one too low. A
+leak bounded by the requests in flight at the kill), never one too low; so
+does a FORGET the dead session read but did not apply (FORGET has no
+reply, and the kernel resends only requests waiting for one). A
 slot is zeroed before it is journalled for a new node, so a node whose
 reply never left has count 0 and is not restored. A FORGET for more
 lookups than the node has (which only a lost count could cause) ends it:
