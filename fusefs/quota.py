@@ -218,7 +218,8 @@ class Quota:
         with self._lock:
             return (self.grown_bytes, self.released_bytes, self.grown_inodes, self.released_inodes, self.moves)
 
-    def audit_end(self, mark: tuple[int, ...], scan_bytes: int, scan_inodes: int) -> dict[str, Any]:
+    def audit_end(self, mark: tuple[int, ...], scan_bytes: int, scan_inodes: int,
+                  may_lower: bool = True) -> dict[str, Any]:
         """Judge the counters by a scan that ran since ``mark``, while the
         volume was in use, and correct them where it proves them wrong.
 
@@ -231,7 +232,12 @@ class Quota:
         set to the top of the range (never too little); with nothing changed
         during the walk the scan is exact and replaces it. Returns the
         verdict (``exact``, ``kept``, ``corrected``, ``moved``) and the
-        corrections applied."""
+        corrections applied.
+
+        ``may_lower`` is False when a request was being served at the mark
+        or now: it may have made its system call and not yet settled its
+        charge (a release still to come after an unlink, say), so a counter
+        is only ever raised then, never lowered."""
         with self._lock:
             gb, rb, gi, ri = (self.grown_bytes - mark[0], self.released_bytes - mark[1],
                               self.grown_inodes - mark[2], self.released_inodes - mark[3])
@@ -240,11 +246,13 @@ class Quota:
             if self.recovering:
                 return {"verdict": "kept", "bytes": 0, "inodes": 0}
             old_b, old_i = self.used_bytes, self.used_inodes
-            if not (gb or rb or gi or ri):
+            if not (gb or rb or gi or ri) and may_lower:
                 new_b, new_i, verdict = scan_bytes, scan_inodes, "exact"
             else:
                 new_b = old_b if scan_bytes - rb <= old_b <= scan_bytes + gb else scan_bytes + gb
                 new_i = old_i if scan_inodes - ri <= old_i <= scan_inodes + gi else scan_inodes + gi
+                if not may_lower:
+                    new_b, new_i = max(new_b, old_b), max(new_i, old_i)
                 verdict = "kept" if (new_b, new_i) == (old_b, old_i) else "corrected"
             self.used_bytes, self.used_inodes = new_b, new_i
             self._publish()

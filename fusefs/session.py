@@ -246,6 +246,10 @@ class Session:
         (see :meth:`_audit`); only the kernel engine audits."""
         return 0, 0
 
+    def _requests_in_flight(self) -> int:
+        """Requests being served now (see :meth:`_audit`)."""
+        return 0
+
     def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
                   capability_seen: bool) -> Any:
         """The filesystem object the engine calls (the libfuse engine's here);
@@ -297,6 +301,7 @@ class Session:
         for attempt in range(1, SCAN_PASSES + 1):
             self.scan_info["passes"] = attempt
             mark = self.quota.audit_start()
+            idle = not self._requests_in_flight()
             try:
                 found = usage.scan(self._root_fd, should_stop=self.stopping.is_set)
             except usage.ScanAborted as exc:
@@ -316,7 +321,9 @@ class Session:
             # Inodes unlinked while open are charged until their last close,
             # which will uncharge them, but have no name the scan could see.
             orphan_bytes, orphan_inodes = self._orphan_charges()
-            judged = self.quota.audit_end(mark, found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes)
+            idle = idle and not self._requests_in_flight()
+            judged = self.quota.audit_end(mark, found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes,
+                                          may_lower=idle)
             self.scan_info.update(audit=judged, dir_bytes=found.dir_bytes, unmeasured=0)
             if judged["verdict"] == "exact":
                 self.ops.xattrs_seen, self.ops.capability_seen = found.xattrs, found.capability

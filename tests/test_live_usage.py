@@ -118,3 +118,14 @@ def test_an_audit_during_which_a_name_moved_proves_nothing() -> None:
     q.note_move()
     assert q.audit_end(mark, 2 * BLOCK, 2)["verdict"] == "moved"
     assert (q.used_bytes, q.used_inodes) == (10 * BLOCK, 5)
+
+
+def test_an_audit_with_requests_in_flight_never_lowers_the_counters() -> None:
+    """A request in flight may have unlinked a file (the scan misses it) and
+    not yet released its charge: lowering now would count it off twice."""
+    q = Quota(100 * BLOCK, used_bytes=10 * BLOCK, used_inodes=5)
+    mark = q.audit_start()
+    assert q.audit_end(mark, 8 * BLOCK, 4, may_lower=False)["verdict"] == "kept"
+    assert (q.used_bytes, q.used_inodes) == (10 * BLOCK, 5)
+    judged = q.audit_end(q.audit_start(), 12 * BLOCK, 6, may_lower=False)
+    assert judged["verdict"] == "corrected" and (q.used_bytes, q.used_inodes) == (12 * BLOCK, 6)

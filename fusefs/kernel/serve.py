@@ -165,6 +165,10 @@ class KernelSession(Session):
                 count += 1
         return total, count
 
+    def _requests_in_flight(self) -> int:
+        engine = getattr(self, "engine", None)
+        return len(engine._inflight) if engine is not None else 0
+
     def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
                   capability_seen: bool) -> Any:
         self.stats_ = new_stats()
