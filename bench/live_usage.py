@@ -1,7 +1,8 @@
 """What mirroring the quota's counters (and lookup counts) costs.
 
 Two measurements, each run against two source trees (``--old`` and
-``--new``, e.g. a checkout of main and this branch) in interleaved rounds,
+``--new``, e.g. a checkout of main and this branch) in interleaved rounds
+(alternating which goes first),
 medians reported:
 
 - **in process**: ``Quota.charge`` + ``Quota.adjust`` pairs and
@@ -118,8 +119,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2000)
     args = ap.parse_args()
     results: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
-    for _ in range(args.rounds):
-        for name, tree in (("old", args.old), ("new", args.new)):
+    for r in range(args.rounds):
+        pairs = [("old", args.old), ("new", args.new)]
+        for name, tree in pairs if r % 2 == 0 else pairs[::-1]:  # ABBA: no order bias
             for key, value in {**micro(tree), **mount_run(tree, args.files)}.items():
                 if isinstance(value, float):
                     results[name].setdefault(key, []).append(value)
