@@ -24,26 +24,26 @@ The journal is written with plain ``write`` (no fsync): it must survive the
 death of the process, not of the machine (a reboot ends the mount anyway).
 It is rewritten compactly when it holds many more lines than live nodes.
 
-**Lookup counts.** The kernel holds a node until it sends FORGET for as
-many lookups as it was given, and it keeps counting across a handover: its
-FORGET of a node counts the lookups answered by the dead session too. So a
+**Lookup counts.** The kernel holds a node until it sends FORGET for as many
+lookups as it was given, and it keeps counting across a handover: its FORGET
+of a node counts the lookups answered by the dead session too. So a
 successor needs each node's exact count, or it would drop a node the kernel
 still uses (ESTALE for a pod's open file or working directory) or keep one
 forever. A write per LOOKUP to the journal would cost a system call each;
 instead the counts live in ``<journal>.counts``, an array of 64-bit words
 mapped ``MAP_SHARED`` (one store per LOOKUP or FORGET, no system call), one
-slot per live node, named by the ``S`` line written with its ``+`` line
-(a separate line, which a session of an older version ignores). A count is stored before the
-reply that gives the lookup is written, so a session killed in between
-leaves a count one too high for that node (kept until the session ends: a
-leak bounded by the requests in flight at the kill), never one too low; so
-does a FORGET the dead session read but did not apply (FORGET has no
-reply, and the kernel resends only requests waiting for one). A
-slot is zeroed before it is journalled for a new node, so a node whose
-reply never left has count 0 and is not restored. A FORGET for more
-lookups than the node has (which only a lost count could cause) ends it:
-the kernel never forgets more than it holds, so it holds nothing. Nodes of
-an old journal without slots, or with the counts file missing, get
+slot per live node, named by the ``S`` line written with its ``+`` line (a
+line of its own, which a session of an older version ignores). A count is
+stored before the reply that gives the lookup is written, so a session
+killed in between leaves a count one too high for that node (kept until the
+session ends: a leak bounded by the requests in flight at the kill), never
+one too low; so does a FORGET the dead session read but did not apply
+(FORGET has no reply, and the kernel resends only requests waiting for one).
+A slot is zeroed before it is journalled for a new node, so a node whose
+reply never left has count 0 and is not restored. A FORGET for more lookups
+than the node has (which only a lost count could cause) ends it: the kernel
+never forgets more than it holds, so it holds nothing. Nodes of an old
+journal without slots, or with the counts file missing, get
 :data:`RESTORED_LOOKUPS` and are kept until the session ends.
 """
 
