@@ -10,8 +10,10 @@ medians reported:
   file attached where the tree has one;
 - **on a mount**: a kernel-engine session with ``--state-file`` (so the
   new tree mirrors its counters and lookup counts); creates (open
-  O_CREAT|O_EXCL + close, each a LOOKUP-less CREATE that charges an inode
-  and a block) and 4 KiB appends (each charging a new block) per second.
+  O_CREAT|O_EXCL + close: a CREATE that charges an inode and a block) and
+  4 KiB appends (each charging a new block) per second, and the session's
+  CPU time per operation (user + system, which the machine's load disturbs
+  less than wall time).
 
 Usage (root, /dev/fuse)::
 
@@ -57,21 +59,29 @@ print(json.dumps({"mirrored": mirrored, "charge_adjust_per_s": n / (t1 - t0), "i
 
 LOAD = r"""
 import json, os, sys, time
-mnt, n = sys.argv[1], int(sys.argv[2])
-d = os.path.join(mnt, "c")
-os.mkdir(d)
+mnt, n, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
-for i in range(n):
-    os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-t1 = time.perf_counter()
-fd = os.open(os.path.join(mnt, "log"), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
-block = b"x" * 4096
-for i in range(n):
-    os.write(fd, block)
-t2 = time.perf_counter()
-os.close(fd)
-print(json.dumps({"creates_per_s": n / (t1 - t0), "appends_per_s": n / (t2 - t1)}))
+if what == "creates":
+    d = os.path.join(mnt, "c")
+    os.mkdir(d)
+    for i in range(n):
+        os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+else:
+    fd = os.open(os.path.join(mnt, "log"), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+    block = b"x" * 4096
+    for i in range(n):
+        os.write(fd, block)
+    os.close(fd)
+print(json.dumps({what + "_per_s": n / (time.perf_counter() - t0)}))
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (less noisy than wall time on a
+    loaded machine)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def micro(tree: Path) -> dict[str, float]:
@@ -98,9 +108,14 @@ def mount_run(tree: Path, n: int) -> dict[str, float]:
                     raise RuntimeError("the session did not come up")
                 time.sleep(0.05)
             time.sleep(0.2)
-            out = subprocess.run([sys.executable, "-c", LOAD, str(base / "mnt"), str(n)], env=env,
-                                 check=True, capture_output=True, text=True)
-            return json.loads(out.stdout)
+            result: dict[str, float] = {}
+            for what in ("creates", "appends"):
+                cpu = _cpu_seconds(proc.pid)
+                out = subprocess.run([sys.executable, "-c", LOAD, str(base / "mnt"), str(n), what], env=env,
+                                     check=True, capture_output=True, text=True)
+                result.update(json.loads(out.stdout))
+                result[f"session_cpu_us_per_{what[:-1]}"] = (_cpu_seconds(proc.pid) - cpu) / n * 1e6
+            return result
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
