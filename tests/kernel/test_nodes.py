@@ -134,3 +134,25 @@ def test_a_node_whose_reply_never_left_is_not_restored(tmp_path: Path) -> None:
     assert new.get(a).lookups == 1
     with pytest.raises(OSError):
         new.get(b)
+
+
+def test_without_known_counts_restored_nodes_are_kept(tmp_path: Path) -> None:
+    """A journal of an older session (no S lines) or a counts file that is
+    gone: the counts are unknown, so the nodes stay (the old rule) rather
+    than being dropped while the kernel may hold them."""
+    root, journal = tmp_path / "root", tmp_path / "journal"
+    root.mkdir()
+    (root / "a").write_bytes(b"")
+    old = _table(root, journal)
+    old.start_journal()
+    a = _remember(old, root, "a")
+    os.unlink(f"{journal}.counts")
+    new = _table(root, journal)
+    assert new.restore(os.open(root, os.O_RDONLY | os.O_DIRECTORY)) == 1
+    new.start_journal()
+    new.forget(a, 1)
+    assert new.get(a).lookups == nodes_mod.RESTORED_LOOKUPS - 1
+    journal.write_text("".join(line + "\n" for line in journal.read_text().splitlines() if not line.startswith("S ")))
+    third = _table(root, journal)
+    assert third.restore(os.open(root, os.O_RDONLY | os.O_DIRECTORY)) == 1
+    assert third.get(a).lookups == nodes_mod.RESTORED_LOOKUPS
