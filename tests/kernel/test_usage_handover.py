@@ -154,6 +154,8 @@ def _writer_across_takeovers(v: Volume) -> None:
     last = out.decode().strip().splitlines()[-1].split()
     assert last[0] == "done" and last[2] == "0", out.decode()
     assert int(last[1]) >= 40
+    written = int(last[1])
+    assert log.read_bytes() == b"".join(b"%08d\n" % i * 455 + b"\n" for i in range(written))
     # The figures are those of the backing directory, within the drift the
     # requests in flight at the two kills may leave.
     st = wait_for(lambda: (s := _stats(v))["scan"]["state"] != "running" and s, what="the audit")
