@@ -87,6 +87,10 @@ MOUNTED, RESTARTING, FAILED = "mounted", "restarting", "failed"
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 #: How long a request waits for a volume that start-up recovery is restoring.
 SETTLE_TIMEOUT = 30.0
+#: The files a kernel-engine session keeps beside its state file: the node
+#: journal, the lookup counts, the live usage, and their temporaries.
+KERNEL_STATE_SUFFIXES = ("", ".tmp", ".nodes", ".nodes.tmp", ".nodes.counts", ".nodes.counts.tmp",
+                         ".live", ".live.tmp")
 #: At most this many of a volume's mounts are stacked at one target.
 MAX_LAYERS = 8
 
@@ -738,7 +742,8 @@ class VolumeManager:
     def _forget_kernel_state(self, volume_id: str) -> None:
         """Remove the kernel engine's state and node journal of an unmounted volume."""
         base = self.kernel_state_file(volume_id)
-        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp"), Path(f"{base}.nodes.tmp")):
+        for suffix in KERNEL_STATE_SUFFIXES:
+            path = Path(f"{base}{suffix}")
             try:
                 path.unlink()
             except FileNotFoundError:

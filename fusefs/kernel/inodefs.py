@@ -290,7 +290,7 @@ class InodeFs:
         try:
             try:
                 charging.name_op(self.quota, _sizes(parent), lambda: os.link(
-                    self._proc(node), name, dst_dir_fd=parent.fd, follow_symlinks=True))
+                    self._proc(node), name, dst_dir_fd=parent.fd, follow_symlinks=True), moves=True)
             except FileExistsError:
                 if not unique & p.UNIQUE_RESEND:
                     raise
@@ -354,7 +354,7 @@ class InodeFs:
                 return replaced, extra
             try:
                 replaced, extra = charging.name_op(self.quota, _sizes(parent, newparent), do,
-                                                   growth=BLOCK if other is None else 0)
+                                                   growth=BLOCK if other is None else 0, moves=True)
             except FileNotFoundError:
                 if unique & p.UNIQUE_RESEND:
                     return  # renamed before the crash
