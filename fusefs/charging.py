@@ -76,7 +76,7 @@ def check_rename_flags(flags: int) -> None:
 
 
 def name_op(quota: Quota, sizes: Callable[[], Sequence[int | None]], op: Callable[[], T], *,
-            growth: int = BLOCK, own: int = 0, inode: bool = False) -> T:
+            growth: int = BLOCK, own: int = 0, inode: bool = False, moves: bool = False) -> T:
     """Run namespace operation ``op`` with its charge, all or nothing.
 
     ``sizes`` returns the ``st_size`` of every directory whose entries ``op``
@@ -86,8 +86,12 @@ def name_op(quota: Quota, sizes: Callable[[], Sequence[int | None]], op: Callabl
     name, 0 for an operation that only removes or reuses one), or ENOSPC
     with nothing charged. After it: ``growth`` is replaced by what the
     directories really grew (or a refund of what they shrank). If ``op``
-    raises, everything is given back.
+    raises, everything is given back. ``moves``: ``op`` gives an existing
+    inode a name elsewhere (rename, link), which an audit of the usage
+    running now must know (see :meth:`fusefs.quota.Quota.audit_end`).
     """
+    if moves:
+        quota.note_move()
     if not (growth or own or inode):
         # Only removes names: nothing to charge, and nothing to measure.
         # ext4 and XFS directories never shrink when entries go; one that

@@ -35,6 +35,14 @@ While the usage is unknown (a mount after a crash, until the background
 scan is done; see :mod:`fusefs.usage`), the quota is *recovering*: every
 charge is refused with ENOSPC and every release is ignored, so nothing can
 grow past the capacity and the scan's result, when it comes, is the truth.
+
+A kernel-engine session mirrors its counters into a shared file
+(:mod:`fusefs.live_usage`) on every change, so that a successor taking over
+its connection after a crash adopts them at once instead of recovering.
+The successor then *audits* them with a scan while it keeps charging
+(:meth:`Quota.audit_start`, :meth:`Quota.audit_end`): the quota counts
+what grew and what was released meanwhile, and names moved (renames, hard
+links), which could hide an entry from the scan.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import errno
 import os
 import stat
 import threading
+from typing import Any
 
 #: The unit of every charge. Backing filesystems allocate in blocks of
 #: 4 KiB (ext4, XFS, tmpfs pages), so charging whole blocks makes the charge
@@ -138,6 +147,15 @@ class Quota:
         self.inode_limit = self._derive_inode_limit(capacity)
         #: Usage unknown (see the module docstring): refuse growth.
         self.recovering = recovering
+        #: Where the counters are mirrored (fusefs.live_usage.LiveUsage), if
+        #: anywhere; ``_out`` is the same, or None while the usage is unknown.
+        self._live: Any = None
+        self._out: Any = None
+        #: Totals since the start, for an audit: bytes and inodes charged and
+        #: released, and names moved (rename, link).
+        self.grown_bytes = self.released_bytes = 0
+        self.grown_inodes = self.released_inodes = 0
+        self.moves = 0
 
     def _derive_inode_limit(self, capacity: int) -> int:
         if self._explicit_inode_limit is not None:
@@ -163,6 +181,82 @@ class Quota:
             self.used_bytes = used_bytes
             self.used_inodes = used_inodes
             self.recovering = False
+            self._out = self._live
+            self._publish()
+
+    def lose(self) -> None:
+        """The usage cannot be known (a scan failed): refuse growth from now on."""
+        with self._lock:
+            self.recovering = True
+            self._out = None
+            if self._live is not None:
+                self._live.forget()
+
+    # ------------------------------------------------------------ mirror and audit
+
+    def mirror(self, live: Any) -> None:
+        """Mirror the counters into ``live`` from now on (every change, under
+        the lock); written at once if the usage is known."""
+        with self._lock:
+            self._live = live
+            self._out = None if self.recovering else live
+            self._publish()
+
+    def _publish(self) -> None:
+        """Caller holds the lock and has just changed a counter."""
+        if self._out is not None:
+            self._out.publish(self.used_bytes, self.used_inodes)
+
+    def note_move(self) -> None:
+        """A name moved (rename, hard link): an audit scan running now may
+        have missed an entry, so it cannot judge the counters."""
+        with self._lock:
+            self.moves += 1
+
+    def audit_start(self) -> tuple[int, ...]:
+        """A mark for :meth:`audit_end`, taken just before a scan starts."""
+        with self._lock:
+            return (self.grown_bytes, self.released_bytes, self.grown_inodes, self.released_inodes, self.moves)
+
+    def audit_end(self, mark: tuple[int, ...], scan_bytes: int, scan_inodes: int,
+                  may_lower: bool = True) -> dict[str, Any]:
+        """Judge the counters by a scan that ran since ``mark``, while the
+        volume was in use, and correct them where it proves them wrong.
+
+        An object changed during the walk was measured before or after its
+        change, so the usage now lies between ``scan - released`` and
+        ``scan + grown`` (what was released and grown since the mark), unless
+        a name moved (an entry may have moved from an unscanned directory to
+        a scanned one and been missed): then the pass proves nothing
+        (``"moved"``). A counter inside its range is kept; outside it, it is
+        set to the top of the range (never too little); with nothing changed
+        during the walk the scan is exact and replaces it. Returns the
+        verdict (``exact``, ``kept``, ``corrected``, ``moved``) and the
+        corrections applied.
+
+        ``may_lower`` is False when a request was being served at the mark
+        or now: it may have made its system call and not yet settled its
+        charge (a release still to come after an unlink, say), so a counter
+        is only ever raised then, never lowered."""
+        with self._lock:
+            gb, rb, gi, ri = (self.grown_bytes - mark[0], self.released_bytes - mark[1],
+                              self.grown_inodes - mark[2], self.released_inodes - mark[3])
+            if self.moves != mark[4]:
+                return {"verdict": "moved", "bytes": 0, "inodes": 0}
+            if self.recovering:
+                return {"verdict": "kept", "bytes": 0, "inodes": 0}
+            old_b, old_i = self.used_bytes, self.used_inodes
+            if not (gb or rb or gi or ri) and may_lower:
+                new_b, new_i, verdict = scan_bytes, scan_inodes, "exact"
+            else:
+                new_b = old_b if scan_bytes - rb <= old_b <= scan_bytes + gb else scan_bytes + gb
+                new_i = old_i if scan_inodes - ri <= old_i <= scan_inodes + gi else scan_inodes + gi
+                if not may_lower:
+                    new_b, new_i = max(new_b, old_b), max(new_i, old_i)
+                verdict = "kept" if (new_b, new_i) == (old_b, old_i) else "corrected"
+            self.used_bytes, self.used_inodes = new_b, new_i
+            self._publish()
+            return {"verdict": verdict, "bytes": new_b - old_b, "inodes": new_i - old_i}
 
     def snapshot(self) -> dict[str, int]:
         """The figures for stats and ``df``. While recovering the volume shows
@@ -194,6 +288,9 @@ class Quota:
             if self.capacity and self.used_bytes + nbytes > self.capacity:
                 raise QuotaExceeded("the volume's capacity is reached")
             self.used_bytes += nbytes
+            self.grown_bytes += nbytes
+            if self._out is not None:
+                self._out.publish(self.used_bytes, self.used_inodes)
 
     def adjust(self, delta: int) -> None:
         """Record a change measured after the fact (a refund, a settlement of
@@ -202,6 +299,22 @@ class Quota:
             with self._lock:
                 if not self.recovering:
                     self.used_bytes += delta
+                    if delta > 0:
+                        self.grown_bytes += delta
+                    else:
+                        self.released_bytes -= delta
+                    if self._out is not None:
+                        self._out.publish(self.used_bytes, self.used_inodes)
+
+    def _add_bytes(self, delta: int) -> None:
+        """Caller holds the lock, and the usage is known."""
+        self.used_bytes += delta
+        if delta > 0:
+            self.grown_bytes += delta
+        else:
+            self.released_bytes -= delta
+        if self._out is not None:
+            self._out.publish(self.used_bytes, self.used_inodes)
 
     def extend(self, state: InodeState, end: int) -> int:
         """Grow ``state`` towards ``end`` bytes; return the end that fits.
@@ -229,7 +342,11 @@ class Quota:
                     if end <= size:
                         return size
             state.size = end
-            self.used_bytes += grow
+            if grow:
+                self.used_bytes += grow
+                self.grown_bytes += grow
+                if self._out is not None:
+                    self._out.publish(self.used_bytes, self.used_inodes)
             return end
 
     def reserve_exact(self, state: InodeState | None, old_size: int, new_size: int) -> None:
@@ -252,7 +369,9 @@ class Quota:
                 old_size = state.size
                 state.size = new_size
             if not self.recovering:
-                self.used_bytes += blocks(new_size) - blocks(old_size)
+                delta = blocks(new_size) - blocks(old_size)
+                if delta:
+                    self._add_bytes(delta)
 
     def release_bytes(self, nbytes: int) -> None:
         """An object that was charged ``nbytes`` is gone."""
@@ -268,8 +387,14 @@ class Quota:
             if self.used_inodes >= self.inode_limit:
                 raise QuotaExceeded("the volume's inode limit is reached")
             self.used_inodes += 1
+            self.grown_inodes += 1
+            if self._out is not None:
+                self._out.publish(self.used_bytes, self.used_inodes)
 
     def give_inode(self, count: int = 1) -> None:
         with self._lock:
             if not self.recovering:
                 self.used_inodes -= count
+                self.released_inodes += count
+                if self._out is not None:
+                    self._out.publish(self.used_bytes, self.used_inodes)

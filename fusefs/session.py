@@ -18,7 +18,9 @@ Command line (the daemon's contract; see docs/fusefs.md)::
 - The usage is persisted in ``--usage-file`` (default: the control socket's
   path with ``.usage`` for ``.sock``, in the daemon's private directory) at a
   clean exit and trusted at the next start; otherwise it is rebuilt by a
-  background scan while the mount already serves (see fusefs.usage).
+  background scan while the mount already serves (see fusefs.usage). A
+  kernel-engine takeover adopts the dead session's live counters instead
+  and audits them with that scan (see fusefs.live_usage).
 
 Threads: the main thread sits in libfuse's multithreaded loop (inside
 ``fuse_main_real``); libfuse runs requests on its own worker threads; Python
@@ -195,10 +197,21 @@ class Session:
         #: Why the volume's usage cannot be trusted ('' when it can); shown in stats.
         self.abnormal = ""
         self._root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        known = usage.load(usage_file, self._root_fd) if usage_file else None
+        adopted = self._adopted_usage(capacity)
+        known = usage.load(usage_file, self._root_fd) if usage_file and adopted is None else None
         if known is not None and not usage.mark_dirty(usage_file, self._root_fd):
             known = None  # a crash could leave it looking clean: do not rely on it
-        if known is not None:
+        if adopted is not None:
+            # A successor's figures from the dead session (a takeover): known
+            # within a small drift, audited by a scan while the volume grows.
+            if usage_file:
+                usage.mark_dirty(usage_file, self._root_fd)
+            self.scan_info = {"state": "running", "adopted": True, "seconds": 0.0, "passes": 0}
+            self.quota = adopted
+            xattrs = capability = True  # until a quiet audit says otherwise
+            log.info("usage adopted from the live counters", extra={"fields": {
+                "used_bytes": adopted.used_bytes, "used_inodes": adopted.used_inodes}})
+        elif known is not None:
             self.scan_info: dict[str, Any] = {"state": "trusted", "seconds": 0.0, "passes": 0}
             self.quota = Quota(capacity, known["used_bytes"], known["used_inodes"])
             xattrs, capability = bool(known.get("xattrs", True)), bool(known.get("capability", True))
@@ -215,13 +228,36 @@ class Session:
         # metadata, cached reads and the kernel's INTERRUPT requests.
         self.limits = IOLimits(bytes_per_second, ops_per_second, max_waiters=max(1, max_workers // 2),
                                interrupted=binding.request_interrupted)
-        self.stats_ = OpStats()
-        self.ops = FusefsOperations(
-            self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-            read_only=read_only, options=options, xattrs_seen=xattrs, capability_seen=capability)
+        self.ops = self._make_ops(read_only=read_only, options=options, xattrs_seen=xattrs,
+                                  capability_seen=capability)
         self.server = ControlServer(control_socket, self.handlers()) if control_socket else None
         if self.quota.recovering:
             threading.Thread(target=self._recount, name="usage-scan", daemon=True).start()
+        elif adopted is not None:
+            threading.Thread(target=self._audit, name="usage-audit", daemon=True).start()
+
+    def _adopted_usage(self, capacity: int) -> Quota | None:
+        """The usage a predecessor left for this session to adopt (the kernel
+        engine's takeover); None: the usual rules (usage file, or a scan)."""
+        return None
+
+    def _orphan_charges(self) -> tuple[int, int]:
+        """Bytes and inodes charged for open files that have no name left
+        (see :meth:`_audit`); only the kernel engine audits."""
+        return 0, 0
+
+    def _requests_in_flight(self) -> int:
+        """Requests being served now (see :meth:`_audit`)."""
+        return 0
+
+    def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
+                  capability_seen: bool) -> Any:
+        """The filesystem object the engine calls (the libfuse engine's here);
+        sets ``stats_``, the counters it fills."""
+        self.stats_ = OpStats()
+        return FusefsOperations(
+            self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
+            read_only=read_only, options=options, xattrs_seen=xattrs_seen, capability_seen=capability_seen)
 
     def _recount(self) -> None:
         """Rebuild the usage in the background (the quota refuses growth
@@ -253,6 +289,49 @@ class Session:
             return
         self._scan_failed(f"the tree kept moving during {SCAN_PASSES} usage scans", t0)
 
+    def _audit(self) -> None:
+        """Check adopted counters with a scan while the volume keeps growing
+        (see :meth:`fusefs.quota.Quota.audit_end`), up to SCAN_PASSES passes
+        until one is exact (nothing changed during its walk). A pass during
+        which a name moved proves nothing; one during which the volume
+        changed corrects only what it proves. Unless a pass was exact, the
+        usage is not persisted as clean (the next fresh mount rescans)."""
+        t0 = time.monotonic()
+        judged: dict[str, Any] = {"verdict": "moved"}
+        for attempt in range(1, SCAN_PASSES + 1):
+            self.scan_info["passes"] = attempt
+            mark = self.quota.audit_start()
+            idle = not self._requests_in_flight()
+            try:
+                found = usage.scan(self._root_fd, should_stop=self.stopping.is_set)
+            except usage.ScanAborted as exc:
+                if self.stopping.is_set():
+                    return
+                log.warning("usage audit restarted", extra={"fields": {"reason": str(exc)}})
+                continue
+            except OSError as exc:
+                self.quota.lose()
+                self._scan_failed(f"the usage audit failed: {exc}", t0)
+                return
+            if found.unmeasured:
+                self.quota.lose()
+                self._scan_failed(f"{found.unmeasured} entries could not be measured "
+                                  f"(e.g. {'; '.join(found.problems[:3])}); the volume accepts no growth", t0)
+                return
+            # Inodes unlinked while open are charged until their last close,
+            # which will uncharge them, but have no name the scan could see.
+            orphan_bytes, orphan_inodes = self._orphan_charges()
+            idle = idle and not self._requests_in_flight()
+            judged = self.quota.audit_end(mark, found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes,
+                                          may_lower=idle)
+            self.scan_info.update(audit=judged, dir_bytes=found.dir_bytes, unmeasured=0)
+            if judged["verdict"] == "exact":
+                self.ops.xattrs_seen, self.ops.capability_seen = found.xattrs, found.capability
+                break
+        state = "unconfirmed" if judged["verdict"] == "moved" else "done"
+        self.scan_info.update(state=state, seconds=round(time.monotonic() - t0, 3))
+        log.info("usage audit ended", extra={"fields": self.scan_info})
+
     def _scan_failed(self, why: str, t0: float) -> None:
         """The usage stays unknown: no growth (never counted as free), reported."""
         self.abnormal = why
@@ -261,8 +340,10 @@ class Session:
 
     def persist_usage(self) -> None:
         """After the unmount: the figures, marked clean, for the next mount."""
-        if not self.usage_file or self.quota.recovering:
-            return  # unknown usage stays unknown (the file is already dirty)
+        if not self.usage_file or self.quota.recovering or self.scan_info.get("state") not in ("trusted", "done"):
+            return  # unknown or unconfirmed usage is rebuilt next time (the file is already dirty)
+        if self.scan_info.get("adopted") and self.scan_info.get("audit", {}).get("verdict") != "exact":
+            return  # adopted figures no exact audit confirmed: the same
         q = self.quota.snapshot()
         try:
             usage.store(self.usage_file, self._root_fd, clean=True, used_bytes=q["used_bytes"],
@@ -537,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
     k = p.add_argument_group("kernel engine")
     k.add_argument("--state-file", help="negotiated flags and node journal, for a takeover")
-    k.add_argument("--holder-socket", help="give the /dev/fuse descriptors to this holder")
+    k.add_argument("--holder-socket", action="append", default=[],
+                   help="give the /dev/fuse descriptors to this holder (repeatable)")
     k.add_argument("--takeover", action="store_true",
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
@@ -567,7 +649,7 @@ def session_class(args: argparse.Namespace) -> Any:
     from fusefs.kernel.serve import KernelOptions, KernelSession
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
-        state_file=args.state_file, holder_socket=args.holder_socket, takeover=args.takeover,
+        state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
         passthrough=not args.no_passthrough, clones=max(0, args.clones)))
 
 

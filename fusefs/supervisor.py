@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,12 @@ class SessionSpec:
     read_only: bool = False
     bytes_per_second: int = 0
     ops_per_second: int = 0
+    #: ``libfuse`` or ``kernel``; the rest is for the kernel engine only.
+    engine: str = "libfuse"
+    state_file: str = ""
+    holder_sockets: tuple[str, ...] = ()
+    #: Resume the live connection a holder keeps (no mount, no INIT).
+    takeover: bool = False
 
     def argv(self) -> list[str]:
         """The session's command line (an argument list, never a shell string)."""
@@ -78,6 +85,12 @@ class SessionSpec:
             argv += ["--io-bytes-per-second", str(self.bytes_per_second)]
         if self.ops_per_second:
             argv += ["--io-ops-per-second", str(self.ops_per_second)]
+        if self.engine == "kernel":
+            argv += ["--engine", "kernel", "--state-file", self.state_file]
+            for holder in self.holder_sockets:
+                argv += ["--holder-socket", holder]
+            if self.takeover:
+                argv.append("--takeover")
         return argv
 
 
@@ -153,16 +166,20 @@ class Spawner:
 class SessionProcess:
     """One running session: its process, its stderr tail and its control client."""
 
-    def __init__(self, spec: SessionSpec, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, spec: SessionSpec, proc: subprocess.Popen[bytes],
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.proc = proc
+        #: Called once the process has exited (from the stderr thread), so a
+        #: watcher need not wait for its next poll to notice a death.
+        self.on_exit = on_exit
         self.started_at = time.time()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.stopping = False
         threading.Thread(target=self._forward_stderr, name=f"log-{spec.volume_id[:12]}", daemon=True).start()
 
     @classmethod
-    def start(cls, spawner: Spawner, spec: SessionSpec) -> SessionProcess:
+    def start(cls, spawner: Spawner, spec: SessionSpec, on_exit: Callable[[], None] | None = None) -> SessionProcess:
         """Fork the session; it is not ready until ``wait_ready`` says so."""
         try:
             os.unlink(spec.control_socket)
@@ -175,7 +192,7 @@ class SessionProcess:
             stderr=subprocess.PIPE, env=env, close_fds=True,
         )
         log.info("started FUSE session", extra={"fields": {"volume_id": spec.volume_id, "pid": proc.pid}})
-        return cls(spec, proc)
+        return cls(spec, proc, on_exit)
 
     @property
     def pid(self) -> int:
@@ -205,6 +222,8 @@ class SessionProcess:
 
         The session answers ping only once its mount is live; mountinfo is
         checked as well so a wrong mount can never be taken for ready.
+        Neither looks at the mount by path: a session taking over a
+        connection must be serving before anything there can answer.
         """
         deadline = time.monotonic() + timeout
         last_error = ""
@@ -256,10 +275,19 @@ class SessionProcess:
                 sys.stderr.flush()
             except (OSError, ValueError):
                 pass
+        if self.on_exit is not None:
+            # stderr closes as the process exits, a moment before it can be
+            # reaped; poll (never wait: that would hold Popen's lock) briefly.
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.005)
+            self.on_exit()
 
 
-def find_stale_sessions(socket_dir: Path) -> list[int]:
-    """PIDs of session processes that use a control socket in ``socket_dir``.
+def find_stale_sessions(socket_dir: Path, control_socket: str = "") -> list[int]:
+    """PIDs of session processes that use a control socket in ``socket_dir``
+    (only ``control_socket``, when given).
 
     After the daemon is SIGKILLed, its sessions are dying (die-with-parent)
     but may not be gone yet; one that is still tearing down could unmount the
@@ -278,7 +306,8 @@ def find_stale_sessions(socket_dir: Path) -> list[int]:
         if "fusefs.session" not in args:
             continue
         for i, arg in enumerate(args[:-1]):
-            if arg == "--control-socket" and args[i + 1].startswith(prefix):
+            if arg == "--control-socket" and args[i + 1].startswith(prefix) \
+                    and args[i + 1] == (control_socket or args[i + 1]):
                 found.append(int(name))
     return found
 

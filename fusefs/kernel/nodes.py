@@ -14,23 +14,44 @@ appended to a journal as its file handle (``name_to_handle_at``) and every
 node dropped is journalled too; a successor replays the journal and reopens
 each node with ``open_by_handle_at``. Journal lines::
 
-    N <next_id>                      header: the next node ID to give out
-    + <nodeid> <handle_type> <hex>   a node given out
-    - <nodeid>                       a node forgotten
-    B <nodeid> <backing_id> <count>  passthrough backing of a node (count 0: none)
+    N <next_id>                             header: the next node ID to give out
+    + <nodeid> <handle_type> <hex>          a node given out
+    S <nodeid> <slot>                       its lookup count's slot (see below)
+    - <nodeid>                              a node forgotten
+    P <nodeid> <backing_id> <fh>            a passthrough open of a node (its backing file)
+    R <nodeid> <fh>                         that open released (the last one ends the backing)
 
 The journal is written with plain ``write`` (no fsync): it must survive the
 death of the process, not of the machine (a reboot ends the mount anyway).
 It is rewritten compactly when it holds many more lines than live nodes.
-Lookup counts are not journalled (that would be a write per LOOKUP): a
-restored node is kept until the kernel forgets it at least once, then
-dropped when its count, restored as :data:`RESTORED_LOOKUPS`, runs out, which
-bounds what a handover can leak to the nodes alive at the crash.
+
+**Lookup counts.** The kernel holds a node until it sends FORGET for as many
+lookups as it was given, and it keeps counting across a handover: its FORGET
+of a node counts the lookups answered by the dead session too. So a
+successor needs each node's exact count, or it would drop a node the kernel
+still uses (ESTALE for a pod's open file or working directory) or keep one
+forever. A write per LOOKUP to the journal would cost a system call each;
+instead the counts live in ``<journal>.counts``, an array of 64-bit words
+mapped ``MAP_SHARED`` (one store per LOOKUP or FORGET, no system call), one
+slot per live node, named by the ``S`` line written with its ``+`` line (a
+line of its own, which a session of an older version ignores). A count is
+stored before the reply that gives the lookup is written, so a session
+killed in between leaves a count one too high for that node (kept until the
+session ends: a leak bounded by the requests in flight at the kill), never
+one too low; so does a FORGET the dead session read but did not apply
+(FORGET has no reply, and the kernel resends only requests waiting for one).
+A slot is zeroed before it is journalled for a new node, so a node whose
+reply never left has count 0 and is not restored. A FORGET for more lookups
+than the node has (which only a lost count could cause) ends it: the kernel
+never forgets more than it holds, so it holds nothing. Nodes of an old
+journal without slots, or with the counts file missing, get
+:data:`RESTORED_LOOKUPS` and are kept until the session ends.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 from typing import Any
@@ -40,9 +61,11 @@ from fusefs.kernel import syscalls as ksys
 log = logging.getLogger("fusefs.kernel.nodes")
 
 ROOT_ID = 1
-#: Lookup count given to a node restored from the journal (its true count is
-#: unknown; see the module docstring).
+#: Lookup count given to a node restored without a known count (see the
+#: module docstring): never reached, so such a node stays.
 RESTORED_LOOKUPS = 1 << 40
+#: Slots of a new counts file (grown by doubling; 8 bytes each).
+COUNT_SLOTS = 4096
 #: Rewrite the journal when it has this many times more lines than live nodes.
 COMPACT_FACTOR = 4
 COMPACT_MIN_LINES = 4096
@@ -51,7 +74,7 @@ COMPACT_MIN_LINES = 4096
 class Node:
     """One inode the kernel knows."""
 
-    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached")
+    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached", "slot")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.nodeid = nodeid
@@ -66,6 +89,8 @@ class Node:
         self.restored = False
         #: Open files on it that are not passthrough (the kernel caches them).
         self.cached = 0
+        #: Its word in the counts file (-1: none).
+        self.slot = -1
 
 
 class NodeTable:
@@ -85,6 +110,12 @@ class NodeTable:
         self.journal_path = journal
         self._journal_fd = -1
         self._journal_lines = 0
+        #: The counts file, mapped (see the module docstring), and its free slots.
+        self._counts: Any = None
+        self._counts_mm: mmap.mmap | None = None
+        self._free: list[int] = []
+        #: FORGETs for more lookups than a node had (see the module docstring).
+        self.forget_excess = 0
 
     # ------------------------------------------------------------ hot path
 
@@ -116,7 +147,10 @@ class NodeTable:
                 self._by_key[key] = node
                 close = False
                 if self._journal_fd >= 0:
+                    self._take_slot(node)
                     self._journal_add(node)
+            if node.slot >= 0:
+                self._counts[node.slot] = node.lookups
         if close:
             os.close(fd)
         return node
@@ -140,25 +174,106 @@ class NodeTable:
                 return
             node.lookups -= count
             if node.lookups > 0:
+                if node.slot >= 0:
+                    self._counts[node.slot] = node.lookups
                 return
+            if node.lookups < 0:
+                self.forget_excess += 1
+                log.warning("FORGET for more lookups than the node had; released",
+                            extra={"fields": {"nodeid": nodeid, "excess": -node.lookups}})
             del self._by_id[nodeid]
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             if self._journal_fd >= 0:
                 self._journal_write(f"- {nodeid}\n")
+            if node.slot >= 0:
+                self._counts[node.slot] = 0
+                self._free.append(node.slot)
+                node.slot = -1
         os.close(node.fd)
 
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def states(self) -> list[Any]:
+        """The per-inode data of every node that has some (open inodes)."""
+        with self._lock:
+            return [n.state for n in self._by_id.values() if n.state is not None]
+
     # ------------------------------------------------------------ journal
 
     def start_journal(self) -> None:
-        """Write a fresh journal of every live node and keep appending to it."""
+        """Write a fresh journal of every live node and keep appending to it;
+        map the counts file (a new one unless :meth:`restore` mapped the old)."""
         if not self.journal_path:
             return
         with self._lock:
+            if self._counts is None:
+                self._new_counts()
+            for node in self._by_id.values():
+                if node.nodeid != ROOT_ID and node.slot < 0:
+                    self._take_slot(node)
+                    self._counts[node.slot] = node.lookups if node.lookups < RESTORED_LOOKUPS else RESTORED_LOOKUPS
             self._rewrite()
+
+    # ------------------------------------------------------------ counts
+
+    def _counts_path(self) -> str:
+        return f"{self.journal_path}.counts"
+
+    def _new_counts(self) -> None:
+        """A zeroed counts file of :data:`COUNT_SLOTS` slots, all free."""
+        path = self._counts_path()
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, COUNT_SLOTS * 8)
+            os.rename(tmp, path)
+            self._map_counts(fd, COUNT_SLOTS)
+        finally:
+            os.close(fd)
+        self._free = list(range(COUNT_SLOTS - 1, -1, -1))
+
+    def _map_counts(self, fd: int, slots: int) -> None:
+        old_view, old_mm = self._counts, self._counts_mm
+        self._counts_mm = mmap.mmap(fd, slots * 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._counts = memoryview(self._counts_mm).cast("q")
+        if old_view is not None:
+            old_view.release()
+            old_mm.close()  # type: ignore[union-attr]
+
+    def _take_slot(self, node: Node) -> None:
+        """Give ``node`` a zeroed slot (caller holds the lock); the file
+        doubles when none is free, so it stays within twice the live nodes."""
+        if not self._free:
+            slots = len(self._counts)
+            fd = os.open(self._counts_path(), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, 2 * slots * 8)
+                self._map_counts(fd, 2 * slots)
+            finally:
+                os.close(fd)
+            self._free = list(range(2 * slots - 1, slots - 1, -1))
+        node.slot = self._free.pop()
+        self._counts[node.slot] = 0
+
+    def _restore_counts(self, slots: dict[int, int]) -> dict[int, int]:
+        """Map the counts file left by the dead session; the count of each
+        node's slot (nodes whose slot is out of the file are left out)."""
+        try:
+            fd = os.open(self._counts_path(), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        try:
+            size = os.fstat(fd).st_size
+            if size < 8 or size % 8:
+                return {}
+            self._map_counts(fd, size // 8)
+        finally:
+            os.close(fd)
+        total = len(self._counts)
+        found = {nodeid: self._counts[slot] for nodeid, slot in slots.items() if 0 <= slot < total}
+        return found
 
     def _rewrite(self) -> None:
         tmp = f"{self.journal_path}.tmp"
@@ -166,8 +281,9 @@ class NodeTable:
         for node in self._by_id.values():
             if node.nodeid != ROOT_ID:
                 lines.append(self._add_line(node))
-            if node.backing is not None:
-                lines.append(f"B {node.nodeid} {node.backing[0]} {node.backing[1]}\n")
+            backing = node.backing  # read once: a release may end it meanwhile
+            if backing is not None:
+                lines.extend(f"P {node.nodeid} {backing[0]} {fh}\n" for fh in tuple(backing[1]))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, "".join(lines).encode())
@@ -181,14 +297,18 @@ class NodeTable:
         self._journal_fd = fd
         self._journal_lines = len(lines)
 
-    def journal_backing(self, node: Node) -> None:
-        """Record a node's passthrough backing (id, open count), which the
-        kernel keeps across a handover and a successor must reuse."""
+    def journal_backing(self, node: Node, fh: int, opened: bool) -> None:
+        """Record a passthrough open (or its release) of ``node``: the kernel
+        keeps the backing file across a handover, and a successor must reuse
+        it and close it exactly when the last of these handles is released."""
         if self._journal_fd < 0:
             return
-        backing_id, count = node.backing if node.backing is not None else (0, 0)
+        if opened:
+            line = f"P {node.nodeid} {node.backing[0]} {fh}\n"
+        else:
+            line = f"R {node.nodeid} {fh}\n"
         with self._lock:
-            os.write(self._journal_fd, f"B {node.nodeid} {backing_id} {count}\n".encode())
+            os.write(self._journal_fd, line.encode())
             self._journal_lines += 1
 
     @staticmethod
@@ -198,7 +318,8 @@ class NodeTable:
         except OSError as exc:
             log.warning("no file handle for a node", extra={"fields": {"nodeid": node.nodeid, "error": str(exc)}})
             return ""
-        return f"+ {node.nodeid} {kind} {handle.hex()}\n"
+        slot = f"S {node.nodeid} {node.slot}\n" if node.slot >= 0 else ""
+        return f"+ {node.nodeid} {kind} {handle.hex()}\n{slot}"
 
     def _journal_add(self, node: Node) -> None:
         # The counter is journalled with each node so a successor never
@@ -220,7 +341,8 @@ class NodeTable:
         if not self.journal_path or not os.path.exists(self.journal_path):
             return 0
         entries: dict[int, tuple[int, bytes]] = {}
-        backings: dict[int, tuple[int, int]] = {}
+        slots: dict[int, int] = {}
+        backings: dict[int, tuple[int, set[int]]] = {}
         next_id = self._next
         with open(self.journal_path, encoding="ascii") as f:
             for line in f:
@@ -232,29 +354,49 @@ class NodeTable:
                 elif parts[0] == "+" and len(parts) == 4:
                     nodeid = int(parts[1])
                     entries[nodeid] = (int(parts[2]), bytes.fromhex(parts[3]))
+                    slots.pop(nodeid, None)
                     next_id = max(next_id, nodeid + 1)
+                elif parts[0] == "S" and len(parts) == 3 and int(parts[1]) in entries:
+                    slots[int(parts[1])] = int(parts[2])
                 elif parts[0] == "-" and len(parts) == 2:
                     entries.pop(int(parts[1]), None)
+                    slots.pop(int(parts[1]), None)
                     backings.pop(int(parts[1]), None)
-                elif parts[0] == "B" and len(parts) == 4:
-                    if int(parts[3]) > 0:
-                        backings[int(parts[1])] = (int(parts[2]), int(parts[3]))
-                    else:
-                        backings.pop(int(parts[1]), None)
+                elif parts[0] == "P" and len(parts) == 4:
+                    backings.setdefault(int(parts[1]), (int(parts[2]), set()))[1].add(int(parts[3]))
+                elif parts[0] == "R" and len(parts) == 3 and int(parts[1]) in backings:
+                    handles = backings[int(parts[1])][1]
+                    handles.discard(int(parts[2]))
+                    if not handles:
+                        del backings[int(parts[1])]
         restored = 0
         with self._lock:
+            counts = self._restore_counts(slots)
+            used: set[int] = set()
             for nodeid, (kind, handle) in entries.items():
+                count = counts.get(nodeid, RESTORED_LOOKUPS)
+                if count <= 0:
+                    continue  # its reply never left, or the kernel forgot it: not held
                 try:
                     fd = ksys.open_by_handle(mount_fd, kind, handle, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except OSError:
                     continue
                 st = os.fstat(fd)
                 node = Node(nodeid, fd, (st.st_dev, st.st_ino), st.st_mode)
-                node.lookups = RESTORED_LOOKUPS
+                node.lookups = count
+                if nodeid in counts and slots[nodeid] not in used:
+                    node.slot = slots[nodeid]
+                    used.add(node.slot)
                 node.restored = True
                 node.backing = backings.get(nodeid) if nodeid != ROOT_ID else None
                 self._by_id[nodeid] = node
                 self._by_key.setdefault(node.key, node)
                 restored += 1
             self._next = next_id
+            if self._counts is not None:
+                # Every other slot is free, and zeroed (a crash may have left
+                # the count of a node journalled as forgotten).
+                self._free = [i for i in range(len(self._counts) - 1, -1, -1) if i not in used]
+                for i in self._free:
+                    self._counts[i] = 0
         return restored

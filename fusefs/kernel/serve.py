@@ -17,9 +17,13 @@ The state file (``--state-file``, JSON) records what INIT negotiated, which
 a successor must know and cannot ask again, and the handle epoch::
 
     {"version": 1, "proto": "7.45", "flags": <granted INIT flags>,
-     "max_readahead": N, "max_write": N, "epoch": E, "devices": D}
+     "max_readahead": N, "max_write": N, "epoch": E, "devices": D,
+     "usage_token": "<32 hex digits>"}
 
-and ``<state-file>.nodes`` is the node journal (see :mod:`fusefs.kernel.nodes`).
+``<state-file>.nodes`` is the node journal (see :mod:`fusefs.kernel.nodes`),
+and ``<state-file>.live`` the quota's live counters of the connection named
+by ``usage_token`` (see :mod:`fusefs.live_usage`): a takeover adopts them,
+so the volume may grow at once, and audits them with a background scan.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from fusefs.operations import FsOptions
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.engine import OPERATIONS, Engine, EngineOptions
 from fusefs.kernel.inodefs import InodeFs
+from fusefs.live_usage import LiveUsage, live_path, new_token
 from fusefs.opstats import OpStats
+from fusefs.quota import Quota, blocks
 from fusefs.session import Session
 
 log = logging.getLogger("fusefs.kernel.serve")
@@ -53,7 +59,9 @@ class KernelOptions:
     """The session's kernel-engine flags."""
 
     state_file: str | None = None
-    holder_socket: str | None = None
+    #: Every holder to give the descriptors to; a takeover takes them from
+    #: the first that has them (the daemon's own, then one outside it).
+    holder_sockets: tuple[str, ...] = ()
     takeover: bool = False
     passthrough: bool = True
     clones: int = 2
@@ -96,37 +104,86 @@ def _write_state(kopts: KernelOptions, state: dict[str, Any]) -> None:
     os.rename(tmp, kopts.state_file)
 
 
+class _NoLinks:
+    """What Session's stats read of the libfuse engine's hard-link tracker
+    (this engine needs none: a node is an inode, whatever its names)."""
+
+    invalidations = 0
+
+
 class KernelSession(Session):
     """A session served by the kernel engine: the same control commands and
-    checks, another filesystem object (``ops``) and another ``run``."""
+    checks, another filesystem object (``ops``) and another ``run``.
+
+    With a state file, the quota's counters are mirrored into
+    ``<state-file>.live`` (:mod:`fusefs.live_usage`), tied to the connection
+    by a token kept in the state file; a takeover adopts them instead of
+    rescanning before anything may grow."""
 
     def __init__(self, *, kernel_options: KernelOptions, **kwargs: Any) -> None:
         self.kernel_options = kernel_options  # read by Session.__init__ (takeover)
+        #: The live usage file, and the connection's token that names it.
+        self.live: LiveUsage | None = None
+        self.usage_token = ""
         super().__init__(**kwargs)
         options = kwargs.get("options") or FsOptions()
         self.engine_name = "kernel"
         self.writeback_cache = options.writeback_cache
         self.attr_timeout, self.entry_timeout = options.attr_timeout, options.entry_timeout
         self.max_write = options.max_write
-        libfuse_ops = self.ops
-        self.stats_ = new_stats()
-        # The xattr flags as Session found them (the usage file, or True
-        # until its background scan says otherwise; a scan that ends before
-        # the swap below set them on libfuse_ops, one that ends after sets
-        # them on the new object, and reading True is only slower).
-        self.ops = make_fs(  # type: ignore[assignment]
-            self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
-            read_only=kwargs.get("read_only", False), options=libfuse_ops.options,
-            xattrs_seen=libfuse_ops.xattrs_seen, capability_seen=libfuse_ops.capability_seen,
-            kopts=kernel_options)
         # libfuse's fuse_interrupted() would crash on this engine's threads.
         self.limits.use_interrupt_check(self.ops.request_interrupted)
+        if self.live is not None:
+            self.quota.mirror(self.live)
+
+    def _adopted_usage(self, capacity: int) -> Quota | None:
+        """A fresh mount starts a live usage file of a new token; a takeover
+        adopts the one of its connection (None if it cannot be trusted: the
+        usual rules then apply, a rescan)."""
+        kopts = self.kernel_options
+        if not kopts.state_file:
+            return None
+        path = live_path(kopts.state_file)
+        if not kopts.takeover:
+            self.usage_token = new_token()
+            self.live = LiveUsage.create(path, self.usage_token)
+            return None
+        token = _read_state(kopts).get("usage_token")
+        self.usage_token = token if isinstance(token, str) and len(token) == 32 else new_token()
+        try:
+            self.live, figures = LiveUsage.adopt(path, self.usage_token)
+        except ValueError:  # a token that is not hex
+            self.usage_token = new_token()
+            self.live, figures = LiveUsage.create(path, self.usage_token), None
+        if figures is None:
+            return None
+        return Quota(capacity, *figures)
+
+    def _orphan_charges(self) -> tuple[int, int]:
+        total = count = 0
+        for state in self.ops.nodes.states():
+            if state.orphan:
+                total += blocks(state.size) + state.extra
+                count += 1
+        return total, count
+
+    def _requests_in_flight(self) -> int:
+        engine = getattr(self, "engine", None)
+        return len(engine._inflight) if engine is not None else 0
+
+    def _make_ops(self, *, read_only: bool, options: FsOptions, xattrs_seen: bool,
+                  capability_seen: bool) -> Any:
+        self.stats_ = new_stats()
+        fs = make_fs(self.source, quota=self.quota, gate=self.gate, limits=self.limits, stats=self.stats_,
+                     read_only=read_only, options=options, xattrs_seen=xattrs_seen,
+                     capability_seen=capability_seen, kopts=self.kernel_options)
         # What Session reads from its filesystem object besides the common
         # methods (the libfuse engine's names), so both engines serve its
         # stats and control commands.
-        for name, default in (("options", options), ("links", None), ("fuse_session", None)):
-            if not hasattr(self.ops, name):
-                setattr(self.ops, name, getattr(libfuse_ops, name, default))
+        fs.options = options  # type: ignore[attr-defined]
+        fs.links = _NoLinks()  # type: ignore[attr-defined]
+        fs.fuse_session = None  # type: ignore[attr-defined]
+        return fs
 
     def run(self) -> int:
         return run(self, self.kernel_options)
@@ -145,7 +202,6 @@ def run(session: Any, kopts: KernelOptions) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=session._become_ready, name="ready", daemon=True).start()
     try:
         if kopts.takeover:
             _take_over(session, engine, kopts)
@@ -157,9 +213,17 @@ def run(session: Any, kopts: KernelOptions) -> int:
         if session.server is not None:
             session.server.close()
         return 1
-    if kopts.holder_socket:
-        handover.put(kopts.holder_socket, session.volume_id, engine.devices)
-        log.info("descriptors given to the holder", extra={"fields": {"devices": len(engine.devices)}})
+    for holder in kopts.holder_sockets:
+        try:
+            handover.put(holder, session.volume_id, engine.devices)
+            log.info("descriptors given to the holder", extra={"fields": {
+                "devices": len(engine.devices), "holder": holder}})
+        except OSError as exc:
+            log.error("a holder did not take the descriptors", extra={"fields": {
+                "holder": holder, "error": str(exc)}})
+    # Ready (the control socket answers) only once a holder keeps the
+    # connection: a kill from then on never ends the mount.
+    threading.Thread(target=session._become_ready, name="ready", daemon=True).start()
     while not stop.wait(0.2):
         if engine.stopped.is_set():
             break
@@ -170,12 +234,13 @@ def run(session: Any, kopts: KernelOptions) -> int:
     if session.server is not None:
         session.server.close()
     held = False  # whether a holder may still keep the connection for a successor
-    if kopts.holder_socket and stop.is_set():
+    for holder in kopts.holder_sockets if stop.is_set() else ():
         try:
-            handover.drop(kopts.holder_socket, session.volume_id)
+            handover.drop(holder, session.volume_id)
         except OSError as exc:
             held = True
-            log.warning("holder did not drop the descriptors", extra={"fields": {"error": str(exc)}})
+            log.warning("holder did not drop the descriptors", extra={"fields": {
+                "holder": holder, "error": str(exc)}})
     try:
         ksys.lazy_unmount(session.mountpoint)
     except OSError as exc:
@@ -204,15 +269,26 @@ def _fresh(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     neg = engine.negotiated
     _write_state(kopts, {"version": STATE_VERSION, "proto": neg["proto"], "flags": neg["flags_value"],
                          "max_readahead": neg["max_readahead"], "max_write": neg["max_write"],
-                         "epoch": 0, "devices": len(engine.devices)})
+                         "epoch": 0, "devices": len(engine.devices), "usage_token": session.usage_token})
     engine.start()
 
 
+def _take(holders: tuple[str, ...], key: str) -> list[int]:
+    """The descriptors from the first holder that has them."""
+    errors = []
+    for holder in holders:
+        try:
+            return handover.take(holder, key)
+        except OSError as exc:
+            errors.append(str(exc))
+    raise OSError("no holder has the descriptors: " + "; ".join(errors))
+
+
 def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
-    if not kopts.holder_socket:
+    if not kopts.holder_sockets:
         raise ValueError("--takeover needs --holder-socket")
     state = _read_state(kopts)
-    devices = handover.take(kopts.holder_socket, session.volume_id)
+    devices = _take(kopts.holder_sockets, session.volume_id)
     if not devices:
         raise OSError("the holder gave no descriptors")
     engine.devices = devices
@@ -223,6 +299,7 @@ def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     session.ops.nodes.start_journal()
     engine.set_negotiated(state["proto"], state["flags"], state["max_readahead"])
     state["epoch"] = session.ops._epoch
+    state["usage_token"] = session.usage_token
     _write_state(kopts, state)
     log.info("took over the connection", extra={"fields": {
         "devices": len(devices), "restored_nodes": restored, "epoch": state["epoch"],
