@@ -16,6 +16,10 @@ Five directories on the same disk, each measured the same way:
   daemon starts a session (the driver cannot yet choose the engine per
   volume); the session's own request counters show which rows were served
   by kernel passthrough (no READ request reaches it);
+* ``fusefs-kernel-base`` (only when ``FUSEPATH_BENCH_KERNEL_BASELINE``
+  names another source tree, e.g. a ``git worktree`` of main): the kernel
+  engine of that tree, the same way, so that a change to the engine is
+  measured against its base in one run;
 * ``bindfs``: the Debian ``bindfs`` (C, libfuse) over a plain directory, the
   C FUSE reference.
 
@@ -60,9 +64,13 @@ from common import (GiB, MiB, BenchDriver, Options, Section, Target, cpu_seconds
 
 from fusefs.control import SessionClient  # noqa: E402 - common puts the repo on sys.path
 
-TARGETS = ("native", "bind", "fusefs", "fusefs-kernel", "bindfs")
+TARGETS = ("native", "bind", "fusefs", "fusefs-kernel", "fusefs-kernel-base", "bindfs")
 #: The kernel engine's target: its session process and control socket.
 KERNEL = "fusefs-kernel"
+#: An optional A/B target: the kernel engine from another source tree (for
+#: example ``git worktree add /tmp/base main``), named by this variable.
+BASELINE_ENV = "FUSEPATH_BENCH_KERNEL_BASELINE"
+BASELINE = "fusefs-kernel-base"
 
 
 @dataclass(frozen=True)
@@ -296,18 +304,20 @@ class KernelSession:
 
 
 @contextmanager
-def kernel_session(work: Path, capacity: int = 4 * GiB) -> Iterator[KernelSession]:
-    """``python -m fusefs.session --engine=kernel`` over a plain directory; stopped on the way out."""
-    src, mnt, sock = work / "kernel-src", work / "kernel-mnt", work / "kernel.sock"
+def kernel_session(work: Path, capacity: int = 4 * GiB, code: Path = REPO,
+                   name: str = "kernel") -> Iterator[KernelSession]:
+    """``python -m fusefs.session --engine=kernel`` (from the source tree
+    ``code``) over a plain directory; stopped on the way out."""
+    src, mnt, sock = work / f"{name}-src", work / f"{name}-mnt", work / f"{name}.sock"
     for p in (src, mnt):
         shutil.rmtree(p, ignore_errors=True)
         p.mkdir(parents=True)
     argv = [sys.executable, "-m", "fusefs.session", "--engine=kernel", "--volume-id", "bench-kernel",
             "--source", str(src), "--mountpoint", str(mnt), "--control-socket", str(sock),
-            "--capacity", str(capacity), "--state-file", str(work / "kernel.state"), "--log-level", "info"]
-    with open(work / "kernel-session.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+            "--capacity", str(capacity), "--state-file", str(work / f"{name}.state"), "--log-level", "info"]
+    with open(work / f"{name}-session.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=code,
+                                env=dict(os.environ, PYTHONPATH=str(code)))
     try:
         client = SessionClient(str(sock), timeout=5)
         deadline = time.monotonic() + 60
@@ -318,7 +328,7 @@ def kernel_session(work: Path, capacity: int = 4 * GiB) -> Iterator[KernelSessio
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the kernel-engine session did not come up (see {work / 'kernel-session.log'})")
+                raise RuntimeError(f"the kernel-engine session did not come up (see {work / f'{name}-session.log'})")
             time.sleep(0.05)
         yield KernelSession(proc.pid, mnt, client)
     finally:
@@ -367,6 +377,13 @@ def open_targets(stack: ExitStack, driver: BenchDriver, work: Path, section: Sec
         section.results[f"{KERNEL}_session"] = kernel
     except (RuntimeError, OSError) as exc:
         section.notes.append(f"{KERNEL}: the session could not start, skipped: {exc}")
+    baseline = os.environ.get(BASELINE_ENV)
+    if baseline:
+        try:
+            dirs[BASELINE] = stack.enter_context(kernel_session(work, code=Path(baseline), name="base")).mountpoint
+            section.config["kernel_baseline_tree"] = baseline
+        except (RuntimeError, OSError) as exc:
+            section.notes.append(f"{BASELINE}: the session from {baseline} could not start, skipped: {exc}")
     if shutil.which("bindfs"):
         try:
             dirs["bindfs"] = stack.enter_context(bindfs_mount(work))

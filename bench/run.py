@@ -279,7 +279,7 @@ def render_snapshot(section: dict[str, Any]) -> str:
 def render_data_path(section: dict[str, Any]) -> str:
     r = section["results"]
     kinds = [k for k in data_path.TARGETS if k in r]
-    engines = [k for k in ("fusefs", data_path.KERNEL) if k in r]
+    engines = [k for k in ("fusefs", data_path.KERNEL, data_path.BASELINE) if k in r]
     units = r.get("units", {})
     ratios = [f"{e} / {base}" for e in engines for base in ("native", "bindfs")]
     head = "| workload | unit | " + " | ".join(kinds) + " | " + " | ".join(ratios) + " |"
