@@ -13,9 +13,10 @@ Five directories on the same disk, each measured the same way:
 * ``fusefs-kernel``: the same session on the kernel engine
   (``python -m fusefs.session --engine=kernel``, fusefs speaking /dev/fuse
   itself, with passthrough), started directly with a 4 GiB quota as the
-  daemon starts a session (the driver cannot yet choose the engine per
-  volume); the session's own request counters show which rows were served
-  by kernel passthrough (no READ request reaches it);
+  daemon starts a session (a driver runs one engine, ``--fusefs-engine``,
+  and the bench's driver serves the libfuse target); the session's own
+  request counters show which rows were served by kernel passthrough (no
+  READ request reaches it);
 * ``fusefs-kernel-base`` (only when ``FUSEPATH_BENCH_KERNEL_BASELINE``
   names another source tree, e.g. a ``git worktree`` of main): the kernel
   engine of that tree, the same way, so that a change to the engine is

@@ -165,6 +165,8 @@ class NodeTable:
             node = self._by_key.get(key)
             if node is not None:
                 node.lookups += 1
+                if node.slot >= 0:  # stored before the reply, as remember() does
+                    self._counts[node.slot] = node.lookups
             return node
 
     def forget(self, nodeid: int, count: int) -> None:

@@ -151,3 +151,33 @@ def test_posix_acl_attributes_are_unsupported_as_on_a_noacl_mount(kstart: Callab
         assert exc.value.errno == errno.EOPNOTSUPP
     os.setxattr(f, "user.k", b"v")
     assert os.getxattr(f, "user.k") == b"v" and "user.k" in os.listxattr(f)
+
+
+def test_lookups_counted_by_readdirplus_survive_a_handover(tmp_path: Path) -> None:
+    """READDIRPLUS counts a lookup on a known node without opening it
+    (NodeTable.pin); that count is stored in the counts file like any
+    other, so a successor forgets the node after exactly as many lookups as
+    the kernel holds (no FORGET beyond the count, no node kept for ever)."""
+    from fusefs.kernel.nodes import NodeTable
+
+    root, journal = tmp_path / "root", tmp_path / "journal"
+    root.mkdir()
+    (root / "f").write_bytes(b"")
+    old = NodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY), str(journal))
+    old.start_journal()
+    fd = os.open(root / "f", os.O_PATH | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    nodeid = old.remember(fd, st).nodeid
+    for _ in range(3):
+        assert old.pin((st.st_dev, st.st_ino)) is not None  # three listings: 4 lookups in all
+    assert old.pin((st.st_dev, st.st_ino + 1_000_000)) is None
+
+    new = NodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY), str(journal))
+    assert new.restore(os.open(root, os.O_RDONLY | os.O_DIRECTORY)) == 1
+    assert new.get(nodeid).lookups == 4
+    new.forget(nodeid, 3)
+    assert new.get(nodeid).lookups == 1  # the kernel still holds one
+    new.forget(nodeid, 1)
+    with pytest.raises(OSError):
+        new.get(nodeid)
+    assert new.forget_excess == 0
