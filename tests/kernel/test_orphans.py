@@ -1,0 +1,165 @@
+"""A file a pod unlinked while it holds it open survives a takeover.
+
+With ``--orphan-dir`` the session does not unlink the last name of a file
+that is open: it renames it into the orphan directory (outside the volume,
+on the same filesystem), so the inode outlives the session's own
+descriptors. A SIGKILLed session's successor finds it through the node
+journal; the pod's descriptor keeps working (no ESTALE), ``fstat`` still
+says ``st_nlink == 0``, and when the pod closes it the orphan is removed
+and its charge returned. A fresh mount empties a leftover orphan directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
+from tests.kernel.conftest import ENV, Holder, Volume, holder, wait_for  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.privileged
+
+#: The pod: make a file, write it, take its last name away (unlink, or a
+#: rename over it), keep it open; after "go" on stdin, read it back, write
+#: more, fstat it, close it.
+POD = r"""
+import os, sys
+d, how = sys.argv[1], sys.argv[2]
+path = os.path.join(d, "tmpfile")
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+data = bytes(range(256)) * 400          # 100 KiB
+os.write(fd, data)
+os.fsync(fd)
+if how == "unlink":
+    os.unlink(path)
+else:
+    other = os.path.join(d, "other")
+    with open(other, "wb") as f:
+        f.write(b"replacement")
+    os.rename(other, path)               # over the open file: its last name
+print("ready", os.fstat(fd).st_nlink, flush=True)
+assert sys.stdin.readline().strip() == "go"
+try:
+    ok = os.pread(fd, len(data), 0) == data
+    os.pwrite(fd, b"more" * 1024, len(data))
+    st = os.fstat(fd)
+    ok = ok and os.pread(fd, 4096, len(data)) == b"more" * 1024
+    print("after", ok, st.st_nlink, st.st_size, flush=True)
+except OSError as exc:
+    print("error", exc.errno, exc.strerror, flush=True)
+assert sys.stdin.readline().strip() == "close"
+os.close(fd)
+print("closed", flush=True)
+"""
+
+
+def _pod(argv: list[str]) -> list[str]:
+    return ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", *argv]
+
+
+def _orphan_dir(volume: Volume) -> Path:
+    path = volume.base / "orphans"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _start(volume: Volume, takeover: bool = False) -> Any:
+    return volume.start(takeover=takeover, extra=["--orphan-dir", str(_orphan_dir(volume))])
+
+
+def _usage(volume: Volume) -> tuple[int, int]:
+    st = volume.sessions[-1].client.stats()
+    return st["used_bytes"], st["used_inodes"]
+
+
+def _kill_and_take_over(volume: Volume) -> None:
+    m = volume.sessions[-1]
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait(10)
+    _start(volume, takeover=True)
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_an_unlinked_open_file_survives_a_takeover(volume: Volume, how: str) -> None:
+    _start(volume)
+    work = volume.mountpoint / "w"
+    work.mkdir()
+    os.chown(work, 1000, 1000)
+    before = _usage(volume)
+    pod = subprocess.Popen(_pod([sys.executable, "-c", POD, str(work), how]), stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        assert pod.stdin is not None and pod.stdout is not None
+        line = pod.stdout.readline().decode().split()
+        assert line == ["ready", "0"], line
+        orphans = _orphan_dir(volume)
+        assert len(os.listdir(orphans)) == 1, "the open file was moved to the orphan directory"
+        assert sorted(os.listdir(volume.source / "w")) == ([] if how == "unlink" else ["tmpfile"])
+        _kill_and_take_over(volume)
+        _kill_and_take_over(volume)  # twice: a successor's journal carries the orphan on
+        pod.stdin.write(b"go\n")
+        pod.stdin.flush()
+        line = pod.stdout.readline().decode().split()
+        assert line == ["after", "True", "0", str(102400 + 4096)], line
+        assert len(os.listdir(orphans)) == 1
+        pod.stdin.write(b"close\n")
+        pod.stdin.flush()
+        assert pod.stdout.readline().strip() == b"closed"
+        assert pod.wait(10) == 0
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait(5)
+    wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed after the last close")
+    if how != "unlink":
+        (volume.mountpoint / "w" / "tmpfile").unlink()  # the replacement
+    wait_for(lambda: _usage(volume) == before, what=f"the usage back to {before} (now {_usage(volume)})")
+    assert not os.listdir(volume.source / "w")
+
+
+def test_an_unlinked_file_closed_before_the_kill_leaves_nothing(volume: Volume) -> None:
+    """The ordinary case stays ordinary: nothing open, nothing orphaned."""
+    _start(volume)
+    f = volume.mountpoint / "f"
+    with open(f, "wb") as out:
+        out.write(b"x" * 10000)
+        f.unlink()
+        assert len(os.listdir(_orphan_dir(volume))) == 1  # open: kept as an orphan
+    wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed on close")
+    g = volume.mountpoint / "g"
+    g.write_bytes(b"y")
+    g.unlink()
+    assert not os.listdir(_orphan_dir(volume))
+
+
+def test_a_fresh_mount_empties_a_leftover_orphan_directory(volume: Volume) -> None:
+    """What a crash left (treated as hostile: nested directories, a symlink
+    pointing into the volume) is removed by a fresh mount, by descriptors;
+    the volume's own files are untouched."""
+    orphans = _orphan_dir(volume)
+    (orphans / "5").write_bytes(b"left by a crash")
+    nested = orphans / "d" / "e"
+    nested.mkdir(parents=True)
+    (nested / "f").write_bytes(b"x")
+    (volume.source / "keep").write_bytes(b"mine")
+    (orphans / "link").symlink_to(volume.source)
+    _start(volume)
+    assert os.listdir(orphans) == []
+    assert (volume.source / "keep").read_bytes() == b"mine"
+    assert (volume.mountpoint / "keep").read_bytes() == b"mine"
+
+
+def test_without_an_orphan_dir_unlink_is_a_plain_unlink(volume: Volume) -> None:
+    volume.start()
+    f = volume.mountpoint / "f"
+    with open(f, "wb") as out:
+        out.write(b"x")
+        f.unlink()
+        assert os.fstat(out.fileno()).st_nlink == 0
+    assert not os.listdir(volume.source)
