@@ -45,6 +45,7 @@ from fusefs import charging
 from fusefs.charging import MAX_OPEN_FILES, RENAME_EXCHANGE, STATFS_BLOCK, OpenFiles
 from fusefs.freeze import FreezeGate
 from fusefs.kernel import protocol as p
+from fusefs.kernel import orphans as orphan_dir
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.nodes import Node, NodeTable
 from fusefs.limits import IOLimits
@@ -129,11 +130,15 @@ class InodeFs:
                  limits: IOLimits | None = None, stats: OpStats | None = None, read_only: bool = False,
                  xattrs_seen: bool = True, capability_seen: bool = True, keep_cache: bool = True,
                  journal: str | None = None, handle_epoch: int = 0,
-                 max_open_files: int = MAX_OPEN_FILES) -> None:
+                 max_open_files: int = MAX_OPEN_FILES, orphan_fd: int = -1) -> None:
         self.source = os.path.realpath(source)
         self.root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         root_path = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.nodes = NodeTable(root_path, journal)
+        #: Where open files that lose their last name are kept (-1: nowhere,
+        #: they are unlinked; see :mod:`fusefs.kernel.orphans`).
+        self.nodes.orphan_fd = orphan_fd
+        self.nodes.orphan_freed = self._orphan_freed
         self.quota = quota
         self.gate = gate or FreezeGate()
         self.limits = limits or IOLimits()
@@ -238,7 +243,9 @@ class InodeFs:
         self.nodes.forget(nodeid, count)
 
     def getattr(self, nodeid: int) -> os.stat_result:
-        return os.stat(self.nodes.get(nodeid).fd)
+        node = self.nodes.get(nodeid)
+        st = os.stat(node.fd)
+        return st if node.orphan is None else _Unlinked(st)  # type: ignore[return-value]
 
     def readlink(self, nodeid: int) -> bytes:
         return os.readlink(b"", dir_fd=self.nodes.get(nodeid).fd)
@@ -285,6 +292,8 @@ class InodeFs:
     def link(self, old_id: int, parent_id: int, name: bytes, unique: int = 0) -> tuple[Node, os.stat_result]:
         """A new name (charged through its directory's growth), no new inode."""
         node = self.nodes.get(old_id)
+        if node.orphan is not None:
+            raise OSError(errno.ENOENT, "no link left")  # as linkat(2) of an unlinked file
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
@@ -299,28 +308,90 @@ class InodeFs:
             self.gate.leave(w)
 
     def unlink(self, parent_id: int, name: bytes, unique: int = 0) -> None:
-        self._remove(parent_id, name, unique, lambda d: os.unlink(name, dir_fd=d))
+        self._remove(parent_id, name, unique, lambda d: os.unlink(name, dir_fd=d), may_orphan=True)
 
     def rmdir(self, parent_id: int, name: bytes, unique: int = 0) -> None:
         self._remove(parent_id, name, unique, lambda d: os.rmdir(name, dir_fd=d))
 
-    def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any) -> None:
+    def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any, may_orphan: bool = False) -> None:
         """unlink and rmdir alike: settle the parent's size, uncharge the inode
-        if that was its last name (on its last close if it is open)."""
+        if that was its last name (on its last close if it is open). The last
+        name of an open file is moved to the orphan directory instead (see
+        :meth:`_keep_alive`), charged until the kernel forgets it."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
             try:
                 st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
                 extra = self._xattr_extra(parent, name, st)
+                keep = self._keep_alive(st) if may_orphan else None
+                if keep is not None:
+                    remove = lambda d: self._orphan(keep, d, name, extra, link=False)  # noqa: E731
                 charging.name_op(self.quota, _sizes(parent), lambda: remove(parent.fd), growth=0)
             except FileNotFoundError:
                 if unique & p.UNIQUE_RESEND:
                     return  # done before the crash
                 raise
-            self._link_removed(st, extra)
+            if keep is None or keep.orphan is None:
+                self._link_removed(st, extra)
         finally:
             self.gate.leave(w)
+
+    # ------------------------------------------------------------ orphans
+
+    def _keep_alive(self, st: os.stat_result) -> Node | None:
+        """The node of a regular file whose last name is going while it may be
+        open (open handles, or a node restored after a handover, whose opens
+        from before it this process has not all seen): with an orphan
+        directory, it is kept there, so that a SIGKILL of this process does
+        not free the inode under the pod's descriptor."""
+        if self.nodes.orphan_fd < 0 or st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            return None
+        node = self.nodes.by_key((st.st_dev, st.st_ino))
+        if node is None or node.orphan is not None or (node.state is None and not node.restored):
+            return None
+        return node
+
+    def _orphan(self, node: Node, parent_fd: int, name: bytes, extra: int, link: bool) -> None:
+        """Move (or, before a rename over it, hard-link) ``name`` to the
+        orphan directory, journalled first; if the name no longer is
+        ``node``'s inode (a race), the moved entry is simply unlinked."""
+        oname = orphan_dir.name_for(node.nodeid)
+        ofd = self.nodes.orphan_fd
+        self.nodes.journal_orphan(node, oname, extra)
+        try:
+            if link:
+                os.link(name, oname, src_dir_fd=parent_fd, dst_dir_fd=ofd, follow_symlinks=False)
+            else:
+                ksys.renameat2(parent_fd, name, ofd, oname.encode(), charging.RENAME_NOREPLACE)
+        except BaseException:
+            self.nodes.journal_orphan(node, None)
+            raise
+        moved = os.stat(oname, dir_fd=ofd, follow_symlinks=False)
+        if (moved.st_dev, moved.st_ino) != node.key:
+            os.unlink(oname, dir_fd=ofd)
+            self.nodes.journal_orphan(node, None)
+            return
+        node.orphan, node.orphan_extra = oname, extra
+
+    def _orphan_freed(self, size: int, extra: int) -> None:
+        """An orphan was unlinked from the orphan directory: its inode is
+        free now; return what it was charged (see charging.name_removed)."""
+        charging.orphan_freed(self.quota, size, extra)
+
+    def orphan_charges(self) -> tuple[int, int]:
+        """Bytes and inodes charged for orphans kept in the orphan directory
+        (the usage scan cannot see them)."""
+        total = count = 0
+        for node in self.nodes.orphans():
+            state = node.state
+            try:
+                size = state.size if state is not None else os.fstat(node.fd).st_size
+            except OSError:
+                continue
+            total += blocks(size) + node.orphan_extra
+            count += 1
+        return total, count
 
     def rename(self, parent_id: int, name: bytes, newparent_id: int, newname: bytes, flags: int,
                unique: int = 0) -> None:
@@ -347,10 +418,20 @@ class InodeFs:
                         replaced = None  # two names of one inode: a no-op
                     else:
                         extra = self._xattr_extra(newparent, newname, replaced)
-                if flags:
-                    ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
-                else:
-                    os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
+                keep = self._keep_alive(replaced) if replaced is not None else None
+                if keep is not None:
+                    self._orphan(keep, newparent.fd, newname, extra, link=True)
+                try:
+                    if flags:
+                        ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
+                    else:
+                        os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
+                except BaseException:
+                    if keep is not None and keep.orphan is not None:
+                        self._unorphan(keep)
+                    raise
+                if keep is not None and keep.orphan is not None:
+                    replaced = None  # kept: charged until the kernel forgets it
                 return replaced, extra
             try:
                 replaced, extra = charging.name_op(self.quota, _sizes(parent, newparent), do,
@@ -363,6 +444,15 @@ class InodeFs:
                 self._link_removed(replaced, extra)
         finally:
             self.gate.leave(w)
+
+    def _unorphan(self, node: Node) -> None:
+        """The rename over an open file failed: its orphan link goes again."""
+        try:
+            os.unlink(node.orphan, dir_fd=self.nodes.orphan_fd)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        node.orphan = None
+        self.nodes.journal_orphan(node, None)
 
     def _xattr_extra(self, parent: Node, name: bytes, st: os.stat_result) -> int:
         """The xattr charge of ``name``'s inode if this name is its last."""
@@ -407,7 +497,7 @@ class InodeFs:
                 ksys.utimens_empty(node.fd, a, m)
             st = os.stat(node.fd)
             node.mode = st.st_mode
-            return st
+            return st if node.orphan is None else _Unlinked(st)  # type: ignore[return-value]
         finally:
             self.gate.leave(w)
 
@@ -896,6 +986,20 @@ class InodeFs:
     def open_handles(self) -> int:
         """Open files and directories now (what the cap counts)."""
         return self.open_files.count
+
+
+class _Unlinked:
+    """An orphan's ``stat``, as the pod must see it: no link (its only link
+    is in the orphan directory, which is not the pod's business)."""
+
+    __slots__ = ("_st",)
+    st_nlink = 0
+
+    def __init__(self, st: os.stat_result) -> None:
+        self._st = st
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._st, name)
 
 
 def _sizes(*dirs: Node) -> Any:
