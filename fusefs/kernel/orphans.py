@@ -102,6 +102,20 @@ def empty(dir_fd: int, keep: set[str] | frozenset[str] = frozenset()) -> int:
     return removed
 
 
+def remove_dir(parent_fd: int, name: str) -> None:
+    """Empty ``name`` (a directory in ``parent_fd``) and remove it; nothing
+    if it is not there."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    try:
+        empty(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
 def _enter(parent_fd: int, name: str, dev: int, depth: int) -> int:
     """A subdirectory opened to empty it, or -1: too deep, gone, a mount."""
     if depth > MAX_DEPTH:
