@@ -211,6 +211,22 @@ class KernelSession(Session):
                 return False
         return True
 
+    def drop_orphans(self) -> None:
+        """The connection is gone for good (a clean stop): no inode without a
+        name can be used any more. Their charges go, and the orphan
+        directory is emptied, so that the usage persisted next is the
+        volume's (a fresh mount would empty the directory anyway)."""
+        total, count = self._orphan_charges()
+        if count:
+            self.quota.release_bytes(total)
+            self.quota.give_inode(count)
+        fd = self.ops.nodes.orphan_fd
+        if fd >= 0:
+            try:
+                orphans.empty(fd)
+            except OSError as exc:
+                log.warning("cannot empty the orphan directory", extra={"fields": {"error": str(exc)}})
+
     def _requests_in_flight(self) -> int:
         engine = getattr(self, "engine", None)
         return len(engine._inflight) if engine is not None else 0
@@ -294,6 +310,7 @@ def run(session: Any, kopts: KernelOptions) -> int:
     if not held and engine.drain(DRAIN_SECONDS):
         # The connection is gone and nothing is in flight: the usage is
         # final, and the next mount trusts it instead of rescanning.
+        session.drop_orphans()
         session.persist_usage()
     log.info("unmounted; exiting")
     return 0

@@ -16,11 +16,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
+from tests.fusefs.conftest import Mounted, base_dir  # noqa: F401 - fixture
+from tests.kernel import test_engine
+from tests.kernel.conftest import kstart  # noqa: F401 - fixture
 from tests.kernel.conftest import ENV, Holder, Volume, holder, wait_for  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.privileged
@@ -36,7 +39,10 @@ fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 data = bytes(range(256)) * 400          # 100 KiB
 os.write(fd, data)
 os.fsync(fd)
-if how == "unlink":
+if how == "late-unlink":   # opened before a takeover, unlinked after it
+    print("opened", flush=True)
+    assert sys.stdin.readline().strip() == "unlink"
+if how != "rename-over":
     os.unlink(path)
 else:
     other = os.path.join(d, "other")
@@ -85,7 +91,7 @@ def _kill_and_take_over(volume: Volume) -> None:
     _start(volume, takeover=True)
 
 
-@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+@pytest.mark.parametrize("how", ["unlink", "rename-over", "late-unlink"])
 def test_an_unlinked_open_file_survives_a_takeover(volume: Volume, how: str) -> None:
     _start(volume)
     work = volume.mountpoint / "w"
@@ -96,11 +102,18 @@ def test_an_unlinked_open_file_survives_a_takeover(volume: Volume, how: str) -> 
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
     try:
         assert pod.stdin is not None and pod.stdout is not None
+        if how == "late-unlink":
+            # The successor has not seen this open (the kernel keeps it from
+            # the dead session): the node was restored from the journal.
+            assert pod.stdout.readline().strip() == b"opened"
+            _kill_and_take_over(volume)
+            pod.stdin.write(b"unlink\n")
+            pod.stdin.flush()
         line = pod.stdout.readline().decode().split()
         assert line == ["ready", "0"], line
         orphans = _orphan_dir(volume)
         assert len(os.listdir(orphans)) == 1, "the open file was moved to the orphan directory"
-        assert sorted(os.listdir(volume.source / "w")) == ([] if how == "unlink" else ["tmpfile"])
+        assert sorted(os.listdir(volume.source / "w")) == (["tmpfile"] if how == "rename-over" else [])
         _kill_and_take_over(volume)
         _kill_and_take_over(volume)  # twice: a successor's journal carries the orphan on
         pod.stdin.write(b"go\n")
@@ -117,7 +130,7 @@ def test_an_unlinked_open_file_survives_a_takeover(volume: Volume, how: str) -> 
             pod.kill()
             pod.wait(5)
     wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed after the last close")
-    if how != "unlink":
+    if how == "rename-over":
         (volume.mountpoint / "w" / "tmpfile").unlink()  # the replacement
     wait_for(lambda: _usage(volume) == before, what=f"the usage back to {before} (now {_usage(volume)})")
     assert not os.listdir(volume.source / "w")
@@ -163,3 +176,120 @@ def test_without_an_orphan_dir_unlink_is_a_plain_unlink(volume: Volume) -> None:
         f.unlink()
         assert os.fstat(out.fileno()).st_nlink == 0
     assert not os.listdir(volume.source)
+
+
+def test_plain_directory_semantics_hold_with_an_orphan_dir(kstart: Callable[..., Mounted], tmp_path: Path) -> None:
+    """The engine's unlinked-open-file test, with the orphan directory on:
+    fstat says nlink 0, the parent can be removed, the data stays
+    readable, the quota is given back on close; the orphan is gone then."""
+    orphans = tmp_path / "orphans"
+    orphans.mkdir(mode=0o700)
+    test_engine.test_unlinked_open_file_behaves_as_on_a_plain_directory(
+        lambda **kw: kstart(extra=["--orphan-dir", str(orphans)], **kw))
+    wait_for(lambda: not os.listdir(orphans), what="the orphan removed")
+
+
+def test_an_orphan_dir_on_another_filesystem_is_not_used(kstart: Callable[..., Mounted], tmp_path: Path) -> None:
+    """A rename cannot cross filesystems: such a directory is refused (logged)
+    and unlink works as without one."""
+    other = Path("/dev/shm") / f"orphans-{os.getpid()}-{tmp_path.name}"
+    other.mkdir(mode=0o700)
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the test directory's filesystem")
+        m = kstart(extra=["--orphan-dir", str(other)])
+        f = m.mountpoint / "f"
+        with open(f, "wb") as out:
+            out.write(b"x")
+            f.unlink()
+            assert os.fstat(out.fileno()).st_nlink == 0
+        assert not os.listdir(other) and not os.listdir(m.source)
+        assert "orphan directory unusable" in m.log()
+    finally:
+        other.rmdir()
+
+
+HOLD = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, b"h" * 50000)
+os.unlink(sys.argv[1])
+print("held", flush=True)
+sys.stdin.readline()
+print("read", os.pread(fd, 50000, 0) == b"h" * 50000, flush=True)
+sys.stdin.readline()
+"""
+
+
+def _hold(path: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(_pod([sys.executable, "-c", HOLD, str(path)]), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+    return proc
+
+
+def _ask(proc: subprocess.Popen[bytes], line: bytes) -> bytes:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + b"\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def _work_dir(volume: Volume) -> Path:
+    work = volume.mountpoint / "w"
+    work.mkdir()
+    os.chown(work, 1000, 1000)
+    return work
+
+
+def test_a_clean_stop_frees_the_orphans_and_persists_the_volumes_usage(volume: Volume) -> None:
+    """SIGTERM ends the connection: the orphans go with it, and the usage
+    persisted for the next fresh mount (which trusts it) is the volume's."""
+    usage_file = ["--usage-file", str(volume.base / "vol.usage")]
+    volume.start(extra=["--orphan-dir", str(_orphan_dir(volume)), *usage_file])
+    work = _work_dir(volume)
+    before = _usage(volume)
+    pod = _hold(work / "f")
+    try:
+        assert len(os.listdir(_orphan_dir(volume))) == 1
+        assert _usage(volume)[0] >= before[0] + 50000
+        m = volume.sessions[-1]
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(30) == 0
+    finally:
+        pod.kill()
+        pod.wait(5)
+    assert not os.listdir(_orphan_dir(volume))
+    volume.start(extra=["--orphan-dir", str(_orphan_dir(volume)), *usage_file])
+    st = volume.sessions[-1].client.stats()
+    assert st["scan"]["state"] == "trusted", st["scan"]
+    assert (st["used_bytes"], st["used_inodes"]) == before
+
+
+def test_a_rescan_after_a_takeover_counts_the_orphans(volume: Volume) -> None:
+    """With the live counters lost, the successor rescans: the orphan, which
+    the scan of the volume cannot see, is still charged, and uncharged when
+    the pod closes it."""
+    _start(volume)
+    work = _work_dir(volume)
+    before = _usage(volume)
+    pod = _hold(work / "f")
+    try:
+        charged = _usage(volume)
+        volume.sessions[-1].proc.send_signal(signal.SIGKILL)
+        volume.sessions[-1].proc.wait(10)
+        os.unlink(volume.state + ".live")
+        _start(volume, takeover=True)
+        st = wait_for(lambda: (s := volume.sessions[-1].client.stats())["scan"]["state"] != "running" and s,
+                      what="the rescan")
+        assert "adopted" not in st["scan"], st["scan"]
+        assert (st["used_bytes"], st["used_inodes"]) == charged
+        assert _ask(pod, b"go") == b"read True"
+        _ask(pod, b"close")
+        assert pod.wait(10) == 0
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait(5)
+    wait_for(lambda: _usage(volume) == before, what=f"the usage back to {before} (now {_usage(volume)})")
+    assert not os.listdir(_orphan_dir(volume))
