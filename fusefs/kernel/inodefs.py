@@ -358,21 +358,24 @@ class InodeFs:
         ``node``'s inode (a race), the moved entry is simply unlinked."""
         oname = orphan_dir.name_for(node.nodeid)
         ofd = self.nodes.orphan_fd
+        # Set before the journal line, so that a compaction of the journal
+        # on that very line keeps it.
+        node.orphan, node.orphan_extra = oname, extra
         self.nodes.journal_orphan(node, oname, extra)
         try:
             if link:
                 os.link(name, oname, src_dir_fd=parent_fd, dst_dir_fd=ofd, follow_symlinks=False)
             else:
                 ksys.renameat2(parent_fd, name, ofd, oname.encode(), charging.RENAME_NOREPLACE)
+            moved = os.stat(oname, dir_fd=ofd, follow_symlinks=False)
         except BaseException:
+            node.orphan = None
             self.nodes.journal_orphan(node, None)
             raise
-        moved = os.stat(oname, dir_fd=ofd, follow_symlinks=False)
         if (moved.st_dev, moved.st_ino) != node.key:
             os.unlink(oname, dir_fd=ofd)
+            node.orphan = None
             self.nodes.journal_orphan(node, None)
-            return
-        node.orphan, node.orphan_extra = oname, extra
 
     def _orphan_freed(self, size: int, extra: int) -> None:
         """An orphan was unlinked from the orphan directory: its inode is
@@ -418,7 +421,7 @@ class InodeFs:
                         replaced = None  # two names of one inode: a no-op
                     else:
                         extra = self._xattr_extra(newparent, newname, replaced)
-                keep = self._keep_alive(replaced) if replaced is not None else None
+                keep = None if replaced is None or flags & charging.RENAME_NOREPLACE else self._keep_alive(replaced)
                 if keep is not None:
                     self._orphan(keep, newparent.fd, newname, extra, link=True)
                 try:
