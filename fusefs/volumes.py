@@ -201,7 +201,7 @@ class VolumeManager:
         """The volume's orphan directory (kernel engine), made 0700: where
         its session keeps open files a pod unlinked, so that they survive a
         takeover (see fusefs.kernel.orphans). Outside the volume, and on its
-        filesystem (the session moves files there by rename); "" if the
+        filesystem (the session hard-links files there); "" if the
         state directory is on another filesystem than the volumes."""
         root = self.kernel_dir / "orphans"
         root.mkdir(mode=0o700, exist_ok=True)

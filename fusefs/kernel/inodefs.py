@@ -316,23 +316,24 @@ class InodeFs:
     def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any, may_orphan: bool = False) -> None:
         """unlink and rmdir alike: settle the parent's size, uncharge the inode
         if that was its last name (on its last close if it is open). The last
-        name of an open file is moved to the orphan directory instead (see
+        name of an open file is kept in the orphan directory (see
         :meth:`_keep_alive`), charged until the kernel forgets it."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
+            keep: Node | None = None
             try:
                 st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
                 extra = self._xattr_extra(parent, name, st)
-                keep = self._keep_alive(st) if may_orphan else None
-                if keep is not None:
-                    remove = lambda d: self._orphan(keep, d, name, extra, link=False)  # noqa: E731
+                keep = self._orphan(self._keep_alive(st), extra) if may_orphan else None
                 charging.name_op(self.quota, _sizes(parent), lambda: remove(parent.fd), growth=0)
-            except FileNotFoundError:
-                if unique & p.UNIQUE_RESEND:
+            except BaseException as exc:
+                if keep is not None:
+                    self._unorphan(keep)
+                if isinstance(exc, FileNotFoundError) and unique & p.UNIQUE_RESEND:
                     return  # done before the crash
                 raise
-            if keep is None or keep.orphan is None:
+            if keep is None or not self._settle_orphan(keep):
                 self._link_removed(st, extra)
         finally:
             self.gate.leave(w)
@@ -352,30 +353,41 @@ class InodeFs:
             return None
         return node
 
-    def _orphan(self, node: Node, parent_fd: int, name: bytes, extra: int, link: bool) -> None:
-        """Move (or, before a rename over it, hard-link) ``name`` to the
-        orphan directory, journalled first; if the name no longer is
-        ``node``'s inode (a race), the moved entry is simply unlinked."""
+    def _orphan(self, node: Node | None, extra: int) -> Node | None:
+        """Before a name of ``node`` goes: hard-link its inode into the orphan
+        directory, by its descriptor (never by a name, which a pod could
+        swap meanwhile), journalled first. Returns the node, or None if
+        there is nothing to keep or it could not be linked (then the name
+        goes as without an orphan directory)."""
+        if node is None:
+            return None
         oname = orphan_dir.name_for(node.nodeid)
-        ofd = self.nodes.orphan_fd
         # Set before the journal line, so that a compaction of the journal
         # on that very line keeps it.
         node.orphan, node.orphan_extra = oname, extra
         self.nodes.journal_orphan(node, oname, extra)
         try:
-            if link:
-                os.link(name, oname, src_dir_fd=parent_fd, dst_dir_fd=ofd, follow_symlinks=False)
-            else:
-                ksys.renameat2(parent_fd, name, ofd, oname.encode(), charging.RENAME_NOREPLACE)
-            moved = os.stat(oname, dir_fd=ofd, follow_symlinks=False)
-        except BaseException:
+            os.link(self._proc(node), oname, dst_dir_fd=self.nodes.orphan_fd, follow_symlinks=True)
+        except OSError as exc:
             node.orphan = None
             self.nodes.journal_orphan(node, None)
-            raise
-        if (moved.st_dev, moved.st_ino) != node.key:
-            os.unlink(oname, dir_fd=ofd)
-            node.orphan = None
-            self.nodes.journal_orphan(node, None)
+            log.warning("cannot keep an open file in the orphan directory", extra={"fields": {
+                "nodeid": node.nodeid, "error": str(exc)}})
+            return None
+        return node
+
+    def _settle_orphan(self, node: Node) -> bool:
+        """After the name went: the orphan is kept if it is now its inode's
+        only link (else the inode has a name still, as after a race with
+        a pod's link(2), and its orphan link goes again)."""
+        try:
+            links = os.fstat(node.fd).st_nlink
+        except OSError:
+            links = 0
+        if links == 1:
+            return True
+        self._unorphan(node)
+        return False
 
     def _orphan_freed(self, size: int, extra: int) -> None:
         """An orphan was unlinked from the orphan directory: its inode is
@@ -421,19 +433,19 @@ class InodeFs:
                         replaced = None  # two names of one inode: a no-op
                     else:
                         extra = self._xattr_extra(newparent, newname, replaced)
-                keep = None if replaced is None or flags & charging.RENAME_NOREPLACE else self._keep_alive(replaced)
-                if keep is not None:
-                    self._orphan(keep, newparent.fd, newname, extra, link=True)
+                keep = None
+                if replaced is not None and not flags & charging.RENAME_NOREPLACE:
+                    keep = self._orphan(self._keep_alive(replaced), extra)
                 try:
                     if flags:
                         ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
                     else:
                         os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
                 except BaseException:
-                    if keep is not None and keep.orphan is not None:
+                    if keep is not None:
                         self._unorphan(keep)
                     raise
-                if keep is not None and keep.orphan is not None:
+                if keep is not None and self._settle_orphan(keep):
                     replaced = None  # kept: charged until the kernel forgets it
                 return replaced, extra
             try:
@@ -449,7 +461,8 @@ class InodeFs:
             self.gate.leave(w)
 
     def _unorphan(self, node: Node) -> None:
-        """The rename over an open file failed: its orphan link goes again."""
+        """The name of an open file did not go after all (or the inode keeps
+        another): its orphan link goes again."""
         try:
             os.unlink(node.orphan, dir_fd=self.nodes.orphan_fd)  # type: ignore[arg-type]
         except OSError:

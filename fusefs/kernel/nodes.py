@@ -26,9 +26,9 @@ each node with ``open_by_handle_at``. Journal lines::
 only through descriptors; the session's own die with it, so its inode
 would be freed at a SIGKILL and the pod's open file would turn ESTALE
 after the takeover. With an orphan directory (``--orphan-dir``: outside
-the volume, on the same filesystem) such an inode is moved there instead
-of unlinked (see :mod:`fusefs.kernel.inodefs`), and the ``O`` line, written
-*before* the move, lets a successor find it (``extra`` is its xattr
+the volume, on the same filesystem) such an inode is hard-linked there
+before its name goes (see :mod:`fusefs.kernel.inodefs`), and the ``O``
+line, written *before* the link, lets a successor find it (``extra`` is its xattr
 charge). It is unlinked from there when the kernel forgets the node, which
 the kernel does once nothing uses the inode (an inode with no link is
 evicted at its last close), and its charge is returned then through

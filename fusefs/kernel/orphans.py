@@ -1,10 +1,10 @@
 """The orphan directory of a kernel-engine session (``--orphan-dir``).
 
 A file a pod unlinked (or renamed over) while it still holds it open is
-kept here, by its node ID, instead of being unlinked, so that its inode
-outlives a SIGKILL of the session (see :mod:`fusefs.kernel.nodes`). The
-directory is outside the volume (a pod never sees it) and on the same
-filesystem (the move is a rename). The daemon makes it, 0700, per volume.
+kept here, hard-linked under its node ID before its name goes, so that its
+inode outlives a SIGKILL of the session (see :mod:`fusefs.kernel.nodes`).
+The directory is outside the volume (a pod never sees it) and on the same
+filesystem (a hard link cannot cross). The daemon makes it, 0700, per volume.
 
 Only the session puts anything here, and only regular files; all the same
 its contents are treated as hostile: :func:`empty` walks it by directory
@@ -29,7 +29,7 @@ MAX_DEPTH = 16
 
 def open_dir(path: str, source_fd: int) -> int:
     """The orphan directory, opened; ValueError if it is not a real directory
-    on the volume source's filesystem (a rename there would fail)."""
+    on the volume source's filesystem (a hard link there would fail)."""
     fd = os.open(path, _DIR_FLAGS)
     try:
         st, src = os.fstat(fd), os.fstat(source_fd)

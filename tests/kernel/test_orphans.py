@@ -293,3 +293,19 @@ def test_a_rescan_after_a_takeover_counts_the_orphans(volume: Volume) -> None:
             pod.wait(5)
     wait_for(lambda: _usage(volume) == before, what=f"the usage back to {before} (now {_usage(volume)})")
     assert not os.listdir(_orphan_dir(volume))
+
+
+def test_only_the_last_link_of_an_open_file_is_kept(volume: Volume) -> None:
+    """A file with two names: removing one keeps nothing (the other holds
+    the inode); removing the last keeps it while open."""
+    _start(volume)
+    a, b = volume.mountpoint / "a", volume.mountpoint / "b"
+    with open(a, "wb") as out:
+        out.write(b"x" * 5000)
+        os.link(a, b)
+        a.unlink()
+        assert not os.listdir(_orphan_dir(volume))
+        b.unlink()
+        assert len(os.listdir(_orphan_dir(volume))) == 1
+        assert os.fstat(out.fileno()).st_nlink == 0
+    wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed on close")
