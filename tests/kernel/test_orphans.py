@@ -309,3 +309,41 @@ def test_only_the_last_link_of_an_open_file_is_kept(volume: Volume) -> None:
         assert len(os.listdir(_orphan_dir(volume))) == 1
         assert os.fstat(out.fileno()).st_nlink == 0
     wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed on close")
+
+
+HOLD_THEN_CLOSE = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, b"h" * 50000)
+os.unlink(sys.argv[1])
+print("held", flush=True)
+sys.stdin.readline()
+os.close(fd)   # no FLUSH is asked for: close(2) does not wait for a server
+print("closed", flush=True)
+"""
+
+
+def test_a_file_closed_while_no_session_serves_is_freed_by_the_successor(volume: Volume) -> None:
+    """The pod closes the orphan between the kill and the takeover: the
+    kernel queues the release and forget, the successor gets them, removes
+    the orphan and returns its charge."""
+    _start(volume)
+    work = _work_dir(volume)
+    before = _usage(volume)
+    pod = subprocess.Popen(_pod([sys.executable, "-c", HOLD_THEN_CLOSE, str(work / "f")]), stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        assert pod.stdout is not None and pod.stdout.readline().strip() == b"held"
+        m = volume.sessions[-1]
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(10)
+        assert _ask(pod, b"close") == b"closed"
+        assert pod.wait(10) == 0
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait(5)
+    assert len(os.listdir(_orphan_dir(volume))) == 1
+    _start(volume, takeover=True)
+    wait_for(lambda: not os.listdir(_orphan_dir(volume)), what="the orphan removed by the successor")
+    wait_for(lambda: _usage(volume) == before, what=f"the usage back to {before} (now {_usage(volume)})")
