@@ -38,6 +38,7 @@ import common  # noqa: E402
 import control_plane  # noqa: E402
 import data_path  # noqa: E402
 import footprint  # noqa: E402
+import restart_matrix  # noqa: E402
 import snapshot_path  # noqa: E402
 
 SECTIONS = {
@@ -45,6 +46,7 @@ SECTIONS = {
     "snapshot_path": snapshot_path.run,
     "data_path": data_path.run,
     "footprint": footprint.run,
+    "restart_matrix": restart_matrix.run,
 }
 DOCS = common.REPO / "docs" / "benchmarks.md"
 
@@ -150,7 +152,8 @@ def render(results: dict[str, Any], json_path: Path, doc_dir: Path) -> str:
     parts = [render_machine(results, rel(json_path)), render_targets(results)]
     sections = results["sections"]
     for name, renderer in (("control_plane", render_control_plane), ("snapshot_path", render_snapshot),
-                           ("data_path", render_data_path), ("footprint", render_footprint)):
+                           ("data_path", render_data_path), ("footprint", render_footprint),
+                           ("restart_matrix", render_restart_matrix)):
         section = sections.get(name)
         if section is None:
             continue
@@ -314,6 +317,10 @@ def render_footprint(section: dict[str, Any]) -> str:
             f"{w['session_cpu_s_per_gib']} / {w['writer_cpu_s_per_gib']} ({w['native_writer_cpu_s_per_gib']}) s |",
         ]
     return "\n".join(rows) + "\n"
+
+
+def render_restart_matrix(section: dict[str, Any]) -> str:
+    return "### Restarts: what pods see\n\n" + restart_matrix.render(section["results"]["kinds"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,3 +129,62 @@ def test_distributed_snapshotters_do_not_probe_for_group_snapshots() -> None:
     overlay = next(d for d in yaml.safe_load_all(SINGLE_NODE_YAML.read_text()) if d)
     snap = next(c for c in overlay["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-snapshotter")
     assert "--feature-gates=CSIVolumeGroupSnapshot=true" in snap["args"]
+
+
+HOLDER_YAML = REPO / "deploy" / "manifests" / "holder.yaml"
+
+
+def holder_container() -> dict[str, Any]:
+    ds = next(d for d in yaml.safe_load_all(HOLDER_YAML.read_text()) if d and d["kind"] == "DaemonSet")
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def setpriv_args(ctx: dict[str, Any]) -> list[str]:
+    """The holder container's securityContext as setpriv options (only what it uses)."""
+    assert set(ctx) <= {"runAsUser", "runAsGroup", "allowPrivilegeEscalation", "readOnlyRootFilesystem",
+                        "capabilities", "seccompProfile"}, ctx
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    args = [f"--reuid={ctx['runAsUser']}", f"--regid={ctx.get('runAsGroup', ctx['runAsUser'])}",
+            "--clear-groups", "--bounding-set=-all", "--inh-caps=-all"]
+    if ctx["allowPrivilegeEscalation"] is False:
+        args.append("--no-new-privs")
+    return args
+
+
+@pytest.mark.privileged
+def test_the_holder_keeps_a_dev_fuse_descriptor_with_the_manifests_privileges(tmp_path: Path) -> None:
+    """The holder needs no privilege: run as holder.yaml says (no capability at all, no new
+    privileges), it takes a /dev/fuse descriptor and gives back the same open file, on a socket
+    only root can reach."""
+    from fusefs.kernel import handover
+
+    c = holder_container()
+    assert c["command"] == ["fusefs"] and c["args"][0] == "holder"
+    socket_dir = tmp_path / "holder"
+    sock = socket_dir / "holder.sock"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(["setpriv", *setpriv_args(c["securityContext"]), "--", sys.executable, "-m",
+                             "fusefs.cli", "holder", f"--socket={sock}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
+    fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        assert sock.stat().st_uid == 0
+        handover.put(str(sock), "vol-1", [fuse])
+        (back,) = handover.take(str(sock), "vol-1")
+        try:
+            # The same open file description: a flag set through one shows through the other.
+            mine, theirs = os.fstat(fuse), os.fstat(back)
+            assert (mine.st_rdev, mine.st_ino) == (theirs.st_rdev, theirs.st_ino)
+            os.set_blocking(back, False)
+            assert not os.get_blocking(fuse)
+        finally:
+            os.close(back)
+    finally:
+        os.close(fuse)
+        proc.terminate()
+        proc.wait(10)

@@ -71,7 +71,9 @@ SNAPSHOT_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io")
 PRIVILEGED = {("DaemonSet", "fusepath-node", "csi-driver"), ("DaemonSet", "fusepath-node", "fusefs")}
 #: Containers that get an API token, those that talk to the API server, per workload.
 API_CLIENTS = {"fusepath-node": {"csi-driver", "fusefs", "csi-provisioner", "csi-snapshotter", "csi-resizer"},
-               "fusepath-controller": {"csi-resizer"}}
+               "fusepath-controller": {"csi-resizer"}, "fusepath-holder": set()}
+#: Workloads allowed hostPath volumes, and which: the holder only its socket's directory.
+HOST_PATHS = {"fusepath-node": None, "fusepath-holder": {"/run/fusepath/holder"}}
 
 DEPLOY_DOC = REPO / "docs" / "deploy.md"
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
@@ -401,17 +403,20 @@ def documented_kubectl_commands() -> Iterator[tuple[str, str]]:
 
 def test_the_documented_install_checks_work() -> None:
     """`kubectl rollout status` refuses an OnDelete DaemonSet; every `-l` selector the docs
-    give for the node pods must match the DaemonSet's pod labels."""
-    node = find(render(BASE), "DaemonSet", "fusepath-node")
-    labels = node["spec"]["template"]["metadata"]["labels"]
+    give for pods in our namespace must match the pod labels of a node DaemonSet (the node
+    plugin's or the holder's)."""
+    daemonsets = [find(render(BASE), "DaemonSet", name) for name in ("fusepath-node", "fusepath-holder")]
     checked = 0
     for doc, command in documented_kubectl_commands():
-        if node["spec"]["updateStrategy"]["type"] == "OnDelete":
-            assert not re.search(r"rollout status (daemonset|ds)/fusepath-node", command), f"{doc}: {command}"
+        for ds in daemonsets:
+            if ds["spec"]["updateStrategy"]["type"] == "OnDelete":
+                name = ds["metadata"]["name"]
+                assert not re.search(rf"rollout status (daemonset|ds)/{name}", command), f"{doc}: {command}"
         if "fusepath-system" in command and " pod" in command:
             for selector in re.findall(r"-l\s+(\S+)", command):
                 key, _, value = selector.partition("=")
-                assert labels.get(key) == value, f"{doc}: {command}: no node pod has {selector}"
+                assert any(ds["spec"]["template"]["metadata"]["labels"].get(key) == value for ds in daemonsets), \
+                    f"{doc}: {command}: no pod of ours has {selector}"
                 checked += 1
     assert checked >= 2, "the docs give no command that waits for the node pods"
 
@@ -450,12 +455,15 @@ def test_our_flags_are_documented() -> None:
     csi_flags = long_options(config.build_parser())
     serve_flags = long_options(fusefs_cli.serve_parser())
     assert all(csi_flags.values()) and all(serve_flags.values()), "a flag without help text"
+    holder_flags = holder_help_flags()
     seen = set()
     for where, obj, c in our_containers():
         command = c.get("command", [])
         assert command in (["fusepath-csi"], ["fusefs"]), f"{where}: {c['name']}: command {command}"
         if command == ["fusepath-csi"]:
             unknown = set(flags(c["args"])) - set(csi_flags)
+        elif c["args"][0] == "holder":
+            unknown = set(flags(c["args"])) - holder_flags
         else:
             assert c["args"][0] == "serve"
             unknown = set(flags(c["args"])) - set(serve_flags)
@@ -466,6 +474,14 @@ def test_our_flags_are_documented() -> None:
                 assert flag in csi_flags, f"{where}: {c['name']}: {env['name']} is no flag"
         seen.add(command[0])
     assert seen == {"fusepath-csi", "fusefs"}
+
+
+def holder_help_flags() -> set[str]:
+    """The long options ``fusefs holder --help`` explains."""
+    result = subprocess.run([sys.executable, "-m", "fusefs.cli", "holder", "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"--([a-z][a-z-]+)", result.stdout)) - {"help"}
 
 
 def test_the_shared_design_flags_exist() -> None:
@@ -479,8 +495,11 @@ def test_our_flags_parse() -> None:
     for where, obj, c in our_containers():
         if c["command"] == ["fusepath-csi"]:
             config.from_args(config.build_parser().parse_args(c["args"]))
+        elif c["args"][0] == "holder":
+            assert flags(c["args"])["socket"].startswith("/"), f"{where}: {c['args']}"
         else:
-            fusefs_cli.serve_parser().parse_args(c["args"][1:])
+            args = fusefs_cli.serve_parser().parse_args(c["args"][1:])
+            assert args.engine in fusefs_cli.ENGINES, f"{where}: {c['args']}"
 
 
 # --- security ----------------------------------------------------------------------
@@ -523,11 +542,14 @@ def test_the_controller_is_unprivileged() -> None:
 
 
 def test_host_access_only_in_the_node_daemonset() -> None:
+    """Host paths in the node plugin, and the holder's socket directory in the holder; nothing else."""
     for where, obj in all_objects():
         spec = pod_spec(obj)
         if spec is None or (obj["kind"], obj["metadata"]["name"]) == ("DaemonSet", "fusepath-node"):
             continue
-        assert not [v for v in spec.get("volumes", []) if "hostPath" in v], f"{where}: {ident(obj)}"
+        allowed = HOST_PATHS.get(obj["metadata"]["name"]) if obj["kind"] == "DaemonSet" else None
+        paths = {v["hostPath"]["path"] for v in spec.get("volumes", []) if "hostPath" in v}
+        assert paths <= (allowed or set()), f"{where}: {ident(obj)}: hostPath {sorted(paths)}"
         assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), f"{where}: {ident(obj)}"
 
 
@@ -590,6 +612,73 @@ def test_node_daemonset() -> None:
     assert flags(container(node, "csi-driver")["args"])["mode"] == "all"
     assert flags(container(node, "csi-driver")["args"])["fusefs"] == \
         flags(container(node, "fusefs")["args"])["endpoint"]
+
+
+def host_dir_of(obj: dict[str, Any], c: dict[str, Any], path: str) -> str:
+    """The host directory behind ``path`` in container ``c``, through a hostPath volume."""
+    volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+    best = max((m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")),
+               key=lambda m: len(m["mountPath"]), default=None)
+    assert best is not None, f"{ident(obj)}/{c['name']} mounts nothing at {path}"
+    host = volumes[best["name"]].get("hostPath", {}).get("path")
+    assert host, f"{ident(obj)}/{c['name']}: {path} is not on a hostPath volume"
+    return host + path[len(best["mountPath"].rstrip("/")):]
+
+
+@pytest.mark.parametrize("build", ["base", "single-node"])
+def test_fusefs_gives_its_connections_to_the_holder(build: str) -> None:
+    """fusefs runs the kernel engine, and its --holder-socket is, on the host,
+    the very socket the holder DaemonSet serves; only fusefs reaches it."""
+    objs = render(BUILDS[build])
+    node, holder_ds = find(objs, "DaemonSet", "fusepath-node"), find(objs, "DaemonSet", "fusepath-holder")
+    fusefs = flags(container(node, "fusefs")["args"])
+    assert fusefs["engine"] == "kernel"
+    holder = container(holder_ds, "holder")
+    assert holder["command"] == ["fusefs"] and holder["args"][0] == "holder"
+    socket_path = flags(holder["args"])["socket"]
+    assert host_dir_of(node, container(node, "fusefs"), fusefs["holder-socket"]) == \
+        host_dir_of(holder_ds, holder, socket_path)
+    # Whoever reaches the socket can take a volume's connection: no other container mounts it.
+    host_dir = host_dir_of(holder_ds, holder, socket_path).rpartition("/")[0]
+    for obj in workloads(objs):
+        volumes = {v["name"]: v.get("hostPath", {}).get("path", "") for v in pod_spec(obj).get("volumes", [])}
+        for c in containers(obj):
+            if (obj["metadata"]["name"], c["name"]) in (("fusepath-node", "fusefs"), ("fusepath-holder", "holder")):
+                continue
+            for m in c.get("volumeMounts", []):
+                host = volumes.get(m["name"], "")
+                assert not host or not (host_dir + "/").startswith(host.rstrip("/") + "/"), \
+                    f"{ident(obj)}/{c['name']} reaches the holder's socket through {host}"
+
+
+def test_holder_daemonset() -> None:
+    """Rarely replaced, never restarted by a probe, and without any privilege
+    (it only receives descriptors over a unix socket): root only so that its
+    socket belongs to root."""
+    ds = find(render(BASE), "DaemonSet", "fusepath-holder")
+    spec = pod_spec(ds)
+    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec.get("automountServiceAccountToken") is False
+    assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    (holder,) = containers(ds)
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(holder)
+    ctx = sc(holder)
+    assert not ctx.get("privileged") and ctx["runAsUser"] == 0
+    assert ctx["capabilities"] == {"drop": ["ALL"]} and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert holder["image"] == container(find(render(BASE), "DaemonSet", "fusepath-node"), "fusefs")["image"]
+    assert not [m for m in holder["volumeMounts"] if m.get("mountPropagation")]
+
+
+def test_driver_on_host_overlay_runs_no_holder() -> None:
+    """There the driver starts its own holder on the host (``--fusefs-engine=kernel``)."""
+    objs = render(DRIVER_ON_HOST)
+    assert not [o for o in objs if o["metadata"]["name"] == "fusepath-holder"]
+    text = (DRIVER_ON_HOST / "kustomization.yaml").read_text()
+    assert "--fusefs-engine=kernel" in text
+    assert "fusefs-engine" in long_options(config.build_parser())
 
 
 def env_names(c: dict[str, Any]) -> set[str]:
@@ -684,18 +773,32 @@ def free_port() -> int:
 
 
 def test_node_pod_wiring(tmp_path: Path) -> None:
-    """csi-driver and fusefs, started with the DaemonSet's own args, find each
-    other through the pod's volumes: each volume becomes a directory under
-    tmp_path, each container path is mapped to it, and Probe must say ready."""
+    """csi-driver and fusefs, started with the DaemonSet's own args, and the
+    holder with its DaemonSet's, find each other through the pods' volumes:
+    each volume becomes a directory under tmp_path (one per host path for a
+    hostPath, so two pods that mount the same host directory share it), each
+    container path is mapped to it, and Probe must say ready. The holder then
+    answers on the socket fusefs is told to use."""
+    from fusefs.kernel import handover
+
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "fusepath-csi").is_file() or not (bin_dir / "fusefs").is_file():
         pytest.skip("fusepath is not installed in this venv")
     node = find(render(BASE), "DaemonSet", "fusepath-node")
+    holder_ds = find(render(BASE), "DaemonSet", "fusepath-holder")
     ports = {":9808": f"127.0.0.1:{free_port()}", ":9809": f"127.0.0.1:{free_port()}"}
 
-    def argv(name: str) -> list[str]:
-        c = container(node, name)
-        mounts = sorted(((m["mountPath"], tmp_path / m["name"]) for m in c["volumeMounts"]),
+    host_dirs: dict[str, Path] = {}  # short names: a unix socket path has at most 107 bytes
+
+    def outside(obj: dict[str, Any], volume: str) -> Path:
+        spec = next(v for v in pod_spec(obj)["volumes"] if v["name"] == volume)
+        if "hostPath" in spec:
+            return host_dirs.setdefault(spec["hostPath"]["path"], tmp_path / f"h{len(host_dirs)}")
+        return tmp_path / f"{obj['metadata']['name'].removeprefix('fusepath-')}-{volume}"
+
+    def argv(name: str, obj: dict[str, Any] = node) -> list[str]:
+        c = container(obj, name)
+        mounts = sorted(((m["mountPath"], outside(obj, m["name"])) for m in c["volumeMounts"]),
                         key=lambda m: -len(m[0]))
 
         def remap(value: str) -> str:
@@ -716,9 +819,9 @@ def test_node_pod_wiring(tmp_path: Path) -> None:
 
     procs = []
     try:
-        for name in ("fusefs", "csi-driver"):
+        for name, obj in (("holder", holder_ds), ("fusefs", node), ("csi-driver", node)):
             log = (tmp_path / f"{name}.log").open("wb")
-            procs.append(subprocess.Popen(argv(name), stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(argv(name, obj), stdout=log, stderr=subprocess.STDOUT))
         endpoint = [a for a in argv("csi-driver") if a.startswith("--endpoint=")][0].partition("=")[2]
         deadline = time.monotonic() + 30
         while True:
@@ -734,6 +837,9 @@ def test_node_pod_wiring(tmp_path: Path) -> None:
         for address in ports.values():
             with urllib.request.urlopen(f"http://{address}/healthz", timeout=10) as reply:
                 assert reply.status == 200, address
+        told = [a for a in argv("fusefs") if a.startswith("--holder-socket=")][0].partition("=")[2]
+        with pytest.raises(OSError, match="not found"):  # the holder answers there, and keeps nothing yet
+            handover.take(told, "vol-none")
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -620,7 +620,7 @@ class InodeFs:
                 # have cached opens in the kernel that we have not seen yet.
                 if (self.passthrough and not self.limits.active and stat.S_ISREG(node.mode)
                         and node.cached == 0 and not (node.restored and node.backing is None)):
-                    backing_id = self._backing_for(node, fd)
+                    backing_id = self._backing_for(node, fd, handle.fh | PASSTHROUGH_FH)
                 if backing_id:
                     handle.passthrough = True
                     handle.fh |= PASSTHROUGH_FH
@@ -642,17 +642,21 @@ class InodeFs:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _backing_for(self, node: Node, fd: int) -> int:
+    def _backing_for(self, node: Node, fd: int, fh: int) -> int:
         """The node's passthrough backing id, registered from ``fd`` on its
-        first passthrough open; 0 if the kernel refuses. Caller holds _iomode."""
+        first passthrough open; 0 if the kernel refuses. Caller holds _iomode.
+
+        The node keeps the set of its passthrough handles, not a count, and
+        journals each one: a RELEASE that the kernel resends after a handover
+        may already have been done, and only the handle says whether."""
         if node.backing is None:
             try:
-                node.backing = (self.backing_open(fd), 0)
+                node.backing = (self.backing_open(fd), set())
             except OSError as exc:
                 log.debug("no passthrough", extra={"fields": {"error": str(exc)}})
                 return 0
-        node.backing = (node.backing[0], node.backing[1] + 1)
-        self.nodes.journal_backing(node)
+        node.backing[1].add(fh)
+        self.nodes.journal_backing(node, fh, opened=True)
         return node.backing[0]
 
     def create(self, caller: Caller, parent_id: int, name: bytes, mode: int, flags: int,
@@ -827,7 +831,7 @@ class InodeFs:
         if handle is None:
             if fh & PASSTHROUGH_FH and nodeid:
                 try:
-                    self._drop_backing(self.nodes.get(nodeid))  # opened before a handover
+                    self._drop_backing(self.nodes.get(nodeid), fh)  # opened before a handover
                 except OSError:
                     pass
             return
@@ -841,18 +845,21 @@ class InodeFs:
             os.close(handle.fd)
             self.open_files.give()
             if handle.passthrough:
-                self._drop_backing(node)
+                self._drop_backing(node, handle.fh)
 
-    def _drop_backing(self, node: Node) -> None:
-        """One passthrough open of ``node`` fewer; the last closes its backing."""
+    def _drop_backing(self, node: Node, fh: int) -> None:
+        """Passthrough handle ``fh`` of ``node`` is released; the last one
+        closes the backing file. A handle not in the set was released already
+        (a RELEASE resent after a handover) and changes nothing."""
         with self._iomode:
-            if node.backing is None:
+            if node.backing is None or fh not in node.backing[1]:
                 return
-            backing_id, count = node.backing
-            node.backing = (backing_id, count - 1) if count > 1 else None
-            self.nodes.journal_backing(node)
-            if count > 1:
+            backing_id, handles = node.backing
+            handles.discard(fh)
+            self.nodes.journal_backing(node, fh, opened=False)
+            if handles:
                 return
+            node.backing = None
             try:
                 self.backing_close(backing_id)
             except OSError as exc:

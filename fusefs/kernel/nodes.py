@@ -18,7 +18,8 @@ each node with ``open_by_handle_at``. Journal lines::
     + <nodeid> <handle_type> <hex>          a node given out
     S <nodeid> <slot>                       its lookup count's slot (see below)
     - <nodeid>                              a node forgotten
-    B <nodeid> <backing_id> <count>         passthrough backing of a node (count 0: none)
+    P <nodeid> <backing_id> <fh>            a passthrough open of a node (its backing file)
+    R <nodeid> <fh>                         that open released (the last one ends the backing)
     O <nodeid> <name> <extra>               its inode kept as <name> in the orphan directory
     o <nodeid>                              that did not happen after all
 
@@ -319,8 +320,9 @@ class NodeTable:
         for node in self._by_id.values():
             if node.nodeid != ROOT_ID:
                 lines.append(self._add_line(node))
-            if node.backing is not None:
-                lines.append(f"B {node.nodeid} {node.backing[0]} {node.backing[1]}\n")
+            backing = node.backing  # read once: a release may end it meanwhile
+            if backing is not None:
+                lines.extend(f"P {node.nodeid} {backing[0]} {fh}\n" for fh in tuple(backing[1]))
             if node.orphan is not None:
                 lines.append(f"O {node.nodeid} {node.orphan} {node.orphan_extra}\n")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -336,14 +338,18 @@ class NodeTable:
         self._journal_fd = fd
         self._journal_lines = len(lines)
 
-    def journal_backing(self, node: Node) -> None:
-        """Record a node's passthrough backing (id, open count), which the
-        kernel keeps across a handover and a successor must reuse."""
+    def journal_backing(self, node: Node, fh: int, opened: bool) -> None:
+        """Record a passthrough open (or its release) of ``node``: the kernel
+        keeps the backing file across a handover, and a successor must reuse
+        it and close it exactly when the last of these handles is released."""
         if self._journal_fd < 0:
             return
-        backing_id, count = node.backing if node.backing is not None else (0, 0)
+        if opened:
+            line = f"P {node.nodeid} {node.backing[0]} {fh}\n"
+        else:
+            line = f"R {node.nodeid} {fh}\n"
         with self._lock:
-            os.write(self._journal_fd, f"B {node.nodeid} {backing_id} {count}\n".encode())
+            os.write(self._journal_fd, line.encode())
             self._journal_lines += 1
 
     @staticmethod
@@ -377,7 +383,7 @@ class NodeTable:
             return 0
         entries: dict[int, tuple[int, bytes]] = {}
         slots: dict[int, int] = {}
-        backings: dict[int, tuple[int, int]] = {}
+        backings: dict[int, tuple[int, set[int]]] = {}
         orphans: dict[int, tuple[str, int]] = {}
         next_id = self._next
         with open(self.journal_path, encoding="ascii") as f:
@@ -403,11 +409,13 @@ class NodeTable:
                     orphans[int(parts[1])] = (parts[2], int(parts[3]))
                 elif parts[0] == "o" and len(parts) == 2:
                     orphans.pop(int(parts[1]), None)
-                elif parts[0] == "B" and len(parts) == 4:
-                    if int(parts[3]) > 0:
-                        backings[int(parts[1])] = (int(parts[2]), int(parts[3]))
-                    else:
-                        backings.pop(int(parts[1]), None)
+                elif parts[0] == "P" and len(parts) == 4:
+                    backings.setdefault(int(parts[1]), (int(parts[2]), set()))[1].add(int(parts[3]))
+                elif parts[0] == "R" and len(parts) == 3 and int(parts[1]) in backings:
+                    handles = backings[int(parts[1])][1]
+                    handles.discard(int(parts[2]))
+                    if not handles:
+                        del backings[int(parts[1])]
         restored = 0
         with self._lock:
             counts = self._restore_counts(slots)

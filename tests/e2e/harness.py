@@ -8,6 +8,16 @@
     restore     a PVC restored from the snapshot holds the same data
     expand      the PVC grows online and `df` in the pod shows the new size
     enospc      writing past the capacity fails with ENOSPC
+    restart-fusefs     while a pod (two containers: one with HostToContainer
+                propagation, one without) appends with fsync every 50 ms
+                through a descriptor held open and through new opens, the
+                fusefs container of its node is stopped (SIGTERM to its
+                PID 1) and restarted by kubelet: the pod sees no error
+    replace-node-pod   the same pod, while its node's fusepath-node pod is
+                deleted and replaced (the upgrade path): no error either
+    replace-holder     the node's fusepath-holder pod replaced, then (once
+                fusefs has had time to give the new holder every
+                connection) the fusefs container restarted: no error either
     cleanup     deleting everything removes the PVs and snapshot contents
     node-clean  nothing is left on the node: no volume, archive or mount
     undeploy    (when asked, or after --driver-on-host) remove the driver
@@ -45,6 +55,28 @@ MODES = {
     "none": None,
 }
 MiB = 1 << 20
+HOLDER_LABELS = "app.kubernetes.io/name=fusepath,app.kubernetes.io/component=holder"
+#: The restart steps' pod: every container appends a numbered line through a
+#: descriptor held open (fd 4) and, with fsync, through a new open each time
+#: (dd conv=fsync), and reads a file by path; the first error ends the
+#: container with a line that says so (restartPolicy Never: the pod fails).
+TICKER = r"""
+set -u
+name=$1
+exec 4>>/data/$name.held
+i=0
+while :; do
+  i=$((i+1))
+  echo $i >&4 || { echo "ERROR held write $i"; exit 1; }
+  echo $i | dd of=/data/$name.ticks bs=64 oflag=append conv=notrunc,fsync 2>/dev/null     || { echo "ERROR fsync $i"; exit 1; }
+  head -c 16 /data/$name.ticks >/dev/null || { echo "ERROR read $i"; exit 1; }
+  [ $((i % 20)) -eq 0 ] && echo "ok $i"
+  sleep 0.05 2>/dev/null || usleep 50000
+done
+"""
+#: What docs/deploy.md tells to wait after a new holder is Ready.
+HOLDER_SETTLE = 5.0
+TICKER_CONTAINERS = {"rslave": "HostToContainer", "private": None}
 SIZE_MIB = 64
 EXPANDED_MIB = 128
 DATA_MIB = 8
@@ -217,6 +249,7 @@ class Scenario:
         self.pv_names: set[str] = set()
         self.snapshot_contents: set[str] = set()
         self.snapshots_possible = True
+        self.ticker_started = False
         self.deployed = False
         self.host_driver: subprocess.Popen[bytes] | None = None
         self.host_driver_log: Path | None = None
@@ -242,6 +275,9 @@ class Scenario:
             ("restore", self.step_restore, ("snapshot",)),
             ("expand", self.step_expand, ("write",)),
             ("enospc", self.step_enospc, ("write",)),
+            ("restart-fusefs", self.step_restart_fusefs, ("write",)),
+            ("replace-node-pod", self.step_replace_node_pod, ("write",)),
+            ("replace-holder", self.step_replace_holder, ("write",)),
         ]
         for name, func, needs in plan:
             self._run_step(name, func, needs)
@@ -356,6 +392,8 @@ class Scenario:
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=self.rendered_manifests())
             self.deployed = True
             wait_for("the fusepath-node DaemonSet to be ready", self.daemonset_ready, self.opts.timeout)
+            if mode != "driver-on-host":
+                wait_for("the fusepath-holder DaemonSet to be ready", self.holder_ready, self.opts.timeout)
             if mode == "manifests":
                 wait_for("the fusepath-controller Deployment", self.controller_ready, self.opts.timeout)
             detail = f"applied {MODES[mode].relative_to(REPO)}"  # type: ignore[union-attr]
@@ -366,6 +404,10 @@ class Scenario:
 
     def daemonset_ready(self) -> bool:
         ds = self.apps.read_namespaced_daemon_set("fusepath-node", DRIVER_NAMESPACE).status
+        return bool(ds.desired_number_scheduled) and ds.number_ready == ds.desired_number_scheduled
+
+    def holder_ready(self) -> bool:
+        ds = self.apps.read_namespaced_daemon_set("fusepath-holder", DRIVER_NAMESPACE).status
         return bool(ds.desired_number_scheduled) and ds.number_ready == ds.desired_number_scheduled
 
     def controller_ready(self) -> bool:
@@ -470,10 +512,146 @@ class Scenario:
             raise StepFailed("the data written before the fill changed")
         return f"dd stopped with ENOSPC; {used} of {total} KiB used at the limit"
 
+    # -- restarts: what a writing pod sees --------------------------------------------
+
+    def step_restart_fusefs(self) -> str:
+        """SIGTERM to the fusefs container's PID 1 (the daemon); kubelet restarts the container."""
+        node_pod = self.ticking_node_pod()
+        before = self.container_restarts(node_pod, "fusefs")
+        mark = self.ticks_seen()
+        # The exec itself may be cut short when the container stops: its exit status tells nothing,
+        # the restart count does.
+        self.exec_raw(node_pod, ["python3", "-c", "import os, signal; os.kill(1, signal.SIGTERM)"],
+                      namespace=DRIVER_NAMESPACE, container="fusefs")
+        wait_for("kubelet to restart the fusefs container",
+                 lambda: self.container_restarts(node_pod, "fusefs") > before and self.node_pod_ready(node_pod),
+                 self.opts.timeout)
+        return self.ticker_unharmed(mark, f"fusefs container of {node_pod} restarted")
+
+    def step_replace_node_pod(self) -> str:
+        """Delete the node's fusepath-node pod, as an upgrade does, and wait for its replacement."""
+        old = self.ticking_node_pod()
+        mark = self.ticks_seen()
+        self.core.delete_namespaced_pod(old, DRIVER_NAMESPACE)
+
+        def replaced() -> str | None:
+            pods = self.node_pods(self.node or "")
+            fresh = [p.metadata.name for p in pods if p.metadata.name != old]
+            return fresh[0] if fresh and self.node_pod_ready(fresh[0]) else None
+
+        new = wait_for(f"a new fusepath-node pod on {self.node} to be ready", replaced, self.opts.timeout)
+        return self.ticker_unharmed(mark, f"node pod {old} replaced by {new}")
+
+    def step_replace_holder(self) -> str:
+        """docs/deploy.md's holder upgrade: delete the holder pod, wait for the new one, wait
+        HOLDER_SETTLE seconds, then restart fusefs: the connections must have been kept."""
+        self.ticking_node_pod()
+        holders = self.core.list_namespaced_pod(DRIVER_NAMESPACE, label_selector=HOLDER_LABELS,
+                                                field_selector=f"spec.nodeName={self.node}").items
+        if not holders:
+            raise StepSkipped(f"no fusepath-holder pod on node {self.node}")
+        old = holders[0].metadata.name
+        self.core.delete_namespaced_pod(old, DRIVER_NAMESPACE)
+
+        def replaced() -> str | None:
+            pods = self.core.list_namespaced_pod(DRIVER_NAMESPACE, label_selector=HOLDER_LABELS,
+                                                 field_selector=f"spec.nodeName={self.node}").items
+            fresh = [p for p in pods if p.metadata.name != old and p.metadata.deletion_timestamp is None]
+            ready = fresh and fresh[0].status.phase == "Running" and all(
+                c.ready for c in fresh[0].status.container_statuses or [])
+            return fresh[0].metadata.name if ready else None
+
+        new = wait_for(f"a new fusepath-holder pod on {self.node}", replaced, self.opts.timeout)
+        time.sleep(HOLDER_SETTLE)
+        detail = self.step_restart_fusefs()
+        return f"holder {old} replaced by {new}; then {detail}"
+
+    def ticking_node_pod(self) -> str:
+        """The ticker pod, started if needed, ticking; returns its node's fusepath-node pod."""
+        if self.opts.mode == "driver-on-host":
+            raise StepSkipped("the driver and fusefs run on the host: there is no fusefs container to restart")
+        pods = self.node_pods(self.node or "")
+        if not pods or "fusefs" not in {c.name for c in pods[0].spec.containers}:
+            raise StepSkipped(f"no fusepath-node pod with a fusefs container on node {self.node}")
+        if not self.ticker_started:
+            self.start_ticker()
+        return pods[0].metadata.name
+
+    def node_pods(self, node: str) -> list[Any]:
+        pods = self.core.list_namespaced_pod(DRIVER_NAMESPACE, label_selector=NODE_LABELS,
+                                             field_selector=f"spec.nodeName={node}").items
+        return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+    def node_pod_ready(self, name: str) -> bool:
+        pod = self.core.read_namespaced_pod(name, DRIVER_NAMESPACE)
+        return all(c.ready for c in pod.status.container_statuses or []) and pod.status.phase == "Running"
+
+    def container_restarts(self, pod_name: str, container: str) -> int:
+        pod = self.core.read_namespaced_pod(pod_name, DRIVER_NAMESPACE)
+        return next((c.restart_count for c in pod.status.container_statuses or [] if c.name == container), 0)
+
+    def start_ticker(self) -> None:
+        """A PVC and a pod on the test's node whose containers tick (TICKER) until told otherwise."""
+        self.create_pvc("ticks", SIZE_MIB)
+        containers = []
+        for name, propagation in TICKER_CONTAINERS.items():
+            mount: dict[str, Any] = {"name": "data", "mountPath": "/data"}
+            if propagation:
+                mount["mountPropagation"] = propagation
+            containers.append({
+                "name": name, "image": self.opts.image, "command": ["sh", "-c", TICKER, "ticker", name],
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                              "limits": {"cpu": "200m", "memory": "32Mi"}},
+                "volumeMounts": [mount]})
+        spec = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                "nodeSelector": {"kubernetes.io/hostname": self.node},
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": containers,
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "ticks"}}]}
+        self.core.create_namespaced_pod(self.namespace, {"apiVersion": "v1", "kind": "Pod",
+                                                         "metadata": {"name": "ticker"}, "spec": spec})
+        self.ticker_started = True
+        self.wait_pod_running("ticker")
+        wait_for("the ticker to tick", lambda: all(self.ticks_seen().values()), self.opts.timeout, interval=1)
+
+    def ticks_seen(self) -> dict[str, int]:
+        """Per ticker container, the last "ok N" it logged (0 before the first); fails on an ERROR line."""
+        out = {}
+        for name in TICKER_CONTAINERS:
+            log = self.core.read_namespaced_pod_log("ticker", self.namespace, container=name)
+            errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+            if errors:
+                raise StepFailed(f"ticker container {name} saw an error: {errors[0]}")
+            oks = [int(line.split()[1]) for line in log.splitlines() if line.startswith("ok ")]
+            out[name] = oks[-1] if oks else 0
+        return out
+
+    def ticker_unharmed(self, mark: dict[str, int], what: str) -> str:
+        """After a restart: the ticker still runs, no container restarted or logged an error, both
+        ticked on, and every line fsynced up to the mark is in its file."""
+        wait_for("the ticker to tick on past the restart",
+                 lambda: all(n >= mark[c] + 40 for c, n in self.ticks_seen().items()), self.opts.timeout,
+                 interval=1)
+        pod = self.core.read_namespaced_pod("ticker", self.namespace)
+        if pod.status.phase != "Running":
+            raise StepFailed(f"the ticker pod is {pod.status.phase}")
+        restarted = [c.name for c in pod.status.container_statuses or [] if c.restart_count or not c.ready]
+        if restarted:
+            raise StepFailed(f"ticker containers {restarted} restarted or are not ready")
+        for name, seen in mark.items():
+            lines = self.exec("ticker", ["cat", f"/data/{name}.ticks"], container=name).split()
+            if [int(x) for x in lines[:seen]] != list(range(1, seen + 1)):
+                raise StepFailed(f"ticker container {name}: the lines fsynced up to {seen} are not all there")
+        now = self.ticks_seen()
+        return f"{what}; ticker: no error, ticks {mark} -> {now}"
+
     def step_cleanup(self) -> str:
         from kubernetes.client.exceptions import ApiException
 
-        for pvc_name in ("data", "restored"):
+        for pvc_name in ("data", "restored", "ticks"):
             try:
                 pv = self.core.read_namespaced_persistent_volume_claim(pvc_name, self.namespace).spec.volume_name
                 if pv:

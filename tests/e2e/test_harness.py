@@ -96,3 +96,35 @@ def test_wait_for_reports_the_last_reason(monkeypatch: pytest.MonkeyPatch) -> No
 def test_every_mode_has_its_kustomization() -> None:
     for mode, path in harness.MODES.items():
         assert path is None or (path / "kustomization.yaml").is_file(), mode
+
+
+def test_the_ticker_ticks_and_stops_at_the_first_error(tmp_path: Path) -> None:
+    """The restart steps' pod script, run here with sh and coreutils on a tmp dir instead of /data
+    (the cluster runs it with busybox): numbered lines, fsynced, "ok N" every 20, and an ERROR line
+    and exit 1 when a write fails."""
+    import subprocess
+
+    script = harness.TICKER.replace("/data", str(tmp_path))
+    proc = subprocess.Popen(["sh", "-c", script, "ticker", "c1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ok 20"
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = (tmp_path / "c1.ticks").read_text().split()
+    assert lines[:20] == [str(i) for i in range(1, 21)]
+    assert (tmp_path / "c1.held").read_text().split()[:20] == [str(i) for i in range(1, 21)]
+    # An append that fails ends the script with a line that says so.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "c2.ticks").mkdir()  # dd cannot open a directory for writing, root or not
+    result = subprocess.run(["sh", "-c", harness.TICKER.replace("/data", str(blocked)), "ticker", "c2"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout.strip() == "ERROR fsync 1"
+
+
+def test_the_restart_steps_skip_without_a_fusefs_container() -> None:
+    scenario = Scenario(Options(mode="driver-on-host"), log=lambda _: None)
+    with pytest.raises(StepSkipped, match="run on the host"):
+        scenario.ticking_node_pod()

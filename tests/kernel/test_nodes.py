@@ -36,8 +36,10 @@ def test_restore_gives_the_same_ids_for_the_same_inodes(tmp_path: Path) -> None:
     assert ids["a"] == ids["a2"] != ROOT_ID          # hard links: one node
     assert len({ids[n] for n in ("a", "b", "c", "d")}) == 4
     old.forget(ids["b"], 1)
-    old.get(ids["c"]).backing = (7, 2)
-    old.journal_backing(old.get(ids["c"]))
+    old.get(ids["c"]).backing = (7, {11, 12, 13})
+    for fh in (11, 12, 13):
+        old.journal_backing(old.get(ids["c"]), fh, opened=True)
+    old.journal_backing(old.get(ids["c"]), 12, opened=False)
     (root / "a").rename(root / "renamed")              # handles do not care about names
 
     new = _table(root, journal)
@@ -47,7 +49,7 @@ def test_restore_gives_the_same_ids_for_the_same_inodes(tmp_path: Path) -> None:
         assert os.fstat(node.fd).st_ino == os.stat(root / path).st_ino
     with pytest.raises(OSError):
         new.get(ids["b"])                              # forgotten before the handover
-    assert new.get(ids["c"]).backing == (7, 2)
+    assert new.get(ids["c"]).backing == (7, {11, 13})
     fresh = _remember(new, root, "b")
     assert fresh > max(ids.values())                   # IDs are never reused
 

@@ -80,3 +80,42 @@ def test_a_handle_from_before_the_handover_is_adopted_with_its_open_flags(fs: In
     assert exc.value.errno == errno.EBADF
     fs.release(old_fh)
     assert (tmp_path / "v" / "f").read_bytes() == b"abc"
+
+
+def _passthrough_fs(src: Path, journal: Path, epoch: int, registered: list[str]) -> InodeFs:
+    """An InodeFs whose backing registrations are recorded (what the engine
+    would ask the kernel), journalled at ``journal``."""
+    fs = InodeFs(str(src), quota=Quota(1 << 20, 0, 1), journal=str(journal), handle_epoch=epoch)
+    fs.passthrough = True
+    fs.backing_open = lambda fd: registered.append("open") or 5
+    fs.backing_close = lambda backing_id: registered.append(f"close {backing_id}")
+    return fs
+
+
+@pytest.mark.privileged  # open_by_handle_at needs CAP_DAC_READ_SEARCH
+def test_a_resent_release_of_a_passthrough_open_is_counted_once(tmp_path: Path) -> None:
+    """The dead session released (and journalled) one of two passthrough
+    opens, then died before answering; the kernel sends that RELEASE again.
+    Counting it twice closed the backing file under the other open, and the
+    next open then failed with EIO (found by the restart matrix)."""
+    src, journal = tmp_path / "v", tmp_path / "journal"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    registered: list[str] = []
+    old = _passthrough_fs(src, journal, 0, registered)
+    old.nodes.start_journal()
+    node, _ = old.lookup(ROOT_ID, b"f")
+    fh_a, _, backing_a = old.open(node.nodeid, os.O_RDONLY, 1)
+    fh_b, _, backing_b = old.open(node.nodeid, os.O_RDONLY, 2)
+    assert backing_a == backing_b == 5 and registered == ["open"]
+    old.release(fh_a, node.nodeid)                     # done and journalled; the reply never left
+
+    new = _passthrough_fs(src, journal, 1, registered)
+    assert new.nodes.restore(os.open(src, os.O_RDONLY | os.O_DIRECTORY)) >= 1
+    new.nodes.start_journal()
+    new.release(fh_a, node.nodeid)                     # resent by the kernel
+    assert registered == ["open"], "the backing file was closed under a live passthrough open"
+    new.release(fh_b, node.nodeid)                     # the last passthrough open
+    assert registered == ["open", "close 5"]
+    new.release(fh_b, node.nodeid)                     # and a resend of that one changes nothing
+    assert registered == ["open", "close 5"]
