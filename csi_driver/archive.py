@@ -352,13 +352,20 @@ def create_archive(
     """
     suffix = archive_suffix(compression)
     source_dir, dest = Path(source_dir), Path(dest)
-    excludes = _scan_source(source_dir)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".snapshot-", suffix=suffix + ".tmp")
+    try:
+        root_fd = os.open(source_dir, fdtree.DIR_FLAGS)
+    except OSError as exc:
+        raise ArchiveError(f"snapshot source {source_dir} is not a directory: {exc}", exc.errno) from exc
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".snapshot-", suffix=suffix + ".tmp")
+    except BaseException:
+        os.close(root_fd)
+        raise
     tmp = Path(tmp_name)
     renamed = durable = False
     try:
         tracker = _Progress(progress)
-        total = _write_archive(source_dir, excludes, compression, fd, tracker)
+        total = _write_archive(root_fd, source_dir, compression, fd, tracker)
         os.fsync(fd)
         size = os.fstat(fd).st_size
         tracker.final(total)
@@ -371,6 +378,7 @@ def create_archive(
         raise ArchiveError(f"cannot write snapshot archive {dest}: {exc}", exc.errno) from exc
     finally:
         os.close(fd)
+        os.close(root_fd)
         if not renamed:
             tmp.unlink(missing_ok=True)
         elif not durable:
@@ -379,49 +387,451 @@ def create_archive(
             dest.unlink(missing_ok=True)
 
 
-def _scan_source(source_dir: Path) -> list[str]:
-    """Walk the volume before tar does (by directory fds, iteratively: see
-    ``fdtree.walk``): return the special files to exclude, and raise
-    ArchiveError for a symlink that restore would refuse."""
-    try:
-        root_fd = os.open(source_dir, fdtree.DIR_FLAGS)
-    except OSError as exc:
-        raise ArchiveError(f"snapshot source {source_dir} is not a directory: {exc}", exc.errno) from exc
-    excluded: list[str] = []
-    long_name_bytes = 0
-    try:
-        for dir_fd, entry, names, prefix in fdtree.walk(root_fd):
-            long_name_bytes += max(0, prefix + len(entry.name) - _PATH_MAX)
-            if long_name_bytes > MAX_LONG_NAME_BYTES:
-                raise ArchiveError(
-                    f"cannot snapshot: the tree is too deep to archive (at depth {len(names) + 1}, its paths "
-                    f"longer than {_PATH_MAX} bytes add up to more than {MAX_LONG_NAME_BYTES >> 20} MiB; a tar "
-                    "archive names every member by its full path, so its size grows with depth squared)")
-            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-                continue
-            if entry.is_symlink():
-                _check_symlink(dir_fd, entry.name, names)
-                continue
-            excluded.append("/".join((*names, entry.name)))
-    except OSError as exc:
-        raise ArchiveError(f"cannot read {source_dir}: {exc}", exc.errno) from exc
-    finally:
-        os.close(root_fd)
-    if excluded:
-        _log.warning(
-            "snapshot of %s leaves out %d special file(s) (FIFOs, sockets, device nodes), e.g. %s",
-            source_dir, len(excluded), ", ".join(repr(p) for p in excluded[:5]),
-        )
-    return excluded
+def _write_archive(root_fd: int, source_dir: Path, compression: str, out_fd: int, tracker: _Progress) -> int:
+    """Write the tar stream of the tree below ``root_fd`` (compressed as asked)
+    into ``out_fd``; return the uncompressed size."""
+    if compression == "none":
+        sink: _Sink = _FileSink(out_fd, tracker)
+        _TreeArchiver(root_fd, source_dir, sink).run()
+        return sink.total
+    if compression == "gzip":
+        with _GzipSink(out_fd, tracker) as gz:
+            _TreeArchiver(root_fd, source_dir, gz).run()
+        return gz.total
+    return _write_zstd(root_fd, source_dir, out_fd, tracker)
 
 
-def _check_symlink(dir_fd: int, name: str, names: list[str]) -> None:
+def _write_zstd(root_fd: int, source_dir: Path, out_fd: int, tracker: _Progress) -> int:
+    """``zstd -3 -T0`` as a child process, fed through a pipe; member data is
+    sent from the files into the pipe by the kernel (sendfile)."""
+    argv = ["zstd", f"-{_ZSTD_LEVEL}", "-T0", "--quiet", "--no-progress", "--stdout"]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_fd, stderr=err, env=_tool_env())
+        try:
+            assert proc.stdin is not None
+            _grow_pipe(proc.stdin)
+            sink = _PipeSink(proc.stdin.fileno(), tracker)
+            try:
+                _TreeArchiver(root_fd, source_dir, sink).run()
+            except BrokenPipeError as exc:  # zstd died: its own words say why
+                proc.stdin.close()
+                raise _tool_error("zstd", proc.wait(), err) from exc
+            proc.stdin.close()
+            if proc.wait() != 0:
+                raise _tool_error("zstd", proc.returncode, err)
+            return sink.total
+        except BaseException:
+            _reap([proc])
+            raise
+
+
+class _Sink:
+    """Where the uncompressed tar stream goes; counts its bytes."""
+
+    def __init__(self, tracker: _Progress) -> None:
+        self.total = 0
+        self._tracker = tracker
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._put(data)
+        self.total += len(data)
+        self._tracker.update(self.total)
+
+    def copy_from(self, fd: int, offset: int, length: int) -> int:
+        """Copy up to ``length`` bytes of ``fd`` from ``offset``; return how
+        many there were (fewer when the file shrank meanwhile)."""
+        done = 0
+        while done < length:
+            n = self._copy(fd, offset + done, min(length - done, _COPY_CHUNK))
+            if n == 0:
+                break
+            done += n
+            self.total += n
+            self._tracker.update(self.total)
+        return done
+
+    def _put(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def _copy(self, fd: int, offset: int, length: int) -> int:
+        data = os.pread(fd, length, offset)
+        self._put(data)
+        return len(data)
+
+
+class _FileSink(_Sink):
+    """An uncompressed archive: data goes file to file in the kernel."""
+
+    def __init__(self, out_fd: int, tracker: _Progress) -> None:
+        super().__init__(tracker)
+        self._fd = out_fd
+        self._kernel_copy = True
+
+    def _put(self, data: bytes | memoryview) -> None:
+        _write_all(self._fd, data)
+
+    def _copy(self, fd: int, offset: int, length: int) -> int:
+        if self._kernel_copy:
+            try:
+                return os.copy_file_range(fd, self._fd, length, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._kernel_copy = False
+        return super()._copy(fd, offset, length)
+
+
+class _PipeSink(_Sink):
+    """A pipe to the compressor: data goes file to pipe in the kernel."""
+
+    def __init__(self, pipe_fd: int, tracker: _Progress) -> None:
+        super().__init__(tracker)
+        self._fd = pipe_fd
+        self._kernel_copy = True
+
+    def _put(self, data: bytes | memoryview) -> None:
+        _write_all(self._fd, data)
+
+    def _copy(self, fd: int, offset: int, length: int) -> int:
+        if self._kernel_copy:
+            try:
+                return os.sendfile(self._fd, fd, offset, length)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._kernel_copy = False
+        return super()._copy(fd, offset, length)
+
+
+class _GzipSink(_Sink):
+    """gzip: the stream is cut into 4 MiB chunks, each compressed by zlib on a
+    thread pool (zlib drops the GIL) into its own gzip member, written in order."""
+
+    def __init__(self, out_fd: int, tracker: _Progress) -> None:
+        super().__init__(tracker)
+        self._fd = out_fd
+        self._buf = bytearray()
+        self._workers = max(1, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="gzip")
+        self._pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+
+    def __enter__(self) -> "_GzipSink":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                if self._buf:
+                    self._submit(bytes(self._buf))
+                while self._pending:
+                    _write_all(self._fd, self._pending.popleft().result())
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self._buf += data
+        while len(self._buf) >= _GZIP_CHUNK:
+            self._submit(bytes(self._buf[:_GZIP_CHUNK]))
+            del self._buf[:_GZIP_CHUNK]
+
+    def _submit(self, chunk: bytes) -> None:
+        self._pending.append(self._pool.submit(_gzip_member, chunk))
+        while len(self._pending) > 2 * self._workers:
+            _write_all(self._fd, self._pending.popleft().result())
+
+
+def _gzip_member(chunk: bytes) -> bytes:
+    """One complete gzip member (header, deflate data, CRC and size trailer)."""
+    compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+    return compressor.compress(chunk) + compressor.flush()
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_ZEROS = bytes(_RECORD)
+
+
+class _TreeArchiver:
+    """Writes a pax archive of the tree below ``root_fd``, walked by directory
+    fds (see ``fdtree``): every directory is opened relative to its parent
+    with ``O_NOFOLLOW | O_DIRECTORY``, every file with ``O_PATH | O_NOFOLLOW``
+    first and read only when that descriptor is a regular file on the same
+    mount, so nothing a pod swaps in (a symlink, a FIFO, a device node, a
+    mount) is followed, opened or archived. What a member's header says is
+    what its descriptor said (fstat), and exactly that many bytes follow it.
+    """
+
+    def __init__(self, root_fd: int, source_dir: Path, sink: _Sink) -> None:
+        self.root_fd = root_fd
+        self.source_dir = source_dir
+        self.sink = sink
+        st = os.fstat(root_fd)
+        self.dev = st.st_dev
+        self.mount = fdtree.mount_id(root_fd)
+        self.links: dict[tuple[int, int], str] = {}
+        self.link_name_bytes = 0
+        self.long_name_bytes = 0
+        self.skipped: list[str] = []
+        self.skipped_count = 0
+
+    def run(self) -> None:
+        self._member("./", os.fstat(self.root_fd), tarfile.DIRTYPE, xattr_fd=self.root_fd)
+        chain = fdtree._Chain(self.root_fd, resume=True)
+        names: list[str] = []
+        prefixes = [0]
+        try:
+            while True:
+                entry = chain.next_entry()
+                if entry is None:
+                    if chain.depth == 0:
+                        break
+                    chain.pop()
+                    names.pop()
+                    prefixes.pop()
+                    continue
+                self._count_long_name(prefixes[-1] + len(entry.name), len(names))
+                fd = self._add(chain, entry, names)
+                if fd is not None:
+                    chain.push(fd)
+                    names.append(entry.name)
+                    prefixes.append(prefixes[-1] + len(entry.name) + 1)
+        finally:
+            chain.close()
+        self.sink.write(_ZEROS[: 2 * _BLOCK])
+        self.sink.write(_ZEROS[: -self.sink.total % _RECORD])
+        self._log_skipped()
+
+    def _count_long_name(self, length: int, depth: int) -> None:
+        self.long_name_bytes += max(0, length - _PATH_MAX)
+        if self.long_name_bytes > MAX_LONG_NAME_BYTES:
+            raise ArchiveError(
+                f"cannot snapshot: the tree is too deep to archive (at depth {depth + 1}, its paths "
+                f"longer than {_PATH_MAX} bytes add up to more than {MAX_LONG_NAME_BYTES >> 20} MiB; a tar "
+                "archive names every member by its full path, so its size grows with depth squared)")
+
+    def _add(self, chain: "fdtree._Chain", entry: os.DirEntry, names: list[str]) -> int | None:
+        """Archive one entry; return the fd of a directory to descend into."""
+        dir_fd, name = chain.fd, entry.name
+        if entry.is_dir(follow_symlinks=False):
+            fd = fdtree._open_dir(dir_fd, name)
+            if fd is None:
+                return None  # replaced meanwhile: left out
+            try:
+                if chain.crosses_mount(fd):
+                    os.close(fd)
+                    return None
+                self._member(_member_name(names, name) + "/", os.fstat(fd), tarfile.DIRTYPE, xattr_fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        if entry.is_symlink():
+            self._add_symlink(dir_fd, name, names)
+        else:
+            self._add_file(dir_fd, name, names)
+        return None
+
+    def _add_symlink(self, dir_fd: int, name: str, names: list[str]) -> None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return  # gone or no longer a symlink: left out
+        if st.st_dev != self.dev:
+            return
+        _check_symlink(dir_fd, name, names, target)
+        self._member(_member_name(names, name), st, tarfile.SYMTYPE, linkname=target)
+
+    def _add_file(self, dir_fd: int, name: str, names: list[str]) -> None:
+        """A regular file (checked on an O_PATH descriptor, which opens
+        nothing), else a special file that is left out."""
+        try:
+            path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISLNK(st.st_mode):
+                return  # became a symlink meanwhile: the pod's race, left out
+            if not stat.S_ISREG(st.st_mode):
+                self._skip(names, name)
+                return
+            if st.st_dev != self.dev or fdtree.mount_id(path_fd) != self.mount:
+                return  # a file bind-mounted onto one of the volume's names
+            member = _member_name(names, name)
+            if st.st_nlink > 1 and self._link_again(member, st):
+                return
+            fd = os.open(f"/proc/self/fd/{path_fd}", fdtree.FILE_FLAGS & ~os.O_NOFOLLOW)
+        finally:
+            os.close(path_fd)
+        try:
+            self._add_regular(fd, member, st)
+        finally:
+            os.close(fd)
+
+    def _link_again(self, member: str, st: os.stat_result) -> bool:
+        """A further name of an inode already archived becomes a hard link
+        member. Remembered names are bounded; past the bound a further name
+        is archived as a file of its own."""
+        key = (st.st_dev, st.st_ino)
+        first = self.links.get(key)
+        if first is not None:
+            self._member(member, st, tarfile.LNKTYPE, linkname=first)
+            return True
+        if len(self.links) < _MAX_LINKS and self.link_name_bytes + len(member) <= _MAX_LINK_NAME_BYTES:
+            self.links[key] = member
+            self.link_name_bytes += len(member)
+        return False
+
+    def _add_regular(self, fd: int, member: str, st: os.stat_result) -> None:
+        size = st.st_size
+        extents = _data_extents(fd, size)
+        if extents is None:
+            self._member(member, st, tarfile.REGTYPE, size=size, xattr_fd=fd)
+            self._data(fd, [(0, size)])
+            return
+        sparse_map = _sparse_map(extents)
+        data_size = sum(length for _, length in extents)
+        pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+               "GNU.sparse.name": member, "GNU.sparse.realsize": str(size)}
+        self._member(_sparse_stand_in(member), st, tarfile.REGTYPE, size=len(sparse_map) + data_size,
+                     xattr_fd=fd, pax=pax)
+        self.sink.write(sparse_map)
+        self._data(fd, extents, written=len(sparse_map))
+
+    def _data(self, fd: int, extents: list[tuple[int, int]], written: int = 0) -> None:
+        """Exactly the extents' bytes (zeros where the file shrank meanwhile), padded."""
+        for offset, length in extents:
+            done = self.sink.copy_from(fd, offset, length)
+            while done < length:
+                step = min(length - done, _RECORD)
+                self.sink.write(_ZEROS[:step])
+                done += step
+            written += length
+        self.sink.write(_ZEROS[: -written % _BLOCK])
+
+    def _member(self, name: str, st: os.stat_result, kind: bytes, size: int = 0, linkname: str = "",
+                xattr_fd: int | None = None, pax: dict[str, str] | None = None) -> None:
+        """One header: the pax records GNU tar writes (exact mtime, ``user.*``
+        xattrs), numeric owner only, no atime/ctime."""
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.size = size
+        info.linkname = linkname
+        info.mtime = st.st_mtime_ns // 1_000_000_000
+        records = dict(pax or {})
+        if st.st_mtime_ns % 1_000_000_000:
+            records["mtime"] = _pax_time(st.st_mtime_ns)
+        if xattr_fd is not None:
+            for key, value in _user_xattrs(xattr_fd):
+                records["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        info.pax_headers = records
+        self.sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _skip(self, names: list[str], name: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < 5:
+            self.skipped.append(_member_name(names, name)[2:])
+
+    def _log_skipped(self) -> None:
+        if self.skipped_count:
+            _log.warning(
+                "snapshot of %s leaves out %d special file(s) (FIFOs, sockets, device nodes), e.g. %s",
+                self.source_dir, self.skipped_count, ", ".join(repr(p) for p in self.skipped),
+            )
+
+
+#: Inodes with several names whose first name is remembered for hard-link
+#: members, and the bytes of those names: memory stays bounded whatever a pod links.
+_MAX_LINKS = 65536
+_MAX_LINK_NAME_BYTES = 16 << 20
+#: Data extents recorded for one sparse file; past them, the rest of the file
+#: is one extent (holes there are archived as zeros): the map stays small.
+_MAX_EXTENTS = 4096
+
+
+def _member_name(names: list[str], name: str) -> str:
+    return "./" + "/".join((*names, name)) if names else "./" + name
+
+
+def _sparse_stand_in(member: str) -> str:
+    """The ustar name of a sparse member (GNU tar's ``%d/GNUSparseFile.%p/%f``;
+    readers take the real name from ``GNU.sparse.name``). Kept short and
+    ASCII so that no ``path`` record follows, which tarfile would let win."""
+    head, _, base = member.rpartition("/")
+    name = f"{head}/GNUSparseFile.0/{base}"
+    return name if len(name) < 100 and name.isascii() else "./GNUSparseFile.0/file"
+
+
+def _pax_time(ns: int) -> str:
+    sign = "-" if ns < 0 else ""
+    seconds, fraction = divmod(abs(ns), 1_000_000_000)
+    return f"{sign}{seconds}.{fraction:09d}"
+
+
+def _user_xattrs(fd: int) -> list[tuple[str, bytes]]:
+    """The ``user.*`` extended attributes of ``fd`` (never ``security.capability``)."""
+    try:
+        keys = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    found = []
+    for key in keys:
+        if key.startswith(_RESTORED_XATTR_PREFIXES):
+            try:
+                found.append((key, os.getxattr(fd, key)))
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+    return found
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The file's data extents below ``size`` when it has holes (SEEK_DATA /
+    SEEK_HOLE), or None when it is one dense extent (or cannot tell)."""
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break  # only a hole is left
+            if data >= size:
+                break
+            if len(extents) == _MAX_EXTENTS - 1:
+                extents.append((data, size - data))
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            extents.append((data, hole - data))
+            offset = hole
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENXIO, errno.EOPNOTSUPP):
+            return None
+        raise
+    if len(extents) == 1 and extents[0] == (0, size) or size == 0:
+        return None
+    if not extents or extents[-1][0] + extents[-1][1] < size:
+        extents.append((size, 0))  # GNU tar ends a map with the file's end
+    return extents
+
+
+def _sparse_map(extents: list[tuple[int, int]]) -> bytes:
+    """A pax 1.0 sparse map: the count, then offset and size per line, padded to a block."""
+    text = "".join([f"{len(extents)}\n", *(f"{off}\n{length}\n" for off, length in extents)]).encode()
+    return text + _ZEROS[: -len(text) % _BLOCK]
+
+
+def _check_symlink(dir_fd: int, name: str, names: list[str], target: str) -> None:
     """Refuse a symlink restore would refuse: by its text, then (through the
     directory fd, never a path the pod could redirect) by where it resolves."""
-    try:
-        target = os.readlink(name, dir_fd=dir_fd)
-    except (FileNotFoundError, OSError):
-        return  # gone or replaced meanwhile: tar sees what is there then
     problem = symlink_target_problem((*names, name), target)
     if problem is None and not _resolves_inside(dir_fd, name, len(names)):
         problem = f"symlink target {target!r} resolves outside the volume"
@@ -446,133 +856,6 @@ def _resolves_inside(dir_fd: int, name: str, depth: int) -> bool:
         return True  # too long to name: restore's own final check still runs
     root = here.rsplit("/", depth)[0] if depth else here
     return real == root or real.startswith(root.rstrip("/") + "/")
-
-
-def _tar_create_argv(source_dir: Path, excludes: list[str]) -> list[str]:
-    """GNU tar arguments: pax format (nanosecond mtimes, xattrs, long names,
-    big uids), numeric ids (host user names mean nothing to the volume),
-    only ``user.*`` xattrs (never ``security.capability``: see "What is kept"),
-    never into another filesystem mounted inside the volume,
-    holes kept, atime/ctime left out (not restored, and they would make every
-    header bigger). --anchored/--no-wildcards must come before the excludes
-    so each one matches exactly one path, whatever characters it holds."""
-    argv = [
-        "tar", "--create", "--file=-", f"--directory={source_dir}",
-        "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=user.*", "--sparse",
-        "--one-file-system",
-        "--pax-option=delete=atime,delete=ctime",
-        "--anchored", "--no-wildcards",
-    ]
-    exclude_args = [f"--exclude=./{rel}" for rel in excludes]
-    if sum(len(a) + 1 for a in exclude_args) > _MAX_EXCLUDE_ARGV:
-        raise ArchiveError(
-            f"cannot snapshot: the volume holds {len(excludes)} special files (FIFOs, sockets, "
-            "device nodes), too many to leave out"
-        )
-    return argv + exclude_args + ["."]
-
-
-def _spawn(argv: list[str], stdin: object, stdout: object, stderr: IO[bytes]) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=_tool_env())
-
-
-def _write_archive(
-    source_dir: Path, excludes: list[str], compression: str, out_fd: int, tracker: _Progress
-) -> int:
-    """Run tar (and the compressor) into ``out_fd``; return the uncompressed tar size.
-
-    When a pipeline fails, the tool that failed first is named: a dying
-    compressor makes tar die of SIGPIPE, and a failing tar ends the
-    compressor's input early but cleanly."""
-    argv = _tar_create_argv(source_dir, excludes)
-    procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
-        try:
-            if compression == "none":
-                tar = _spawn(argv, subprocess.DEVNULL, out_fd, tar_err)
-                procs.append(tar)
-                _watch(tar, tracker)
-                total = os.fstat(out_fd).st_size
-            elif compression == "zstd":
-                tar = _spawn(argv, subprocess.DEVNULL, subprocess.PIPE, tar_err)
-                procs.append(tar)
-                _grow_pipe(tar.stdout)
-                zstd_argv = ["zstd", f"-{_ZSTD_LEVEL}", "-T0", "--quiet", "--no-progress", "--stdout"]
-                procs.append(_spawn(zstd_argv, tar.stdout, out_fd, zstd_err))
-                tar.stdout.close()  # zstd holds the read end; tar gets SIGPIPE if zstd dies
-                total = _watch(tar, tracker)
-                if procs[1].wait() != 0:
-                    raise _tool_error("zstd", procs[1].returncode, zstd_err)
-            else:
-                tar = _spawn(argv, subprocess.DEVNULL, subprocess.PIPE, tar_err)
-                procs.append(tar)
-                _grow_pipe(tar.stdout)
-                total = _gzip_stream(tar.stdout, out_fd, tracker)
-                tar.wait()
-            if tar.returncode != 0:
-                raise _tool_error("tar", tar.returncode, tar_err)
-            return total
-        except BaseException:
-            _reap(procs)
-            raise
-
-
-def _watch(proc: subprocess.Popen, tracker: _Progress) -> int:
-    """Wait for ``proc`` while reporting the bytes it has written; return the total.
-
-    The count is ``wchar`` from /proc/<pid>/io of our own child. waitid with
-    WNOWAIT lets the final count be read from the exited (not yet reaped)
-    process; Popen.wait reaps it afterwards."""
-    written = 0
-    delay = 0.005
-    while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                break
-        except ChildProcessError:  # reaped elsewhere; Popen.wait copes with that
-            break
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-        written = _proc_wchar(proc.pid, written)
-        tracker.update(written)
-    written = _proc_wchar(proc.pid, written)
-    proc.wait()
-    return written
-
-
-def _proc_wchar(pid: int, default: int) -> int:
-    try:
-        with open(f"/proc/{pid}/io", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"wchar:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return default
-
-
-def _gzip_member(chunk: bytes) -> bytes:
-    """One complete gzip member (header, deflate data, CRC and size trailer)."""
-    compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
-    return compressor.compress(chunk) + compressor.flush()
-
-
-def _gzip_stream(source: IO[bytes], out_fd: int, tracker: _Progress) -> int:
-    """Compress ``source`` into ``out_fd`` as consecutive gzip members, on
-    every core, keeping output in input order. Returns the input byte count."""
-    workers = max(1, os.cpu_count() or 1)
-    pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
-    total = 0
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gzip") as pool:
-        while chunk := source.read(_GZIP_CHUNK):
-            total += len(chunk)
-            pending.append(pool.submit(_gzip_member, chunk))
-            while len(pending) > 2 * workers:
-                _write_all(out_fd, pending.popleft().result())
-            tracker.update(total)
-        while pending:
-            _write_all(out_fd, pending.popleft().result())
-    return total
 
 
 # --------------------------------------------------------------------------
