@@ -1,33 +1,81 @@
 """Snapshot archives: a snapshot is a tar of a volume directory's contents.
 
 Creating
-    GNU ``tar`` walks the volume and writes a POSIX (pax) archive. Compression
-    is ``none``, ``gzip`` or ``zstd`` (a VolumeSnapshotClass parameter). The
-    archive goes to a temp file in ``tmp_dir``, is fsynced, renamed onto
-    ``dest`` and the directory is fsynced, so ``dest`` either holds a complete,
-    durable archive or does not exist.
+    This module walks the volume itself and writes a POSIX (pax) archive
+    that GNU tar, Python's tarfile and the extractor below all read. The walk
+    is the one every other walk over a pod's tree uses (``fdtree``): each
+    directory is opened relative to its parent with ``O_NOFOLLOW |
+    O_DIRECTORY``, iteratively, with a bounded number of descriptors, and
+    nothing on another mount is entered (device number *and* statx mount id,
+    so a bind mount of a host directory on the same filesystem is seen). A
+    file is first opened with ``O_PATH | O_NOFOLLOW``, which opens nothing;
+    only when that descriptor is a regular file on the volume's own mount is
+    it reopened for reading (through ``/proc/self/fd``, the same inode), and
+    its header is what ``fstat`` of it says. So a pod that swaps a name for a
+    symlink, a FIFO or a device node while the snapshot is cut gets the
+    swapped-in thing left out, never followed, opened or archived; and
+    exactly the bytes a header announces follow it (zeros if the file shrank
+    meanwhile, nothing past its size if it grew).
 
-    Why GNU tar and not :mod:`tarfile`: on the reference tree (10,004 files,
-    500 MiB of data: 10k text files of 1-20 KB and 4 x 100 MiB random files;
-    2 cores, warm cache, fsync included), ``tar --create`` straight into the
-    temp file took 1.07 s (median of 3). Python's tarfile took 2.6 s (GNU
-    format) to 3.8 s (pax), and tar piped through Python into the file 2.0 s.
-    So for ``none``, tar writes straight into the temp file and Python never
-    touches the bytes.
+    Until this walker, GNU tar was run on the volume's path: it opens
+    components with ``O_NOFOLLOW`` too, but it decides what to leave out by
+    name before it runs and only compares device numbers, so a pod swapping
+    a regular file with a FIFO made "ready" snapshots that restore refuses,
+    and a same-filesystem bind mount inside the volume was archived
+    (``tests/hostile/test_walk_snapshot_race.py``).
 
-    Compression runs beside tar, never inside it (``--use-compress-program``
-    would go through ``sh``):
+    What is archived: directories, regular files, symlinks and hard links
+    (further names of an inode become link members; at most 65,536 inodes'
+    first names are remembered, past that a name is archived as a file of
+    its own), with permission bits, numeric uid/gid, the mtime to the
+    nanosecond and ``user.*`` xattrs (never ``security.capability``); no
+    atime or ctime. Files with holes (fewer blocks than bytes) are written
+    as GNU sparse members, format 1.0, at most 4,096 data extents each (past
+    them the rest of the file is one extent). Compression is ``none``,
+    ``gzip`` or ``zstd`` (a VolumeSnapshotClass parameter). The archive goes
+    to a temp file in ``tmp_dir``, is fsynced, renamed onto ``dest`` and the
+    directory is fsynced, so ``dest`` either holds a complete, durable
+    archive or does not exist.
 
-    * ``zstd``: ``tar | zstd -3 -T0`` (the zstd CLI, streaming through a pipe).
-    * ``gzip``: tar's output is cut into 4 MiB chunks. Each chunk is
+    Left out or refused:
+
+    * FIFOs, sockets and device nodes are left out (logged). Restore refuses
+      device nodes and FIFOs, so including them would give a
+      ``ready_to_use`` snapshot that can never be restored.
+    * A symlink that restore would refuse (absolute target, or a target that
+      resolves outside the volume) makes the snapshot fail with
+      :class:`ArchiveError` that names it. Failing at CreateSnapshot time is
+      better than a snapshot that looks good and fails at restore.
+      :func:`symlink_target_problem` is the one place that policy lives.
+    * A tree too deep to archive (see :data:`MAX_LONG_NAME_BYTES`) fails
+      with :class:`ArchiveError`.
+
+    Data: member data of 1 MiB or more is copied by the kernel
+    (``copy_file_range`` into the archive, ``sendfile`` into zstd's pipe);
+    smaller members go header, data and padding in one write, because a
+    kernel copy to an unaligned offset costs about 300 us a call. Headers
+    are built here (tarfile's ``tobuf`` cost about 100 us a member).
+
+    * ``zstd``: the stream goes through a pipe into ``zstd -3 -T0`` (the
+      zstd CLI).
+    * ``gzip``: the stream is cut into chunks of about 4 MiB. Each chunk is
       compressed at level 6 by :mod:`zlib` on a thread pool (zlib drops the
       GIL) and written as its own gzip member, one after another. RFC 1952
       allows several members in one file, and ``gzip -d``, ``tar xz`` and
-      Python's gzip all read it as one stream. On the same tar stream,
-      ``gzip -6`` took 21 s and one-thread zlib 17 s. pigz is not in the image.
+      Python's gzip all read it as one stream. ``gzip -6`` took 21 s on the
+      benchmark's stream and one-thread zlib 17 s. pigz is not in the image.
 
-    ``bench/archive_bench.py``, medians of 3 on that tree, ext4, while other
-    jobs were loading the machine (load average 1-4):
+    Cost against GNU tar on the same trees (the old way; same run,
+    interleaved, medians, a 2-core machine at load average 6-7 from other
+    jobs, so noisy): see docs/security.md and the report of this change for
+    the figures; on the reference tree (10,004 files, 500 MiB: 10k text
+    files of 1-20 KB and 4 x 100 MiB random files) data dominates and the two
+    are close; on 10,000 small files alone the Python walk costs about
+    40 us a file more than tar.
+
+    ``bench/archive_bench.py``, medians of 3 on that tree, ext4, measured
+    with GNU tar as the writer, while other jobs were loading the machine
+    (load average 1-4):
 
     ==========================  ========  ================
     tar cf                       1.00 s   (no fsync)
@@ -44,19 +92,6 @@ Creating
     the CPU cost, it took 1.8-2.4 s for none, 2.8-4.5 s for gzip and 2.5-3.4 s
     for zstd, against 1.4-3.0 s for ``tar xf``. About 1 s of that is
     tarfile's header parsing.
-
-    What tar is asked to archive is checked first (a ``scandir`` walk, tens of
-    milliseconds per 10k files):
-
-    * FIFOs, sockets and device nodes are left out (``--exclude`` per path,
-      logged). Restore refuses device nodes and FIFOs and tar cannot archive
-      sockets, so including them would give a ``ready_to_use`` snapshot that
-      can never be restored.
-    * A symlink that restore would refuse (absolute target, or a target that
-      resolves outside the volume) makes the snapshot fail with
-      :class:`ArchiveError` that names it. Failing at CreateSnapshot time is
-      better than a snapshot that looks good and fails at restore.
-      :func:`symlink_target_problem` is the one place that policy lives.
 
 Extracting
     Compression comes from the magic bytes, not the name. An uncompressed

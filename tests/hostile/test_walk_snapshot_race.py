@@ -85,11 +85,16 @@ def test_snapshot_during_a_special_file_swap_holds_no_special_file(driver, kind,
     assert bad == 0, f"{bad} special files in {cut} snapshots: they were ready, but restore refuses them"
 
 
-def test_a_same_filesystem_bind_mount_inside_the_source_is_not_archived(driver, tmp_path):
+@pytest.mark.parametrize("what", ["dir", "file"])
+def test_a_same_filesystem_bind_mount_inside_the_source_is_not_archived(driver, tmp_path, what):
     host = plant_host_secret(tmp_path)
     src = driver.create_volume(uniq(), size=16 << 20)
     inner = driver.volume_dir(src.volume_id) / "mnt"
-    inner.mkdir()
+    if what == "dir":
+        inner.mkdir()
+    else:
+        inner.write_bytes(b"a name of the pod's\n")
+        host = host / "data"
     (driver.volume_dir(src.volume_id) / "own").write_bytes(b"pod data\n")
     subprocess.run(["mount", "--bind", str(host), str(inner)], check=True)
     try:
