@@ -689,3 +689,52 @@ def test_damaged_header_is_not_a_silent_short_restore(
     path.write_bytes(_flip(data, last.offset + 148))  # the checksum field of the last header
     with pytest.raises(ArchiveError, match="truncated or corrupt"):
         extract_archive(path, layout["dest"])
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_files_changing_during_the_cut_give_readable_archives(tmp_path: Path, compression: str) -> None:
+    """A volume that is not frozen (``mounter: bind``) changes under the cut:
+    a file shrinks, grows and gets holes while it is read. Every header must
+    be followed by exactly the bytes it announces, so every archive lists
+    with GNU tar and restores, whatever the timing."""
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"small{i}").write_bytes(b"s" * 3000)
+    stop = threading.Event()
+
+    def churn(name: str, step: int) -> None:  # shrink and grow, with holes past the old end
+        fd = os.open(src / name, os.O_RDWR | os.O_CREAT)
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                os.ftruncate(fd, (n % 7) * step)
+                os.pwrite(fd, b"d" * 5000, (n % 5) * step)
+        finally:
+            os.close(fd)
+
+    workers = [threading.Thread(target=churn, args=(name, step), daemon=True)
+               for name, step in (("churn", 1 << 20), ("churn-small", 100_000))]
+    for worker in workers:
+        worker.start()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    flags = {"none": [], "gzip": ["--gzip"], "zstd": ["--zstd"]}[compression]
+    try:
+        for i in range(15):
+            dest = tmp_path / f"snap{i}{archive_suffix(compression)}"
+            create_archive(src, dest, compression, tmp)
+            listed = subprocess.run(["tar", *flags, "-tf", str(dest)], check=True, capture_output=True).stdout
+            assert b"./churn\n" in listed and b"./churn-small\n" in listed and b"./small19\n" in listed
+            out = tmp_path / f"out{i}"
+            out.mkdir()
+            extract_archive(dest, out)
+            assert (out / "small19").read_bytes() == b"s" * 3000
+            dest.unlink()
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
