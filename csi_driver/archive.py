@@ -709,8 +709,8 @@ class _TreeArchiver:
             return
         try:
             st = os.fstat(path_fd)
-            if stat.S_ISLNK(st.st_mode):
-                return  # became a symlink meanwhile: the pod's race, left out
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                return  # became a symlink or directory meanwhile: the pod's race, left out
             if not stat.S_ISREG(st.st_mode):
                 self._skip(names, name)
                 return
