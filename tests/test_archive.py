@@ -706,7 +706,7 @@ def test_files_changing_during_the_cut_give_readable_archives(tmp_path: Path, co
     stop = threading.Event()
 
     def churn(name: str, step: int) -> None:  # shrink and grow, with holes past the old end
-        fd = os.open(src / name, os.O_RDWR | os.O_CREAT)
+        fd = os.open(src / name, os.O_RDWR)
         try:
             n = 0
             while not stop.is_set():
@@ -716,8 +716,10 @@ def test_files_changing_during_the_cut_give_readable_archives(tmp_path: Path, co
         finally:
             os.close(fd)
 
-    workers = [threading.Thread(target=churn, args=(name, step), daemon=True)
-               for name, step in (("churn", 1 << 20), ("churn-small", 100_000))]
+    churned = (("churn", 1 << 20), ("churn-small", 100_000))
+    for name, step in churned:
+        (src / name).write_bytes(b"c" * step)
+    workers = [threading.Thread(target=churn, args=(name, step), daemon=True) for name, step in churned]
     for worker in workers:
         worker.start()
     tmp = tmp_path / "tmp"
