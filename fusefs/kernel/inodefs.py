@@ -748,8 +748,11 @@ class InodeFs:
                                   _WRITEPAGE if write_flags & p.WRITE_CACHE else _NOT_WRITEPAGE)
         try:
             size = len(data)
-            if self.limits.active:
-                self.limits.throttle(size)
+            if self.limits.active:  # write-back (WRITE_CACHE) has no INTERRUPT: it must not wait
+                if write_flags & p.WRITE_CACHE:
+                    self.limits.charge_writeback(size)
+                else:
+                    self.limits.throttle(size)
             state = handle.state
             end = offset + size
             if end > state.size:  # type: ignore[union-attr]
