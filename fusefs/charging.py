@@ -142,6 +142,14 @@ def name_removed(quota: Quota, st: os.stat_result, extra: int, opened: InodeStat
     quota.give_inode()
 
 
+def orphan_freed(quota: Quota, size: int, extra: int) -> None:
+    """An inode kept in the kernel engine's orphan directory (its last name
+    went while it was open; see fusefs.kernel.orphans) is really freed now:
+    uncharge it, ``size`` bytes and ``extra`` for its xattrs."""
+    quota.release_bytes(blocks(size) + extra)
+    quota.give_inode()
+
+
 def xattr_charge(st: os.stat_result, total: Callable[[], int]) -> int:
     """The xattr charge that goes with an inode if the name being removed is
     its last (``total()`` measures its attributes), else 0."""

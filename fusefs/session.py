@@ -282,7 +282,10 @@ class Session:
                                   f"(e.g. {'; '.join(found.problems[:3])}); the volume accepts no growth", t0)
                 return
             self.ops.xattrs_seen, self.ops.capability_seen = found.xattrs, found.capability
-            self.quota.recovered(found.used_bytes, found.used_inodes)
+            # Charged inodes with no name the scan could see (kept open by a
+            # pod across a takeover) are still charged until freed.
+            orphan_bytes, orphan_inodes = self._orphan_charges()
+            self.quota.recovered(found.used_bytes + orphan_bytes, found.used_inodes + orphan_inodes)
             self.scan_info["state"] = "done"
             log.info("usage scan done", extra={"fields": {
                 "used_bytes": found.used_bytes, "used_inodes": found.used_inodes, **self.scan_info}})
@@ -386,6 +389,8 @@ class Session:
             "throttled_seconds": round(self.limits.throttled_seconds, 3),
             "throttle_refused": self.limits.refused,
             "throttle_interrupted": self.limits.interrupted_requests,
+            "throttle_backlog_seconds": round(self.limits.backlog(), 3),
+            "throttle_writeback_bytes": self.limits.writeback_bytes,
             "open_files": self.ops.open_handles(),
             "open_files_max": self.ops.open_files.limit,
             "open_files_refused": self.ops.open_files.refused,
@@ -624,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
     k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
+    k.add_argument("--orphan-dir", default="",
+                   help="where open files that lose their last name are kept across a takeover "
+                        "(outside the volume, same filesystem)")
     return p
 
 
@@ -650,7 +658,7 @@ def session_class(args: argparse.Namespace) -> Any:
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
         state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
-        passthrough=not args.no_passthrough, clones=max(0, args.clones)))
+        passthrough=not args.no_passthrough, clones=max(0, args.clones), orphan_dir=args.orphan_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

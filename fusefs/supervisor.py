@@ -66,6 +66,8 @@ class SessionSpec:
     holder_sockets: tuple[str, ...] = ()
     #: Resume the live connection a holder keeps (no mount, no INIT).
     takeover: bool = False
+    #: Where open files that lose their last name survive a takeover ("": nowhere).
+    orphan_dir: str = ""
 
     def argv(self) -> list[str]:
         """The session's command line (an argument list, never a shell string)."""
@@ -91,6 +93,8 @@ class SessionSpec:
                 argv += ["--holder-socket", holder]
             if self.takeover:
                 argv.append("--takeover")
+            if self.orphan_dir:
+                argv += ["--orphan-dir", self.orphan_dir]
         return argv
 
 

@@ -64,7 +64,7 @@ from typing import Any
 
 from fusefs import bindmount, health, mountinfo, rpcerrors, validate
 from fusefs.events import REASON_FAILED, REASON_RESTARTED, EventPoster
-from fusefs.kernel import handover
+from fusefs.kernel import handover, orphans
 from fusefs.metrics import DaemonMetrics
 from fusefs.rpcerrors import RpcFailure
 from fusefs.state import PodRef, Publication, StateFile, VolumeRecord
@@ -196,6 +196,38 @@ class VolumeManager:
         """Where kernel-engine sessions put their descriptors: ours first, then the external one."""
         own = (self._own_holder.path,) if self._own_holder is not None else ()
         return own + ((self.config.holder_socket,) if self.config.holder_socket else ())
+
+    def orphan_dir(self, volume_id: str) -> str:
+        """The volume's orphan directory (kernel engine), made 0700: where
+        its session keeps open files a pod unlinked, so that they survive a
+        takeover (see fusefs.kernel.orphans). Outside the volume, and on its
+        filesystem (the session hard-links files there); "" if the
+        state directory is on another filesystem than the volumes."""
+        root = self.kernel_dir / "orphans"
+        root.mkdir(mode=0o700, exist_ok=True)
+        if os.stat(root).st_dev != os.stat(self.config.volumes_dir).st_dev:
+            log.warning("the state directory is not on the volumes' filesystem: files pods unlink "
+                        "while open do not survive a session restart", extra={"fields": {
+                            "state_dir": str(self.config.state_dir)}})
+            return ""
+        path = root / volume_id
+        path.mkdir(mode=0o700, exist_ok=True)
+        return str(path)
+
+    def _remove_orphans(self, volume_id: str) -> None:
+        """Empty and remove the volume's orphan directory (after its session
+        stopped), by descriptors (see fusefs.kernel.orphans.empty)."""
+        try:
+            root = os.open(self.kernel_dir / "orphans", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            orphans.remove_dir(root, volume_id)
+        except OSError as exc:
+            log.warning("cannot remove the orphan directory", extra={"fields": {
+                "volume_id": volume_id, "error": str(exc)}})
+        finally:
+            os.close(root)
 
     def kernel_state_file(self, volume_id: str) -> Path:
         return self.kernel_dir / f"{volume_id}.kstate"
@@ -493,7 +525,8 @@ class VolumeManager:
             bytes_per_second=record.bytes_per_second, ops_per_second=record.ops_per_second,
             engine=self.config.engine,
             state_file=str(self.kernel_state_file(record.volume_id)) if kernel else "",
-            holder_sockets=self.holder_sockets() if kernel else (), takeover=takeover)
+            holder_sockets=self.holder_sockets() if kernel else (), takeover=takeover,
+            orphan_dir=self.orphan_dir(record.volume_id) if kernel else "")
         session = SessionProcess.start(self._spawner, spec, on_exit=self._wake.set)
         try:
             session.wait_ready(self.config.session_timeout)
@@ -729,6 +762,7 @@ class VolumeManager:
                 volume.session.stop()
             self._drop_held(volume_id)  # the connection ends with the last copy
             self._forget_kernel_state(volume_id)
+            self._remove_orphans(volume_id)
             bindmount.detach_all(record.staging_path)
             _rmdir_quietly(record.staging_path)
             with self._lock:

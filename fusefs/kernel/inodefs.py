@@ -45,6 +45,7 @@ from fusefs import charging
 from fusefs.charging import MAX_OPEN_FILES, RENAME_EXCHANGE, STATFS_BLOCK, OpenFiles
 from fusefs.freeze import FreezeGate
 from fusefs.kernel import protocol as p
+from fusefs.kernel import orphans as orphan_dir
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.nodes import Node, NodeTable
 from fusefs.limits import IOLimits
@@ -131,11 +132,15 @@ class InodeFs:
                  limits: IOLimits | None = None, stats: OpStats | None = None, read_only: bool = False,
                  xattrs_seen: bool = True, capability_seen: bool = True, keep_cache: bool = True,
                  journal: str | None = None, handle_epoch: int = 0,
-                 max_open_files: int = MAX_OPEN_FILES) -> None:
+                 max_open_files: int = MAX_OPEN_FILES, orphan_fd: int = -1) -> None:
         self.source = os.path.realpath(source)
         self.root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         root_path = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.nodes = NodeTable(root_path, journal)
+        #: Where open files that lose their last name are kept (-1: nowhere,
+        #: they are unlinked; see :mod:`fusefs.kernel.orphans`).
+        self.nodes.orphan_fd = orphan_fd
+        self.nodes.orphan_freed = self._orphan_freed
         self.quota = quota
         self.gate = gate or FreezeGate()
         self.limits = limits or IOLimits()
@@ -267,7 +272,9 @@ class InodeFs:
         self.nodes.forget(nodeid, count)
 
     def getattr(self, nodeid: int) -> os.stat_result:
-        return os.stat(self.nodes.get(nodeid).fd)
+        node = self.nodes.get(nodeid)
+        st = os.stat(node.fd)
+        return st if node.orphan is None else _Unlinked(st)  # type: ignore[return-value]
 
     def readlink(self, nodeid: int) -> bytes:
         return os.readlink(b"", dir_fd=self.nodes.get(nodeid).fd)
@@ -314,6 +321,8 @@ class InodeFs:
     def link(self, old_id: int, parent_id: int, name: bytes, unique: int = 0) -> tuple[Node, os.stat_result]:
         """A new name (charged through its directory's growth), no new inode."""
         node = self.nodes.get(old_id)
+        if node.orphan is not None:
+            raise OSError(errno.ENOENT, "no link left")  # as linkat(2) of an unlinked file
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
@@ -328,28 +337,105 @@ class InodeFs:
             self.gate.leave(w)
 
     def unlink(self, parent_id: int, name: bytes, unique: int = 0) -> None:
-        self._remove(parent_id, name, unique, lambda d: os.unlink(name, dir_fd=d))
+        self._remove(parent_id, name, unique, lambda d: os.unlink(name, dir_fd=d), may_orphan=True)
 
     def rmdir(self, parent_id: int, name: bytes, unique: int = 0) -> None:
         self._remove(parent_id, name, unique, lambda d: os.rmdir(name, dir_fd=d))
 
-    def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any) -> None:
+    def _remove(self, parent_id: int, name: bytes, unique: int, remove: Any, may_orphan: bool = False) -> None:
         """unlink and rmdir alike: settle the parent's size, uncharge the inode
-        if that was its last name (on its last close if it is open)."""
+        if that was its last name (on its last close if it is open). The last
+        name of an open file is kept in the orphan directory (see
+        :meth:`_keep_alive`), charged until the kernel forgets it."""
         parent = self.nodes.get(parent_id)
         w = self._begin_mutation(unique)
         try:
+            keep: Node | None = None
             try:
                 st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
                 extra = self._xattr_extra(parent, name, st)
+                keep = self._orphan(self._keep_alive(st), extra) if may_orphan else None
                 charging.name_op(self.quota, _sizes(parent), lambda: remove(parent.fd), growth=0)
-            except FileNotFoundError:
-                if unique & p.UNIQUE_RESEND:
+            except BaseException as exc:
+                if keep is not None:
+                    self._unorphan(keep)
+                if isinstance(exc, FileNotFoundError) and unique & p.UNIQUE_RESEND:
                     return  # done before the crash
                 raise
-            self._link_removed(st, extra)
+            if keep is None or not self._settle_orphan(keep):
+                self._link_removed(st, extra)
         finally:
             self.gate.leave(w)
+
+    # ------------------------------------------------------------ orphans
+
+    def _keep_alive(self, st: os.stat_result) -> Node | None:
+        """The node of a regular file whose last name is going while it may be
+        open (open handles, or a node restored after a handover, whose opens
+        from before it this process has not all seen): with an orphan
+        directory, it is kept there, so that a SIGKILL of this process does
+        not free the inode under the pod's descriptor."""
+        if self.nodes.orphan_fd < 0 or st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            return None
+        node = self.nodes.by_key((st.st_dev, st.st_ino))
+        if node is None or node.orphan is not None or (node.state is None and not node.restored):
+            return None
+        return node
+
+    def _orphan(self, node: Node | None, extra: int) -> Node | None:
+        """Before a name of ``node`` goes: hard-link its inode into the orphan
+        directory, by its descriptor (never by a name, which a pod could
+        swap meanwhile), journalled first. Returns the node, or None if
+        there is nothing to keep or it could not be linked (then the name
+        goes as without an orphan directory)."""
+        if node is None:
+            return None
+        oname = orphan_dir.name_for(node.nodeid)
+        # Set before the journal line, so that a compaction of the journal
+        # on that very line keeps it.
+        node.orphan, node.orphan_extra = oname, extra
+        self.nodes.journal_orphan(node, oname, extra)
+        try:
+            os.link(self._proc(node), oname, dst_dir_fd=self.nodes.orphan_fd, follow_symlinks=True)
+        except OSError as exc:
+            node.orphan = None
+            self.nodes.journal_orphan(node, None)
+            log.warning("cannot keep an open file in the orphan directory", extra={"fields": {
+                "nodeid": node.nodeid, "error": str(exc)}})
+            return None
+        return node
+
+    def _settle_orphan(self, node: Node) -> bool:
+        """After the name went: the orphan is kept if it is now its inode's
+        only link (else the inode has a name still, as after a race with
+        a pod's link(2), and its orphan link goes again)."""
+        try:
+            links = os.fstat(node.fd).st_nlink
+        except OSError:
+            links = 0
+        if links == 1:
+            return True
+        self._unorphan(node)
+        return False
+
+    def _orphan_freed(self, size: int, extra: int) -> None:
+        """An orphan was unlinked from the orphan directory: its inode is
+        free now; return what it was charged (see charging.name_removed)."""
+        charging.orphan_freed(self.quota, size, extra)
+
+    def orphan_charges(self) -> tuple[int, int]:
+        """Bytes and inodes charged for orphans kept in the orphan directory
+        (the usage scan cannot see them)."""
+        total = count = 0
+        for node in self.nodes.orphans():
+            state = node.state
+            try:
+                size = state.size if state is not None else os.fstat(node.fd).st_size
+            except OSError:
+                continue
+            total += blocks(size) + node.orphan_extra
+            count += 1
+        return total, count
 
     def rename(self, parent_id: int, name: bytes, newparent_id: int, newname: bytes, flags: int,
                unique: int = 0) -> None:
@@ -376,10 +462,20 @@ class InodeFs:
                         replaced = None  # two names of one inode: a no-op
                     else:
                         extra = self._xattr_extra(newparent, newname, replaced)
-                if flags:
-                    ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
-                else:
-                    os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
+                keep = None
+                if replaced is not None and not flags & charging.RENAME_NOREPLACE:
+                    keep = self._orphan(self._keep_alive(replaced), extra)
+                try:
+                    if flags:
+                        ksys.renameat2(parent.fd, name, newparent.fd, newname, flags)
+                    else:
+                        os.rename(name, newname, src_dir_fd=parent.fd, dst_dir_fd=newparent.fd)
+                except BaseException:
+                    if keep is not None:
+                        self._unorphan(keep)
+                    raise
+                if keep is not None and self._settle_orphan(keep):
+                    replaced = None  # kept: charged until the kernel forgets it
                 return replaced, extra
             try:
                 replaced, extra = charging.name_op(self.quota, _sizes(parent, newparent), do,
@@ -392,6 +488,16 @@ class InodeFs:
                 self._link_removed(replaced, extra)
         finally:
             self.gate.leave(w)
+
+    def _unorphan(self, node: Node) -> None:
+        """The name of an open file did not go after all (or the inode keeps
+        another): its orphan link goes again."""
+        try:
+            os.unlink(node.orphan, dir_fd=self.nodes.orphan_fd)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        node.orphan = None
+        self.nodes.journal_orphan(node, None)
 
     def _xattr_extra(self, parent: Node, name: bytes, st: os.stat_result) -> int:
         """The xattr charge of ``name``'s inode if this name is its last."""
@@ -436,7 +542,7 @@ class InodeFs:
                 ksys.utimens_empty(node.fd, a, m)
             st = os.stat(node.fd)
             node.mode = st.st_mode
-            return st
+            return st if node.orphan is None else _Unlinked(st)  # type: ignore[return-value]
         finally:
             self.gate.leave(w)
 
@@ -672,9 +778,12 @@ class InodeFs:
                                   _WRITEPAGE if write_flags & p.WRITE_CACHE else _NOT_WRITEPAGE)
         try:
             size = len(data)
-            if self.limits.active:
-                self.may_block()
-                self.limits.throttle(size)
+            if self.limits.active:  # write-back (WRITE_CACHE) has no INTERRUPT: it must not wait
+                if write_flags & p.WRITE_CACHE:
+                    self.limits.charge_writeback(size)
+                else:
+                    self.may_block()
+                    self.limits.throttle(size)
             state = handle.state
             end = offset + size
             if end > state.size:  # type: ignore[union-attr]
@@ -941,6 +1050,20 @@ class InodeFs:
     def open_handles(self) -> int:
         """Open files and directories now (what the cap counts)."""
         return self.open_files.count
+
+
+class _Unlinked:
+    """An orphan's ``stat``, as the pod must see it: no link (its only link
+    is in the orphan directory, which is not the pod's business)."""
+
+    __slots__ = ("_st",)
+    st_nlink = 0
+
+    def __init__(self, st: os.stat_result) -> None:
+        self._st = st
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._st, name)
 
 
 def _sizes(*dirs: Node) -> Any:

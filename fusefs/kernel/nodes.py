@@ -20,6 +20,22 @@ each node with ``open_by_handle_at``. Journal lines::
     - <nodeid>                              a node forgotten
     P <nodeid> <backing_id> <fh>            a passthrough open of a node (its backing file)
     R <nodeid> <fh>                         that open released (the last one ends the backing)
+    O <nodeid> <name> <extra>               its inode kept as <name> in the orphan directory
+    o <nodeid>                              that did not happen after all
+
+**Orphans.** A file whose last name is removed while it is open lives on
+only through descriptors; the session's own die with it, so its inode
+would be freed at a SIGKILL and the pod's open file would turn ESTALE
+after the takeover. With an orphan directory (``--orphan-dir``: outside
+the volume, on the same filesystem) such an inode is hard-linked there
+before its name goes (see :mod:`fusefs.kernel.inodefs`), and the ``O``
+line, written *before* the link, lets a successor find it (``extra`` is its xattr
+charge). It is unlinked from there when the kernel forgets the node, which
+the kernel does once nothing uses the inode (an inode with no link is
+evicted at its last close), and its charge is returned then through
+:attr:`NodeTable.orphan_freed`. A successor drops orphans that no restored
+node claims (a crash between a FORGET and the unlink); a fresh mount
+empties the directory (:mod:`fusefs.kernel.orphans`).
 
 The journal is written with plain ``write`` (no fsync): it must survive the
 death of the process, not of the machine (a reboot ends the mount anyway).
@@ -74,7 +90,8 @@ COMPACT_MIN_LINES = 4096
 class Node:
     """One inode the kernel knows."""
 
-    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached", "slot")
+    __slots__ = ("nodeid", "fd", "key", "lookups", "mode", "state", "backing", "restored", "cached", "slot",
+                 "orphan", "orphan_extra")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], mode: int) -> None:
         self.nodeid = nodeid
@@ -91,6 +108,10 @@ class Node:
         self.cached = 0
         #: Its word in the counts file (-1: none).
         self.slot = -1
+        #: Its name in the orphan directory, once its last name is gone
+        #: while it was open (see the module docstring); and its xattr charge.
+        self.orphan: str | None = None
+        self.orphan_extra = 0
 
 
 class NodeTable:
@@ -116,6 +137,10 @@ class NodeTable:
         self._free: list[int] = []
         #: FORGETs for more lookups than a node had (see the module docstring).
         self.forget_excess = 0
+        #: The orphan directory (-1: none), and what to call with (size,
+        #: xattr charge) of an orphan really freed (set by the filesystem).
+        self.orphan_fd = -1
+        self.orphan_freed: Any = lambda size, extra: None
 
     # ------------------------------------------------------------ hot path
 
@@ -192,7 +217,33 @@ class NodeTable:
                 self._counts[node.slot] = 0
                 self._free.append(node.slot)
                 node.slot = -1
+        if node.orphan is not None:
+            self._free_orphan(node)
         os.close(node.fd)
+
+    def _free_orphan(self, node: Node) -> None:
+        """The kernel forgot an orphan: unlink it and return its charge."""
+        try:
+            size = os.fstat(node.fd).st_size
+            os.unlink(node.orphan, dir_fd=self.orphan_fd)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning("cannot remove an orphan", extra={"fields": {"nodeid": node.nodeid, "error": str(exc)}})
+            return
+        self.orphan_freed(size, node.orphan_extra)
+
+    def orphans(self) -> list[Node]:
+        """Nodes kept in the orphan directory (charged until freed)."""
+        with self._lock:
+            return [n for n in self._by_id.values() if n.orphan is not None]
+
+    def journal_orphan(self, node: Node, name: str | None, extra: int = 0) -> None:
+        """Record (before the move) that ``node`` is kept as ``name`` in the
+        orphan directory; ``name`` None: it is not after all."""
+        if self._journal_fd < 0:
+            return
+        line = f"O {node.nodeid} {name} {extra}\n" if name is not None else f"o {node.nodeid}\n"
+        with self._lock:
+            self._journal_write(line)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -286,6 +337,8 @@ class NodeTable:
             backing = node.backing  # read once: a release may end it meanwhile
             if backing is not None:
                 lines.extend(f"P {node.nodeid} {backing[0]} {fh}\n" for fh in tuple(backing[1]))
+            if node.orphan is not None:
+                lines.append(f"O {node.nodeid} {node.orphan} {node.orphan_extra}\n")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, "".join(lines).encode())
@@ -345,6 +398,7 @@ class NodeTable:
         entries: dict[int, tuple[int, bytes]] = {}
         slots: dict[int, int] = {}
         backings: dict[int, tuple[int, set[int]]] = {}
+        orphans: dict[int, tuple[str, int]] = {}
         next_id = self._next
         with open(self.journal_path, encoding="ascii") as f:
             for line in f:
@@ -364,6 +418,11 @@ class NodeTable:
                     entries.pop(int(parts[1]), None)
                     slots.pop(int(parts[1]), None)
                     backings.pop(int(parts[1]), None)
+                    orphans.pop(int(parts[1]), None)
+                elif parts[0] == "O" and len(parts) == 4 and parts[2].isdigit():
+                    orphans[int(parts[1])] = (parts[2], int(parts[3]))
+                elif parts[0] == "o" and len(parts) == 2:
+                    orphans.pop(int(parts[1]), None)
                 elif parts[0] == "P" and len(parts) == 4:
                     backings.setdefault(int(parts[1]), (int(parts[2]), set()))[1].add(int(parts[3]))
                 elif parts[0] == "R" and len(parts) == 3 and int(parts[1]) in backings:
@@ -391,6 +450,8 @@ class NodeTable:
                     used.add(node.slot)
                 node.restored = True
                 node.backing = backings.get(nodeid) if nodeid != ROOT_ID else None
+                if nodeid in orphans:
+                    self._claim_orphan(node, *orphans[nodeid])
                 self._by_id[nodeid] = node
                 self._by_key.setdefault(node.key, node)
                 restored += 1
@@ -401,4 +462,46 @@ class NodeTable:
                 self._free = [i for i in range(len(self._counts) - 1, -1, -1) if i not in used]
                 for i in self._free:
                     self._counts[i] = 0
+        self._drop_unclaimed_orphans(orphans)
         return restored
+
+    def _claim_orphan(self, node: Node, name: str, extra: int) -> None:
+        """A restored node journalled as an orphan is one if its inode is
+        that name in the orphan directory and has no other link (a crash
+        between the journal line and the move, or during a rename over an
+        open file, leaves it in the volume: not an orphan then)."""
+        if self.orphan_fd < 0:
+            return
+        try:
+            st = os.stat(name, dir_fd=self.orphan_fd, follow_symlinks=False)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) != node.key:
+            return
+        if st.st_nlink > 1:
+            try:
+                os.unlink(name, dir_fd=self.orphan_fd)  # the volume still names it
+            except OSError:
+                pass
+            return
+        node.orphan, node.orphan_extra = name, extra
+
+    def _drop_unclaimed_orphans(self, journalled: dict[int, tuple[str, int]]) -> None:
+        """After a restore: orphans the kernel no longer holds are freed (and
+        uncharged, from the journal); entries nobody journalled (a crash
+        between a FORGET and the unlink) are removed."""
+        if self.orphan_fd < 0:
+            return
+        from fusefs.kernel import orphans as orphan_dir
+        claimed = {n.orphan for n in self._by_id.values() if n.orphan is not None}
+        for nodeid, (name, extra) in journalled.items():
+            if nodeid in self._by_id or name in claimed:
+                continue
+            try:
+                st = os.stat(name, dir_fd=self.orphan_fd, follow_symlinks=False)
+                os.unlink(name, dir_fd=self.orphan_fd)
+            except OSError:
+                continue
+            if st.st_nlink == 1:
+                self.orphan_freed(st.st_size, extra)
+        orphan_dir.empty(self.orphan_fd, keep=claimed)

@@ -36,7 +36,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fusefs.kernel import handover
+from fusefs.kernel import handover, orphans
 from fusefs.operations import FsOptions
 from fusefs.kernel import syscalls as ksys
 from fusefs.kernel.engine import OPERATIONS, Engine, EngineOptions
@@ -65,6 +65,9 @@ class KernelOptions:
     takeover: bool = False
     passthrough: bool = True
     clones: int = 2
+    #: Where open files that lose their last name are kept so that they
+    #: survive a takeover (see fusefs.kernel.orphans); "" for nowhere.
+    orphan_dir: str = ""
 
 
 def new_stats() -> OpStats:
@@ -79,7 +82,30 @@ def make_fs(source: str, *, quota: Any, gate: Any, limits: Any, stats: OpStats, 
         epoch = _read_state(kopts).get("epoch", 0) + 1
     return InodeFs(source, quota=quota, gate=gate, limits=limits, stats=stats, read_only=read_only,
                    xattrs_seen=xattrs_seen, capability_seen=capability_seen, keep_cache=options.keep_cache,
-                   journal=journal, handle_epoch=epoch, max_open_files=options.max_open_files)
+                   journal=journal, handle_epoch=epoch, max_open_files=options.max_open_files,
+                   orphan_fd=_orphan_fd(source, kopts))
+
+
+def _orphan_fd(source: str, kopts: KernelOptions) -> int:
+    """The orphan directory, opened (emptied by a fresh mount: nothing a new
+    connection knows is there); -1 without one, or if it is unusable (then
+    an unlinked open file does not survive a takeover, as without it)."""
+    if not kopts.orphan_dir:
+        return -1
+    src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = orphans.open_dir(kopts.orphan_dir, src)
+    except (OSError, ValueError) as exc:
+        log.error("orphan directory unusable; open files unlinked by pods will not survive a takeover",
+                  extra={"fields": {"orphan_dir": kopts.orphan_dir, "error": str(exc)}})
+        return -1
+    finally:
+        os.close(src)
+    if not kopts.takeover:
+        removed = orphans.empty(fd)
+        if removed:
+            log.info("orphan directory emptied", extra={"fields": {"removed": removed}})
+    return fd
 
 
 def _read_state(kopts: KernelOptions) -> dict[str, Any]:
@@ -160,12 +186,46 @@ class KernelSession(Session):
         return Quota(capacity, *figures)
 
     def _orphan_charges(self) -> tuple[int, int]:
-        total = count = 0
+        total, count = self.ops.orphan_charges()  # kept in the orphan directory
         for state in self.ops.nodes.states():
             if state.orphan:
                 total += blocks(state.size) + state.extra
                 count += 1
         return total, count
+
+    def _audit(self) -> None:
+        if self._wait_served():
+            super()._audit()
+
+    def _recount(self) -> None:
+        if self._wait_served():
+            super()._recount()
+
+    def _wait_served(self) -> bool:
+        """Wait until the node table is what the connection uses (restored
+        by a takeover): the scan's figures add the charges of the inodes
+        that have no name (:meth:`_orphan_charges`), which only the restored
+        table knows. False if the session stops first."""
+        while not self.ops.initialized.wait(0.2):
+            if self.stopping.is_set():
+                return False
+        return True
+
+    def drop_orphans(self) -> None:
+        """The connection is gone for good (a clean stop): no inode without a
+        name can be used any more. Their charges go, and the orphan
+        directory is emptied, so that the usage persisted next is the
+        volume's (a fresh mount would empty the directory anyway)."""
+        total, count = self._orphan_charges()
+        if count:
+            self.quota.release_bytes(total)
+            self.quota.give_inode(count)
+        fd = self.ops.nodes.orphan_fd
+        if fd >= 0:
+            try:
+                orphans.empty(fd)
+            except OSError as exc:
+                log.warning("cannot empty the orphan directory", extra={"fields": {"error": str(exc)}})
 
     def _requests_in_flight(self) -> int:
         engine = getattr(self, "engine", None)
@@ -250,6 +310,7 @@ def run(session: Any, kopts: KernelOptions) -> int:
     if not held and engine.drain(DRAIN_SECONDS):
         # The connection is gone and nothing is in flight: the usage is
         # final, and the next mount trusts it instead of rescanning.
+        session.drop_orphans()
         session.persist_usage()
     log.info("unmounted; exiting")
     return 0
