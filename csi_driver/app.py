@@ -36,7 +36,8 @@ def build_context(config: Config) -> DriverContext:
     layout = Layout(config.data_dir)
     layout.create_dirs()
     store = Store(layout.db)
-    fusefs = FuseFSLink(config.fusefs, config.data_dir, config.kubelet_dir) if config.runs_node else None
+    fusefs = FuseFSLink(config.fusefs, config.data_dir, config.kubelet_dir,
+                        config.fusefs_engine) if config.runs_node else None
     return DriverContext(config=config, layout=layout, store=store, locks=KeyedLocks(), fusefs=fusefs)
 
 

@@ -27,6 +27,8 @@ class Config:
     data_dir: Path = Path("/var/lib/fusepath")
     mode: str = "all"
     fusefs: str = "embedded"
+    #: The embedded daemon's engine (``fusefs serve --engine``).
+    fusefs_engine: str = "libfuse"
     metrics_address: str = ":9808"
     log_format: str = "json"
     log_level: str = "info"
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("data-dir", str(defaults.data_dir), "state, volumes and snapshots")
     add("mode", defaults.mode, "which services to run", choices=MODES)
     add("fusefs", defaults.fusefs, "'embedded' or the unix:// endpoint of a fusefs daemon")
+    add("fusefs-engine", defaults.fusefs_engine,
+        "engine of the embedded fusefs daemon; kernel also starts a descriptor holder beside it, so mounts "
+        "outlive the daemon (a sidecar daemon takes its own --engine)", choices=("libfuse", "kernel"))
     add("metrics-address", defaults.metrics_address, "host:port for /metrics and /healthz; empty disables")
     add("log-format", defaults.log_format, "json or text", choices=("json", "text"))
     add("log-level", defaults.log_level, "debug, info, warning or error")
@@ -117,6 +122,7 @@ def from_args(args: argparse.Namespace) -> Config:
         data_dir=Path(args.data_dir).absolute(),
         mode=args.mode,
         fusefs=args.fusefs,
+        fusefs_engine=args.fusefs_engine,
         metrics_address=args.metrics_address,
         log_format=args.log_format,
         log_level=args.log_level,

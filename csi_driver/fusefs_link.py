@@ -9,7 +9,11 @@ In embedded mode nothing else would bring back a daemon that died (in a
 cluster, kubelet restarts the fusefs container), so a watcher thread checks
 every ``WATCH_INTERVAL`` that the daemon's process still runs and starts a
 new one when it does not, with a backoff between failed starts. The new
-daemon re-mounts every volume from its state file and re-binds each target.
+daemon re-mounts every volume from its state file and re-binds each target;
+with ``--fusefs-engine=kernel`` it takes over each volume's live connection
+instead, from a descriptor holder that is started beside the daemon the same
+way (detached, re-used when it answers) and outlives the driver and the
+daemon.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX = 0.5, 30.0
 class FuseFSLink:
     """Lazily-connected client to the fusefs daemon."""
 
-    def __init__(self, target: str, data_dir: Path, kubelet_dir: Path) -> None:
+    def __init__(self, target: str, data_dir: Path, kubelet_dir: Path, engine: str = "libfuse") -> None:
         self._target = target
+        self._engine = engine
         self._data_dir = data_dir
         self._kubelet_dir = kubelet_dir
         self._client: Any = None
@@ -93,13 +98,15 @@ class FuseFSLink:
         from fusefs.embedded import ensure_daemon
 
         started = time.monotonic()
-        endpoint = ensure_daemon(self._data_dir, self._kubelet_dir, log_path=self._data_dir / "fusefs.log")
+        endpoint = ensure_daemon(self._data_dir, self._kubelet_dir, log_path=self._data_dir / "fusefs.log",
+                                 engine=self._engine)
         with self._lock:
             old, self._client = self._client, FuseFSClient(endpoint)
         if old is not None:
             old.close()
-        log.warning("the embedded fusefs daemon had died; started a new one in %.2fs, which re-mounts "
-                    "every volume", time.monotonic() - started)
+        log.warning("the embedded fusefs daemon had died; started a new one in %.2fs, which %s",
+                    time.monotonic() - started, "takes over every volume's connection from the holder"
+                    if self._engine == "kernel" else "re-mounts every volume")
 
     def client(self) -> Any:
         with self._lock:
@@ -111,7 +118,7 @@ class FuseFSLink:
                     from fusefs.embedded import ensure_daemon
 
                     endpoint = ensure_daemon(self._data_dir, self._kubelet_dir,
-                                             log_path=self._data_dir / "fusefs.log")
+                                             log_path=self._data_dir / "fusefs.log", engine=self._engine)
                 self._client = FuseFSClient(endpoint)
             return self._client
 

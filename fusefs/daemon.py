@@ -58,6 +58,8 @@ class ServeOptions:
     kubelet_dir: Path
     metrics_address: str = ""
     node_id: str = ""
+    engine: str = "libfuse"
+    holder_socket: str = ""
 
 
 def socket_path(endpoint: str) -> str:
@@ -219,7 +221,7 @@ def render_metrics(manager: VolumeManager) -> str:
     up = prom.Gauge("fusefs_volume_up", "1 when the volume's FUSE session is serving.", ("volume_id",))
     state = prom.Gauge("fusefs_volume_state", "The volume's state (mounted, restarting, failed).",
                        ("volume_id", "state"))
-    lines = m.rpc_seconds.render() + m.remounts.render()
+    lines = m.rpc_seconds.render() + m.remounts.render() + m.takeovers.render()
     lines += prom.Gauge("fusefs_volumes", "Volumes this daemon serves.", ()).render([((), len(gauges))])
     lines += up.render(((vid,), 1.0 if ok else 0.0) for vid, ok, _ in gauges)
     lines += state.render(((vid, st), 1.0) for vid, _, st in gauges)
@@ -301,7 +303,8 @@ def serve(opts: ServeOptions, stop: threading.Event | None = None) -> int:
     _warn_about_propagation(kubelet_dir)
 
     config = DaemonConfig(state_dir=opts.state_dir, volumes_dir=opts.volumes_dir.resolve(),
-                          kubelet_dir=kubelet_dir, node_id=opts.node_id or socket.gethostname())
+                          kubelet_dir=kubelet_dir, node_id=opts.node_id or socket.gethostname(),
+                          engine=opts.engine, holder_socket=opts.holder_socket)
     manager = VolumeManager(config, events=EventPoster(config.node_id))
     manager.load()
     # Bind both listeners before any session starts: if one fails, we exit
@@ -312,7 +315,7 @@ def serve(opts: ServeOptions, stop: threading.Event | None = None) -> int:
     manager.start()
     log.info("fusefs daemon serving", extra={"fields": {
         "endpoint": opts.endpoint, "state_dir": str(opts.state_dir), "kubelet_dir": kubelet_dir,
-        "pid": os.getpid()}})
+        "engine": opts.engine, "holder_socket": opts.holder_socket, "pid": os.getpid()}})
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -8,6 +8,12 @@ gives in a cluster, for workstations, CI and csi-sanity. A daemon that dies
 is started again by the driver's watcher (``csi_driver.fusefs_link``), as
 kubelet restarts the fusefs container in a cluster; the new daemon re-mounts
 every volume from its state file.
+
+With the kernel engine (``engine="kernel"``), a descriptor holder
+(``fusefs holder``) is started the same way, detached and re-used, before
+the daemon, which is given its socket: the holder keeps every volume's FUSE
+connection while no daemon runs, so a new daemon takes the connections over
+instead of mounting afresh.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from fusefs.client import FuseFSClient
 from fusefs.supervisor import PACKAGE_ROOT, find_stale_sessions, kill_and_wait, socket_dir_for
 
 SOCKET_NAME = "fusefs.sock"
+HOLDER_SOCKET_NAME = "holder.sock"
 START_TIMEOUT = 10.0
 
 
@@ -36,7 +43,55 @@ def _answers(endpoint: str, timeout: float = 1.0) -> bool:
         return client.ping(timeout=timeout)
 
 
-def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "") -> list[str]:
+def holder_socket_for(data_dir: Path) -> str:
+    return str(Path(data_dir).resolve() / HOLDER_SOCKET_NAME)
+
+
+def _spawn_detached(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (signals aimed at our process group
+    miss it), logging to ``log_path``; reaped if it exits while we live."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(  # noqa: S603 - argument list
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, close_fds=True,
+            start_new_session=True)
+    threading.Thread(target=proc.wait, name="fusefs-reaper", daemon=True).start()
+    return proc
+
+
+def ensure_holder(data_dir: Path, timeout: float = START_TIMEOUT) -> str:
+    """The socket of a running descriptor holder for ``data_dir``, starting one if needed.
+
+    Re-used when it answers: it must outlive us and the daemon, or the
+    connections it keeps would end with it.
+    """
+    from fusefs.kernel import handover
+
+    data_dir = Path(data_dir).resolve()
+    sock = holder_socket_for(data_dir)
+    if len(sock) > 100:
+        raise ValueError(f"{sock} is too long for a unix socket")
+    if handover.answers(sock):
+        return sock
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "holder.log"
+    proc = _spawn_detached([sys.executable, "-m", "fusefs.cli", "holder", "--socket", sock], log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handover.answers(sock):
+            return sock
+        if proc.poll() is not None and not handover.answers(sock):
+            time.sleep(0.2)  # lost a start race to another holder? it answers soon
+            if handover.answers(sock):
+                return sock
+            raise RuntimeError(f"fusefs holder exited with code {proc.returncode}; see {log_path}")
+        time.sleep(0.05)
+    raise RuntimeError(f"fusefs holder did not answer on {sock} within {timeout:.0f}s; see {log_path}")
+
+
+def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "", engine: str = "libfuse",
+                holder_socket: str = "") -> list[str]:
     data_dir = Path(data_dir).resolve()
     argv = [
         sys.executable, "-m", "fusefs.cli", "serve",
@@ -47,11 +102,15 @@ def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "") ->
     ]
     if metrics_address:
         argv += ["--metrics-address", metrics_address]
+    if engine != "libfuse":
+        argv += ["--engine", engine]
+    if holder_socket:
+        argv += ["--holder-socket", holder_socket]
     return argv
 
 
 def ensure_daemon(data_dir: Path, kubelet_dir: Path, log_path: Path | None = None,
-                  metrics_address: str = "", timeout: float = START_TIMEOUT) -> str:
+                  metrics_address: str = "", timeout: float = START_TIMEOUT, engine: str = "libfuse") -> str:
     """Return the endpoint of a running daemon for ``data_dir``, starting one if needed.
 
     The daemon logs to ``log_path`` (default ``<data_dir>/fusefs.log``), never
@@ -61,18 +120,12 @@ def ensure_daemon(data_dir: Path, kubelet_dir: Path, log_path: Path | None = Non
     endpoint = endpoint_for(data_dir)
     if len(endpoint.removeprefix("unix://")) > 100:
         raise ValueError(f"{endpoint} is too long for a unix socket")
+    holder = ensure_holder(data_dir) if engine == "kernel" else ""
     if _answers(endpoint):
         return endpoint
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path) if log_path else data_dir / "fusefs.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(  # noqa: S603 - argument list
-            daemon_argv(data_dir, kubelet_dir, metrics_address), stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=log_file, env=env, close_fds=True, start_new_session=True)
-    # Reap it if it ever exits while we live, so it does not linger as a zombie.
-    threading.Thread(target=proc.wait, name="fusefs-reaper", daemon=True).start()
+    proc = _spawn_detached(daemon_argv(data_dir, kubelet_dir, metrics_address, engine, holder), log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _answers(endpoint, timeout=0.5):

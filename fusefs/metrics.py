@@ -1,7 +1,7 @@
 """Prometheus text exposition for the daemon, without a client library.
 
 The daemon's own metrics are few (RPC latency by method and code, remounts
-per volume, volume counts), so a small registry is simpler than a dependency.
+and takeovers per volume, volume counts), so a small registry is simpler than a dependency.
 The per-volume filesystem metrics come from each session's ``metrics()``
 text; ``merge`` joins those texts into one valid exposition, in which every
 metric family appears exactly once (concatenating them would repeat the
@@ -125,8 +125,12 @@ class DaemonMetrics:
             "fusefs_daemon_rpc_duration_seconds", "fusefs daemon gRPC latency by method and code.",
             ("method", "code"), RPC_BUCKETS)
         self.remounts = Counter(
-            "fusefs_remounts_total", "FUSE sessions restarted by the daemon (child exit or daemon restart).",
+            "fusefs_remounts_total", "FUSE sessions restarted by the daemon on a fresh mount (child exit or "
+            "daemon restart; containers lose their open files, and without mount propagation the volume).",
             ("volume_id",))
+        self.takeovers = Counter(
+            "fusefs_takeovers_total", "FUSE sessions restarted by taking over the live connection (kernel "
+            "engine; containers see a pause only). Counted since this daemon started.", ("volume_id",))
 
 
 def _family_of(sample_name: str, declared: dict[str, str]) -> str:

@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
     k = p.add_argument_group("kernel engine")
     k.add_argument("--state-file", help="negotiated flags and node journal, for a takeover")
-    k.add_argument("--holder-socket", help="give the /dev/fuse descriptors to this holder")
+    k.add_argument("--holder-socket", action="append", default=[],
+                   help="give the /dev/fuse descriptors to this holder (repeatable)")
     k.add_argument("--takeover", action="store_true",
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
@@ -567,7 +568,7 @@ def session_class(args: argparse.Namespace) -> Any:
     from fusefs.kernel.serve import KernelOptions, KernelSession
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
-        state_file=args.state_file, holder_socket=args.holder_socket, takeover=args.takeover,
+        state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
         passthrough=not args.no_passthrough, clones=max(0, args.clones)))
 
 

@@ -59,6 +59,12 @@ class SessionSpec:
     read_only: bool = False
     bytes_per_second: int = 0
     ops_per_second: int = 0
+    #: ``libfuse`` or ``kernel``; the rest is for the kernel engine only.
+    engine: str = "libfuse"
+    state_file: str = ""
+    holder_sockets: tuple[str, ...] = ()
+    #: Resume the live connection a holder keeps (no mount, no INIT).
+    takeover: bool = False
 
     def argv(self) -> list[str]:
         """The session's command line (an argument list, never a shell string)."""
@@ -78,6 +84,12 @@ class SessionSpec:
             argv += ["--io-bytes-per-second", str(self.bytes_per_second)]
         if self.ops_per_second:
             argv += ["--io-ops-per-second", str(self.ops_per_second)]
+        if self.engine == "kernel":
+            argv += ["--engine", "kernel", "--state-file", self.state_file]
+            for holder in self.holder_sockets:
+                argv += ["--holder-socket", holder]
+            if self.takeover:
+                argv.append("--takeover")
         return argv
 
 
@@ -205,6 +217,8 @@ class SessionProcess:
 
         The session answers ping only once its mount is live; mountinfo is
         checked as well so a wrong mount can never be taken for ready.
+        Neither looks at the mount by path: a session taking over a
+        connection must be serving before anything there can answer.
         """
         deadline = time.monotonic() + timeout
         last_error = ""
@@ -258,8 +272,9 @@ class SessionProcess:
                 pass
 
 
-def find_stale_sessions(socket_dir: Path) -> list[int]:
-    """PIDs of session processes that use a control socket in ``socket_dir``.
+def find_stale_sessions(socket_dir: Path, control_socket: str = "") -> list[int]:
+    """PIDs of session processes that use a control socket in ``socket_dir``
+    (only ``control_socket``, when given).
 
     After the daemon is SIGKILLed, its sessions are dying (die-with-parent)
     but may not be gone yet; one that is still tearing down could unmount the
@@ -278,7 +293,8 @@ def find_stale_sessions(socket_dir: Path) -> list[int]:
         if "fusefs.session" not in args:
             continue
         for i, arg in enumerate(args[:-1]):
-            if arg == "--control-socket" and args[i + 1].startswith(prefix):
+            if arg == "--control-socket" and args[i + 1].startswith(prefix) \
+                    and args[i + 1] == (control_socket or args[i + 1]):
                 found.append(int(name))
     return found
 

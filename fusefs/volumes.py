@@ -5,7 +5,7 @@ intent, persisted in the state file), its FUSE session process, and its
 health. It knows nothing about gRPC: methods take plain values and raise
 ``RpcFailure`` with the code the daemon answers.
 
-Three things restart a session, all through ``_remount``:
+Three things restart a session, all through ``_restart``:
 
 - start-up recovery: every volume in the state file is mounted again at its
   staging path and every publication re-bound, in parallel, so the host side
@@ -13,6 +13,17 @@ Three things restart a session, all through ``_remount``:
 - the watcher: a session that exits without being asked to is re-mounted,
   with backoff when that fails;
 - a Mount of a volume whose session is down.
+
+On the kernel engine (``--engine kernel``) a restart is a *takeover* when it
+can be: every session gives its /dev/fuse descriptors to the daemon's own
+in-process holder and to an external one (``--holder-socket``, a process
+that outlives the daemon and its container), so the connection outlives the
+session. ``_take_over`` starts a successor with ``--takeover``: no detach, no
+new mount, no re-bind; the staging mount and every bind of it (the ones in
+containers too) stay the same live connection, and containers see a pause.
+It is used when the staging path's top mount is this volume's and a holder
+has the descriptors; otherwise (no holder, a node reboot, the libfuse
+engine, a takeover that fails) ``_remount`` mounts afresh.
 
 ``_remount`` first makes sure the old session is dead, detaches the dead
 (ENOTCONN) staging mount (kubelet binds only targets into containers, so no
@@ -53,6 +64,7 @@ from typing import Any
 
 from fusefs import bindmount, health, mountinfo, rpcerrors, validate
 from fusefs.events import REASON_FAILED, REASON_RESTARTED, EventPoster
+from fusefs.kernel import handover
 from fusefs.metrics import DaemonMetrics
 from fusefs.rpcerrors import RpcFailure
 from fusefs.state import PodRef, Publication, StateFile, VolumeRecord
@@ -89,6 +101,10 @@ class DaemonConfig:
     node_id: str = ""
     session_timeout: float = 20.0
     watch_interval: float = 0.2
+    #: ``libfuse`` or ``kernel`` (which restarts sessions by takeover).
+    engine: str = "libfuse"
+    #: An external holder (kernel engine) that outlives this daemon; "" for none.
+    holder_socket: str = ""
 
 
 @dataclass
@@ -134,6 +150,10 @@ class VolumeManager:
         self._volumes: dict[str, Volume] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        #: The in-process holder (kernel engine): a session crash leaves the
+        #: connection here even with no external holder.
+        self._own_holder: handover.Holder | None = None
+        self.kernel_dir = config.state_dir / "kernel"
 
     # ----------------------------------------------------------- lifecycle
 
@@ -145,6 +165,8 @@ class VolumeManager:
         of racing it. Called before the gRPC server starts.
         """
         prepare_socket_dir(self.socket_dir)
+        if self.config.engine == "kernel":
+            self._start_own_holder()
         records = self.state.load()
         stale = find_stale_sessions(self.socket_dir)
         if stale:
@@ -154,6 +176,20 @@ class VolumeManager:
             for record in records.values():
                 self._volumes[record.volume_id] = Volume(record=record)
                 self.metrics.remounts.set_floor(record.volume_id, value=record.remount_count)
+
+    def _start_own_holder(self) -> None:
+        self.kernel_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.kernel_dir, 0o700)
+        self._own_holder = handover.Holder(str(self.socket_dir / "holder.sock"))
+        threading.Thread(target=self._own_holder.serve_forever, name="fusefs-holder", daemon=True).start()
+
+    def holder_sockets(self) -> tuple[str, ...]:
+        """Where kernel-engine sessions put their descriptors: ours first, then the external one."""
+        own = (self._own_holder.path,) if self._own_holder is not None else ()
+        return own + ((self.config.holder_socket,) if self.config.holder_socket else ())
+
+    def kernel_state_file(self, volume_id: str) -> Path:
+        return self.kernel_dir / f"{volume_id}.kstate"
 
     def start(self) -> None:
         """Begin recovery of every loaded volume and start the watcher.
@@ -183,22 +219,31 @@ class VolumeManager:
     def _recover_one(self, volume: Volume) -> None:
         try:
             with volume.lock:
-                self._remount(volume, "the fusefs daemon restarted")
+                self._restart(volume, "the fusefs daemon restarted")
         except Exception as exc:  # noqa: BLE001 - recorded; the watcher retries
             self._mark_failed(volume, "the fusefs daemon restarted", exc)
         finally:
             volume.settled.set()
 
     def shutdown(self) -> None:
-        """Stop every session (each unmounts its staging path) and keep the state.
+        """Stop every session and keep the state.
 
-        Publications are left in place: a pod without mount propagation is
-        better off with an ENOTCONN mount than with the empty directory
-        underneath, into which it would write onto the node's disk. The next
-        daemon re-mounts and re-binds everything from the state file.
+        With an external holder (kernel engine), sessions are killed without
+        unmounting: the holder keeps every connection, and the next daemon
+        takes them over (a container restart or an upgrade is a pause for
+        pods). Otherwise each session unmounts its staging path. Publications
+        are left in place: a pod without mount propagation is better off
+        with an ENOTCONN mount than with the empty directory underneath,
+        into which it would write onto the node's disk. The next daemon
+        re-mounts and re-binds everything from the state file.
         """
         self._stop.set()
-        stoppers = [threading.Thread(target=v.session.stop, kwargs={"timeout": 5.0}, daemon=True)
+        keep = self.config.engine == "kernel" and bool(self.config.holder_socket)
+        if keep:
+            log.info("leaving every FUSE connection to the external holder", extra={"fields": {
+                "holder": self.config.holder_socket}})
+        stoppers = [threading.Thread(target=v.session.kill if keep else v.session.stop,
+                                     kwargs={} if keep else {"timeout": 5.0}, daemon=True)
                     for v in list(self._volumes.values()) if v.session is not None]
         for thread in stoppers:
             thread.start()
@@ -305,7 +350,7 @@ class VolumeManager:
                 f"volume {record.volume_id} is mounted {'read-only' if record.read_only else 'read-write'}")
         if volume.state != MOUNTED or volume.session is None or volume.session.exit_code() is not None:
             try:
-                self._remount(volume, volume.restart_reason or "a Mount request found the session down")
+                self._restart(volume, volume.restart_reason or "a Mount request found the session down")
             except (SessionError, OSError, RpcFailure) as exc:
                 self._mark_failed(volume, "a Mount request found the session down", exc)
                 raise rpcerrors.unavailable(f"volume {record.volume_id} cannot be re-mounted: {exc}") from exc
@@ -321,7 +366,69 @@ class VolumeManager:
         if changed:
             self._save()
 
-    # -------------------------------------------------------------- remount
+    # -------------------------------------------------------------- restart
+
+    def _restart(self, volume: Volume, reason: str) -> None:
+        """Serve ``volume`` again: by takeover when a holder keeps its live
+        connection, else by a fresh mount. Caller holds ``volume.lock``."""
+        if self._can_take_over(volume):
+            try:
+                self._take_over(volume, reason)
+                return
+            except (SessionError, OSError) as exc:
+                log.error("taking over the FUSE connection failed; mounting afresh", extra={"fields": {
+                    "volume_id": volume.volume_id, "error": str(exc)}})
+        self._remount(volume, reason)
+
+    def _can_take_over(self, volume: Volume) -> bool:
+        """Kernel engine, a state file from the mount, this volume's mount on top
+        of the staging path, and a holder with its descriptors.
+
+        Nothing here touches the mount by path: with no server, any access
+        there would wait for the successor that is not started yet.
+        """
+        record = volume.record
+        if self.config.engine != "kernel" or not self.kernel_state_file(record.volume_id).is_file():
+            return False
+        if not mountinfo.is_volume_mount(mountinfo.top_mount(record.staging_path), record.volume_id):
+            return False
+        return any(_holder_has(sock, record.volume_id) for sock in self.holder_sockets())
+
+    def _take_over(self, volume: Volume, reason: str) -> None:
+        """Start a successor that resumes the live connection: no detach, no
+        mount, no re-bind. Caller holds ``volume.lock``."""
+        record = volume.record
+        validate.kubelet_path(record.staging_path, "staging_path", self.config.kubelet_dir)
+        if volume.session is not None:
+            volume.session.kill()
+        # Two servers must never read one connection: any session of this
+        # volume still running (a leftover of a dead daemon) goes first.
+        kill_and_wait(find_stale_sessions(self.socket_dir, self._control_socket(record.volume_id)))
+        volume.state = RESTARTING
+        started = time.monotonic()
+        volume.session = self._start_session(record, takeover=True)
+        record.pid = volume.session.pid
+        record.last_restart = (f"FUSE session restarted at {now_text()} after {reason}; the new session took "
+                               "over the live FUSE connection")
+        record.last_restart_at = time.time()
+        volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
+        self._save()
+        self.metrics.takeovers.inc(record.volume_id)
+        log.warning("took over the volume's FUSE connection", extra={"fields": {
+            "volume_id": record.volume_id, "reason": reason, "pid": record.pid,
+            "duration_ms": round((time.monotonic() - started) * 1000),
+            "takeovers": int(self.metrics.takeovers.value(record.volume_id)),
+            "remount_count": record.remount_count}})
+        self._post_events(volume, REASON_RESTARTED, self._takeover_message(record))
+
+    def _drop_held(self, volume_id: str) -> None:
+        """Make every holder close its copy of the volume's connection."""
+        for sock in self.holder_sockets():
+            try:
+                handover.drop(sock, volume_id)
+            except OSError as exc:
+                log.warning("a holder did not drop the volume's descriptors", extra={"fields": {
+                    "volume_id": volume_id, "holder": sock, "error": str(exc)}})
 
     def _remount(self, volume: Volume, reason: str, first: bool = False) -> None:
         """Put ``volume`` back: fresh session at the staging path, fresh binds.
@@ -335,6 +442,10 @@ class VolumeManager:
         if old is not None:
             old.kill()
         volume.state = RESTARTING
+        if self.config.engine == "kernel":
+            # A holder copy of an older connection must never be taken over
+            # in place of the one mounted now.
+            self._drop_held(record.volume_id)
         bindmount.detach_all(record.staging_path)
         os.makedirs(record.staging_path, mode=0o750, exist_ok=True)
         volume.session = self._start_session(record)
@@ -357,19 +468,29 @@ class VolumeManager:
             "publications": len(record.publications), "rebind_failures": failures}})
         self._post_events(volume, REASON_RESTARTED, self._restart_message(record))
 
-    def _start_session(self, record: VolumeRecord) -> SessionProcess:
+    def _control_socket(self, volume_id: str) -> str:
+        return str(self.socket_dir / f"{volume_id}.sock")
+
+    def _start_session(self, record: VolumeRecord, takeover: bool = False) -> SessionProcess:
+        """Start a session and wait until it serves; on failure kill it (and,
+        unless it was taking over a connection a holder keeps, detach its mount)."""
         source = validate.volume_source(self.config.volumes_dir, record.volume_id)
+        kernel = self.config.engine == "kernel"
         spec = SessionSpec(
             volume_id=record.volume_id, source=str(source), mountpoint=record.staging_path,
-            control_socket=str(self.socket_dir / f"{record.volume_id}.sock"),
+            control_socket=self._control_socket(record.volume_id),
             capacity_bytes=record.capacity_bytes, read_only=record.read_only,
-            bytes_per_second=record.bytes_per_second, ops_per_second=record.ops_per_second)
+            bytes_per_second=record.bytes_per_second, ops_per_second=record.ops_per_second,
+            engine=self.config.engine,
+            state_file=str(self.kernel_state_file(record.volume_id)) if kernel else "",
+            holder_sockets=self.holder_sockets() if kernel else (), takeover=takeover)
         session = SessionProcess.start(self._spawner, spec)
         try:
             session.wait_ready(self.config.session_timeout)
         except BaseException:
             session.kill()
-            bindmount.detach_all(record.staging_path)
+            if not takeover:
+                bindmount.detach_all(record.staging_path)
             raise
         return session
 
@@ -456,6 +577,14 @@ class VolumeManager:
                               f"{volume.problem}; retrying")
 
     @staticmethod
+    def _takeover_message(record: VolumeRecord) -> str:
+        """The FuseSessionRestarted Event after a takeover: what containers saw."""
+        return (f"{record.last_restart}. The mount of volume {record.volume_id} was never detached: every "
+                "container using it, with or without mount propagation, saw only a pause while no session "
+                "served it; files and directories they had open stay valid. Requests in flight at the "
+                "restart were sent again by the kernel (FUSE resend, Linux 6.9 and later).")
+
+    @staticmethod
     def _restart_message(record: VolumeRecord) -> str:
         """The FuseSessionRestarted Event: what each kind of container sees now."""
         return (f"{record.last_restart}. fusefs mounted volume {record.volume_id} again and bound it on top "
@@ -505,7 +634,7 @@ class VolumeManager:
             with volume.lock:
                 if volume.removed or volume.state == MOUNTED:
                     return
-                self._remount(volume, reason)
+                self._restart(volume, reason)
         except Exception as exc:  # noqa: BLE001 - recorded and retried with backoff
             self._mark_failed(volume, reason, exc)
         finally:
@@ -530,14 +659,27 @@ class VolumeManager:
                 self._unbind(record.volume_id, target)
             if volume.session is not None:
                 volume.session.stop()
+            if self.config.engine == "kernel" or self.config.holder_socket:
+                self._drop_held(volume_id)  # the connection ends with the last copy
+                self._forget_kernel_state(volume_id)
             bindmount.detach_all(record.staging_path)
             _rmdir_quietly(record.staging_path)
             with self._lock:
                 volume.removed = True
                 self._volumes.pop(volume_id, None)
             self.metrics.remounts.remove(volume_id)
+            self.metrics.takeovers.remove(volume_id)
             self._save()
         log.info("unmounted volume", extra={"fields": {"volume_id": volume_id}})
+
+    def _forget_kernel_state(self, volume_id: str) -> None:
+        """Remove the kernel engine's state and node journal of an unmounted volume."""
+        base = self.kernel_state_file(volume_id)
+        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp")):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------ Publish/Unpublish
 
@@ -748,6 +890,17 @@ class VolumeManager:
         with self._lock:
             volumes = list(self._volumes.values())
         return [(v.volume_id, v.state == MOUNTED, v.state) for v in volumes if not v.removed]
+
+
+def _holder_has(sock: str, volume_id: str) -> bool:
+    """True when the holder at ``sock`` keeps descriptors for ``volume_id``."""
+    try:
+        fds = handover.take(sock, volume_id)
+    except OSError:
+        return False
+    for fd in fds:
+        os.close(fd)
+    return bool(fds)
 
 
 def _rmdir_quietly(path: str) -> None:

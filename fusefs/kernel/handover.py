@@ -47,6 +47,8 @@ def _request(path: str, line: str, fds: list[int] | None = None) -> tuple[str, l
             s.sendall(data)
         msg, got, _, _ = socket.recv_fds(s, 4096, MAX_FDS)
     text = msg.decode(errors="replace").strip()
+    for fd in got:
+        os.set_inheritable(fd, False)
     if not text.startswith("OK"):
         for fd in got:
             os.close(fd)
@@ -68,13 +70,28 @@ def drop(path: str, key: str) -> None:
     _request(path, f"DROP {key}")
 
 
+def answers(path: str) -> bool:
+    """True when something accepts connections on ``path`` (a live holder)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class Holder:
     """The holder's server: a dict of key -> descriptors, one thread."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.kept: dict[str, list[int]] = {}
-        if os.path.exists(path):
+        if answers(path):
+            # Stealing the path would leave the other holder's descriptors,
+            # and so its mounts, alive with no way to reach or drop them.
+            raise OSError(f"another holder serves {path}")
+        if os.path.lexists(path):
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -99,6 +116,8 @@ class Holder:
 
     def _one(self, conn: socket.socket) -> None:
         msg, fds, _, _ = socket.recv_fds(conn, 4096, MAX_FDS)
+        for fd in fds:
+            os.set_inheritable(fd, False)  # kept for others, never for our children
         parts = msg.decode(errors="replace").split()
         if len(parts) != 2 or not KEY_RE.match(parts[1]) or parts[0] not in ("PUT", "GET", "DROP"):
             for fd in fds:
@@ -138,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    holder = Holder(args.socket)
+    try:
+        holder = Holder(args.socket)
+    except OSError as exc:
+        log.error("cannot serve %s: %s", args.socket, exc)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: holder.sock.shutdown(socket.SHUT_RDWR))
     thread = threading.Thread(target=holder.serve_forever, daemon=True)
     thread.start()

@@ -53,7 +53,9 @@ class KernelOptions:
     """The session's kernel-engine flags."""
 
     state_file: str | None = None
-    holder_socket: str | None = None
+    #: Every holder to give the descriptors to; a takeover takes them from
+    #: the first that has them (the daemon's own, then one outside it).
+    holder_sockets: tuple[str, ...] = ()
     takeover: bool = False
     passthrough: bool = True
     clones: int = 2
@@ -157,9 +159,14 @@ def run(session: Any, kopts: KernelOptions) -> int:
         if session.server is not None:
             session.server.close()
         return 1
-    if kopts.holder_socket:
-        handover.put(kopts.holder_socket, session.volume_id, engine.devices)
-        log.info("descriptors given to the holder", extra={"fields": {"devices": len(engine.devices)}})
+    for holder in kopts.holder_sockets:
+        try:
+            handover.put(holder, session.volume_id, engine.devices)
+            log.info("descriptors given to the holder", extra={"fields": {
+                "devices": len(engine.devices), "holder": holder}})
+        except OSError as exc:
+            log.error("a holder did not take the descriptors", extra={"fields": {
+                "holder": holder, "error": str(exc)}})
     while not stop.wait(0.2):
         if engine.stopped.is_set():
             break
@@ -170,12 +177,13 @@ def run(session: Any, kopts: KernelOptions) -> int:
     if session.server is not None:
         session.server.close()
     held = False  # whether a holder may still keep the connection for a successor
-    if kopts.holder_socket and stop.is_set():
+    for holder in kopts.holder_sockets if stop.is_set() else ():
         try:
-            handover.drop(kopts.holder_socket, session.volume_id)
+            handover.drop(holder, session.volume_id)
         except OSError as exc:
             held = True
-            log.warning("holder did not drop the descriptors", extra={"fields": {"error": str(exc)}})
+            log.warning("holder did not drop the descriptors", extra={"fields": {
+                "holder": holder, "error": str(exc)}})
     try:
         ksys.lazy_unmount(session.mountpoint)
     except OSError as exc:
@@ -208,11 +216,22 @@ def _fresh(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     engine.start()
 
 
+def _take(holders: tuple[str, ...], key: str) -> list[int]:
+    """The descriptors from the first holder that has them."""
+    errors = []
+    for holder in holders:
+        try:
+            return handover.take(holder, key)
+        except OSError as exc:
+            errors.append(str(exc))
+    raise OSError("no holder has the descriptors: " + "; ".join(errors))
+
+
 def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
-    if not kopts.holder_socket:
+    if not kopts.holder_sockets:
         raise ValueError("--takeover needs --holder-socket")
     state = _read_state(kopts)
-    devices = handover.take(kopts.holder_socket, session.volume_id)
+    devices = _take(kopts.holder_sockets, session.volume_id)
     if not devices:
         raise OSError("the holder gave no descriptors")
     engine.devices = devices
