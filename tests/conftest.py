@@ -15,6 +15,17 @@ import pytest
 
 REQUIRE_PRIVILEGED = os.environ.get("FUSEPATH_REQUIRE_PRIVILEGED") == "1"
 
+#: ``FUSEFS_TEST_ENGINE=kernel`` runs the whole suite on the kernel engine:
+#: sessions the tests start themselves take ``--engine`` from it (see
+#: tests/fusefs/conftest.py), and every daemon a test starts, directly
+#: (``fusefs serve`` reads ``FUSEFS_ENGINE``) or through a driver
+#: (``--fusefs-engine`` reads ``FUSEPATH_FUSEFS_ENGINE``), inherits it from
+#: this environment. Tests that pin an engine pass it explicitly.
+TEST_ENGINE = os.environ.get("FUSEFS_TEST_ENGINE", "")
+if TEST_ENGINE:
+    os.environ.setdefault("FUSEFS_ENGINE", TEST_ENGINE)
+    os.environ.setdefault("FUSEPATH_FUSEFS_ENGINE", TEST_ENGINE)
+
 
 def privileged_unavailable_reason() -> str | None:
     """Why privileged tests cannot run here, or None when they can."""
