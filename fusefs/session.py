@@ -542,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--takeover", action="store_true",
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
+    k.add_argument("--no-resend", action="store_true",
+                   help="do not take FUSE_HAS_RESEND (as on a kernel before 6.9: requests in flight at a "
+                        "takeover get EIO instead of being sent again)")
     k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
     return p
 
@@ -569,7 +572,7 @@ def session_class(args: argparse.Namespace) -> Any:
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
         state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
-        passthrough=not args.no_passthrough, clones=max(0, args.clones)))
+        passthrough=not args.no_passthrough, resend=not args.no_resend, clones=max(0, args.clones)))
 
 
 def main(argv: list[str] | None = None) -> int:

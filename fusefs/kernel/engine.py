@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -37,6 +39,10 @@ log = logging.getLogger("fusefs.kernel.engine")
 #: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
 OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
 _NS = 1_000_000_000
+#: One worker's slot in the in-flight file: (descriptor index + 1, unique); 0: idle.
+INFLIGHT_SLOT = struct.Struct("=QQ")
+#: A successor reads at most this many slots (more than any --max-workers).
+MAX_INFLIGHT_SLOTS = 1 << 16
 
 
 @dataclass
@@ -52,6 +58,9 @@ class EngineOptions:
     writeback_cache: bool = False
     #: Serve read-only opens through kernel passthrough when the kernel grants it.
     passthrough: bool = True
+    #: Take FUSE_HAS_RESEND when the kernel offers it (off: behave as on a
+    #: kernel without it, see :meth:`Engine.fail_inflight`).
+    resend: bool = True
     readdirplus: bool = True
     #: Cloned descriptors besides the master (each worker uses one of them).
     clones: int = 2
@@ -94,6 +103,8 @@ class Engine:
         self._idle = 0
         self._workers = 0
         self._inflight: set[int] = set()
+        #: Without FUSE_HAS_RESEND: the request each worker serves (track_inflight).
+        self._slots: mmap.mmap | None = None
         o = self.options
         self._entry_valid = _timeout(o.entry_timeout)
         self._attr_valid = _timeout(o.attr_timeout)
@@ -163,6 +174,8 @@ class Engine:
             want &= ~p.PASSTHROUGH  # the kernel refuses passthrough with write-back caching
         if not o.readdirplus:
             want &= ~(p.DO_READDIRPLUS | p.READDIRPLUS_AUTO)
+        if not o.resend:
+            want &= ~p.HAS_RESEND
         granted = want & kernel_flags
         max_pages = (o.max_write + 4095) // 4096
         reply = p.INIT_OUT.pack(
@@ -203,6 +216,51 @@ class Engine:
         """Ask the kernel to queue again what a dead server read but never answered."""
         os.write(self.devices[0], p.OUT_HEADER.pack(16, p.NOTIFY_RESEND, 0))
 
+    # ------------------------------------------------------------ in flight, without resend
+
+    def track_inflight(self, path: str) -> None:
+        """Record in ``path`` (a shared file mapping, one slot per worker) the
+        request each worker is serving, for a successor on a connection
+        without FUSE_HAS_RESEND (see :meth:`fail_inflight`). A store into
+        memory per request, no system call; the mapping outlives a SIGKILL
+        because it is the file's page cache. Call before start()."""
+        size = INFLIGHT_SLOT.size * max(1, self.options.max_workers)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._slots = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def fail_inflight(self, path: str, code: int = errno.EIO) -> int:
+        """Answer ``code`` to every request the dead server recorded in
+        ``path`` as being served (the kernel cannot send them again without
+        FUSE_HAS_RESEND, and their callers would wait for an answer until the
+        mount ends). A request it answered just before it died is refused by
+        the kernel (ENOENT: unique numbers are never reused) and skipped.
+        Returns how many the kernel took. Call before track_inflight()."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(INFLIGHT_SLOT.size * MAX_INFLIGHT_SLOTS)
+        except FileNotFoundError:
+            return 0
+        failed = 0
+        for i in range(len(data) // INFLIGHT_SLOT.size):
+            device, unique = INFLIGHT_SLOT.unpack_from(data, i * INFLIGHT_SLOT.size)
+            if not unique:
+                continue
+            # The request waits on the descriptor it was read from; the
+            # holder gives the descriptors back in the order they were put.
+            order = [device - 1] if 0 < device <= len(self.devices) else []
+            for index in order + [j for j in range(len(self.devices)) if j + 1 != device]:
+                try:
+                    os.write(self.devices[index], p.OUT_HEADER.pack(16, -code, unique))
+                except OSError:
+                    continue
+                failed += 1
+                break
+        return failed
+
     # ------------------------------------------------------------ notifications
 
     def notify_inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None:
@@ -236,10 +294,14 @@ class Engine:
             index = self._workers
             self._workers += 1
             self._idle += 1
-        fd = self.devices[index % len(self.devices)]
-        threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{index}", daemon=True).start()
+        device = index % len(self.devices)
+        threading.Thread(target=self._worker, args=(self.devices[device], index, device), name=f"fuse-{index}",
+                         daemon=True).start()
 
-    def _worker(self, fd: int) -> None:
+    def _worker(self, fd: int, index: int = 0, device: int = 0) -> None:
+        slots = self._slots
+        slot = INFLIGHT_SLOT.size * index
+        mark = INFLIGHT_SLOT.pack_into
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
         readv = os.readv
@@ -275,6 +337,8 @@ class Engine:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
             inflight.add(unique)
+            if slots is not None:
+                mark(slots, slot, device + 1, unique)
             current.unique = unique
             err = 0
             reply = None
@@ -302,6 +366,8 @@ class Engine:
                         log.error("the kernel refused a reply", extra={"fields": {
                             "opcode": opcode, "error": str(exc)}})
                         self._reply_error(fd, unique, errno.EIO)
+            if slots is not None:
+                mark(slots, slot, 0, 0)
             if interrupted:
                 interrupted.discard(unique)
             with lock:
