@@ -328,6 +328,9 @@ class Engine:
                 log.error("reading /dev/fuse failed", extra={"fields": {"error": str(exc)}})
                 self.stopped.set()
                 return
+            if n < 40:  # /dev/fuse never gives less than a header: released (close_devices)
+                self.stopped.set()
+                return
             with lock:
                 self._idle -= 1
                 spawn = self._idle <= 0
@@ -376,6 +379,21 @@ class Engine:
             i = op_index.get(opcode, -1)
             if i >= 0:
                 record(i, clock() - t0, failed)
+
+    def close_devices(self) -> None:
+        """Let go of the connection's descriptors at a stop. Each is replaced
+        by /dev/null rather than closed, so that its number stays taken until
+        the process exits: a worker between two requests then reads
+        end-of-file and exits, instead of reading a number the process has
+        reused for another file (the usage file it persists next) and
+        answering into it. A worker blocked in a read keeps its own
+        reference to the connection until the connection ends."""
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for fd in self.devices:
+                os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
 
     def drain(self, timeout: float) -> bool:
         """Wait until no request is being served (after the connection ended);

@@ -190,8 +190,7 @@ def run(session: Any, kopts: KernelOptions) -> int:
         ksys.lazy_unmount(session.mountpoint)
     except OSError as exc:
         log.warning("unmount failed", extra={"fields": {"error": str(exc)}})
-    for fd in engine.devices:
-        os.close(fd)
+    engine.close_devices()
     if not held and engine.drain(DRAIN_SECONDS):
         # The connection is gone and nothing is in flight: the usage is
         # final, and the next mount trusts it instead of rescanning.
