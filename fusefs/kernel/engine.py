@@ -39,6 +39,8 @@ log = logging.getLogger("fusefs.kernel.engine")
 #: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
 OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
 _NS = 1_000_000_000
+#: INTERRUPTs remembered for requests not (yet) seen being served, at most.
+MAX_EARLY_INTERRUPTS = 1024
 #: One worker's slot in the in-flight file: (descriptor index + 1, unique); 0: idle.
 INFLIGHT_SLOT = struct.Struct("=QQ")
 #: A successor reads at most this many slots (more than any --max-workers).
@@ -103,6 +105,8 @@ class Engine:
         self._idle = 0
         self._workers = 0
         self._inflight: set[int] = set()
+        #: INTERRUPT targets read before their request was registered (_interrupt).
+        self._early: dict[int, None] = {}
         #: Without FUSE_HAS_RESEND: the request each worker serves (track_inflight).
         self._slots: mmap.mmap | None = None
         o = self.options
@@ -312,6 +316,7 @@ class Engine:
         clock = time.perf_counter_ns
         inflight = self._inflight
         interrupted = self.fs.interrupted
+        early = self._early
         lock = self._lock
         current = current_request
         while True:
@@ -340,6 +345,8 @@ class Engine:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
             inflight.add(unique)
+            if early and unique in early:  # its INTERRUPT was read first (see _interrupt)
+                interrupted.add(unique)
             if slots is not None:
                 mark(slots, slot, device + 1, unique)
             current.unique = unique
@@ -373,6 +380,8 @@ class Engine:
                 mark(slots, slot, 0, 0)
             if interrupted:
                 interrupted.discard(unique)
+            if early:
+                early.pop(unique, None)
             with lock:
                 self._idle += 1
             failed = err != 0
@@ -632,8 +641,24 @@ class Engine:
 
     def _interrupt(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
         target = p.INTERRUPT_IN.unpack_from(body, 0)[0]
-        if target in self._inflight:
+        inflight = self._inflight
+        if target in inflight:
             self.fs.interrupted.add(target)
+            return None
+        # The kernel sends INTERRUPT only for a request a worker has read, but
+        # that worker may not have registered it yet: remember the target, then
+        # look again, so that this worker or that one sees the other's mark.
+        # (A target answered meanwhile is never registered again; the oldest
+        # such entries are dropped beyond MAX_EARLY_INTERRUPTS.)
+        early = self._early
+        early[target] = None
+        if target in inflight:
+            self.fs.interrupted.add(target)
+        while len(early) > MAX_EARLY_INTERRUPTS:
+            try:
+                early.pop(next(iter(early)), None)
+            except (StopIteration, RuntimeError):
+                break
         return None
 
     def _fallocate(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:

@@ -38,3 +38,39 @@ def test_released_descriptors_read_end_of_file_and_the_workers_exit(tmp_path: Pa
     assert engine.stopped.is_set()
     assert "getattr" not in engine.stats.snapshot()["ops"]
     os.close(r)
+
+
+def test_an_interrupt_read_before_its_request_still_interrupts_it(tmp_path: Path) -> None:
+    """The kernel sends INTERRUPT once its request has been read; another
+    worker may read the INTERRUPT before the worker that read the request
+    has registered it. It must not be lost: here the INTERRUPT comes first
+    (one worker, a seqpacket socket standing for /dev/fuse), then a mkdir
+    that a freeze parks; the mkdir must end at once with EINTR, not wait for
+    the thaw."""
+    import errno
+    import socket
+
+    from fusefs.freeze import FreezeGate
+
+    (tmp_path / "v").mkdir()
+    gate = FreezeGate()
+    fs = InodeFs(str(tmp_path / "v"), quota=Quota(1 << 20, 0, 1), gate=gate)
+    engine = Engine(fs, EngineOptions(min_workers=1, max_workers=1, clones=0))
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    engine.devices = [ours.fileno()]
+    gate.freeze(60)
+    try:
+        unique = 1000
+        interrupt = p.IN_HEADER.pack(48, p.INTERRUPT, unique | 1, 0, 0, 0, 0, 0, 0) + p.INTERRUPT_IN.pack(unique)
+        mkdir = p.IN_HEADER.pack(50, p.MKDIR, unique, 1, 0, 0, 0, 0, 0) + p.MKDIR_IN.pack(0o755, 0) + b"d\0"
+        kernel.send(interrupt)
+        kernel.send(mkdir)
+        engine.start()
+        kernel.settimeout(5)
+        reply = kernel.recv(4096)
+        _, error, answered = p.OUT_HEADER.unpack_from(reply, 0)
+        assert (answered, error) == (unique, -errno.EINTR)
+        assert not (tmp_path / "v" / "d").exists()
+    finally:
+        gate.thaw()
+        kernel.close()
