@@ -183,6 +183,38 @@ def stop_daemon(data_dir: Path, timeout: float = 15.0) -> bool:
     return True
 
 
+def holder_pids(data_dir: Path) -> list[int]:
+    """PIDs of ``fusefs holder`` processes serving ``data_dir``'s holder socket."""
+    sock = holder_socket_for(data_dir).encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"holder" in args and b"--socket" in args and sock in args:
+            found.append(int(name))
+    return found
+
+
+def stop_holder(data_dir: Path, timeout: float = 10.0) -> bool:
+    """SIGTERM the embedded holder of ``data_dir`` (tests, ``make run``).
+
+    Every connection it keeps ends with it: a mount that no session serves
+    at that moment becomes ENOTCONN. Returns False when none was running.
+    """
+    pids = holder_pids(data_dir)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    kill_and_wait([p for p in pids if _running(p)])
+    return bool(pids)
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +166,20 @@ class Spawner:
 class SessionProcess:
     """One running session: its process, its stderr tail and its control client."""
 
-    def __init__(self, spec: SessionSpec, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, spec: SessionSpec, proc: subprocess.Popen[bytes],
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.proc = proc
+        #: Called once the process has exited (from the stderr thread), so a
+        #: watcher need not wait for its next poll to notice a death.
+        self.on_exit = on_exit
         self.started_at = time.time()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.stopping = False
         threading.Thread(target=self._forward_stderr, name=f"log-{spec.volume_id[:12]}", daemon=True).start()
 
     @classmethod
-    def start(cls, spawner: Spawner, spec: SessionSpec) -> SessionProcess:
+    def start(cls, spawner: Spawner, spec: SessionSpec, on_exit: Callable[[], None] | None = None) -> SessionProcess:
         """Fork the session; it is not ready until ``wait_ready`` says so."""
         try:
             os.unlink(spec.control_socket)
@@ -187,7 +192,7 @@ class SessionProcess:
             stderr=subprocess.PIPE, env=env, close_fds=True,
         )
         log.info("started FUSE session", extra={"fields": {"volume_id": spec.volume_id, "pid": proc.pid}})
-        return cls(spec, proc)
+        return cls(spec, proc, on_exit)
 
     @property
     def pid(self) -> int:
@@ -270,6 +275,14 @@ class SessionProcess:
                 sys.stderr.flush()
             except (OSError, ValueError):
                 pass
+        if self.on_exit is not None:
+            # stderr closes as the process exits, a moment before it can be
+            # reaped; poll (never wait: that would hold Popen's lock) briefly.
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.005)
+            self.on_exit()
 
 
 def find_stale_sessions(socket_dir: Path, control_socket: str = "") -> list[int]:

@@ -149,10 +149,15 @@ class VolumeManager:
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
         self._stop = threading.Event()
+        #: Set when a session exits: the watcher looks at once, not at its next tick.
+        self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         #: The in-process holder (kernel engine): a session crash leaves the
         #: connection here even with no external holder.
         self._own_holder: handover.Holder | None = None
+        #: The external holder's socket (device, inode, ctime) the last re-sync reached.
+        self._synced_ino: tuple[int, int, int] | None = None
+        self._syncing = threading.Event()
         self.kernel_dir = config.state_dir / "kernel"
 
     # ----------------------------------------------------------- lifecycle
@@ -238,6 +243,7 @@ class VolumeManager:
         re-mounts and re-binds everything from the state file.
         """
         self._stop.set()
+        self._wake.set()
         keep = self.config.engine == "kernel" and bool(self.config.holder_socket)
         if keep:
             log.info("leaving every FUSE connection to the external holder", extra={"fields": {
@@ -411,9 +417,9 @@ class VolumeManager:
         record.last_restart = (f"FUSE session restarted at {now_text()} after {reason}; the new session took "
                                "over the live FUSE connection")
         record.last_restart_at = time.time()
+        self.metrics.takeovers.inc(record.volume_id)  # before the state says so (List readers)
         volume.state, volume.problem, volume.retry_delay = MOUNTED, "", RETRY_MIN
         self._save()
-        self.metrics.takeovers.inc(record.volume_id)
         log.warning("took over the volume's FUSE connection", extra={"fields": {
             "volume_id": record.volume_id, "reason": reason, "pid": record.pid,
             "duration_ms": round((time.monotonic() - started) * 1000),
@@ -484,7 +490,7 @@ class VolumeManager:
             engine=self.config.engine,
             state_file=str(self.kernel_state_file(record.volume_id)) if kernel else "",
             holder_sockets=self.holder_sockets() if kernel else (), takeover=takeover)
-        session = SessionProcess.start(self._spawner, spec)
+        session = SessionProcess.start(self._spawner, spec, on_exit=self._wake.set)
         try:
             session.wait_ready(self.config.session_timeout)
         except BaseException:
@@ -607,14 +613,72 @@ class VolumeManager:
     # -------------------------------------------------------------- watcher
 
     def _watch(self) -> None:
-        """Notice sessions that exit on their own, and retry failed re-mounts."""
-        while not self._stop.wait(self.config.watch_interval):
+        """Notice sessions that exit on their own, retry failed re-mounts, and
+        give a new external holder the connections it missed."""
+        while True:
+            self._wake.wait(self.config.watch_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._check_external_holder()
             for volume in list(self._volumes.values()):
                 reason = self._needs_restart(volume)
                 if reason:
                     volume.restart_pending = True
                     threading.Thread(target=self._restart_async, args=(volume, reason),
                                      name=f"restart-{volume.volume_id[:12]}", daemon=True).start()
+
+    def _check_external_holder(self) -> None:
+        """Start a re-sync when the external holder's socket is a new one.
+
+        Sessions give their descriptors to the external holder once, when
+        they start serving. A holder that was not up yet, or that was
+        restarted since, has none of them, and a daemon restart would then
+        have to mount afresh. A new holder binds a new socket file, which
+        is cheap to notice on every tick.
+        """
+        if self._own_holder is None or not self.config.holder_socket or self._syncing.is_set():
+            return
+        try:
+            st = os.stat(self.config.holder_socket)
+        except OSError:
+            return
+        ino = (st.st_dev, st.st_ino, st.st_ctime_ns)  # an inode number alone can be reused at once
+        if ino != self._synced_ino and self.ready.is_set():
+            self._syncing.set()
+            threading.Thread(target=self._sync_external_holder, args=(ino,), name="holder-sync",
+                             daemon=True).start()
+
+    def _sync_external_holder(self, ino: tuple[int, int, int]) -> None:
+        """Copy every mounted volume's descriptors from our holder to the external one."""
+        try:
+            given, failed = 0, 0
+            for volume in list(self._volumes.values()):
+                with volume.lock:  # never races an Unmount, which drops them
+                    if volume.removed or volume.state != MOUNTED or self._own_holder is None \
+                            or _holder_has(self.config.holder_socket, volume.volume_id):
+                        continue
+                    try:
+                        fds = handover.take(self._own_holder.path, volume.volume_id)
+                    except OSError:
+                        continue  # not ours to give (its session is starting)
+                    try:
+                        handover.put(self.config.holder_socket, volume.volume_id, fds)
+                        given += 1
+                    except OSError as exc:
+                        failed += 1
+                        log.warning("the external holder did not take a volume's descriptors", extra={"fields": {
+                            "volume_id": volume.volume_id, "error": str(exc)}})
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+            if not failed:
+                self._synced_ino = ino
+            if given or failed:
+                log.info("gave the external holder the connections it did not have", extra={"fields": {
+                    "holder": self.config.holder_socket, "volumes": given, "failed": failed}})
+        finally:
+            self._syncing.clear()
 
     def _needs_restart(self, volume: Volume) -> str:
         if volume.removed or volume.restart_pending or not volume.settled.is_set():
@@ -675,7 +739,7 @@ class VolumeManager:
     def _forget_kernel_state(self, volume_id: str) -> None:
         """Remove the kernel engine's state and node journal of an unmounted volume."""
         base = self.kernel_state_file(volume_id)
-        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp")):
+        for path in (base, Path(f"{base}.nodes"), Path(f"{base}.tmp"), Path(f"{base}.nodes.tmp")):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -169,9 +169,10 @@ class Driver:
         """Stop the driver, its embedded fusefs daemon, and every mount under root."""
         self.stop()
         try:
-            from fusefs.embedded import stop_daemon
+            from fusefs.embedded import stop_daemon, stop_holder
 
             stop_daemon(self.data_dir)
+            stop_holder(self.data_dir)  # --fusefs-engine=kernel: the connections it keeps end here
         except Exception:  # noqa: BLE001 - fusefs may not be in use by this test
             pass
         stop_holder(self.data_dir)

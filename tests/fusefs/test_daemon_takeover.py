@@ -26,10 +26,12 @@ printed, not asserted: timing goals belong to bench/.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -256,10 +258,28 @@ class Served:
     pod: Pod
 
     def mount_ids(self) -> tuple[int, int]:
-        """Mount IDs of the staging mount and of the target's (top) bind."""
-        stage, target = mountinfo.top_mount(self.stage), mountinfo.top_mount(self.target)
-        assert stage is not None and target is not None
-        return stage.mount_id, target.mount_id
+        """Unique mount IDs of the staging mount and of the target's (top) bind.
+
+        Not mountinfo's IDs: the kernel hands a freed one to the next mount,
+        so a fresh mount made after detaching the old one can show the same.
+        """
+        for path in (self.stage, self.target):
+            assert mountinfo.is_volume_mount(mountinfo.top_mount(path), self.vid), path
+        return _unique_mount_id(self.stage), _unique_mount_id(self.target)
+
+
+def _unique_mount_id(path: str) -> int:
+    """statx(STATX_MNT_ID_UNIQUE) (Linux 6.8+): an ID never reused while the system runs."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(-100, path.encode(), 0x100 | 0x4000, 0x4000, buf) != 0:  # AT_FDCWD, NOFOLLOW|DONT_SYNC
+        err = ctypes.get_errno()
+        raise OSError(err, f"statx {path}: {os.strerror(err)}")
+    mask, = struct.unpack_from("I", buf.raw, 0)
+    assert mask & 0x4000, "the kernel gave no unique mount ID"
+    return struct.unpack_from("Q", buf.raw, 0x90)[0]  # stx_mnt_id
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _serve(node: KernelNode) -> Served:
@@ -347,6 +367,13 @@ def _unmount_leaves_nothing(node: KernelNode, served: Served, holders: list[str]
     assert not list((node.state_dir / "kernel").glob(f"{served.vid}*")), "kernel state left behind"
 
 
+def _wait_logged(log: Path, text: str, count: int) -> None:
+    deadline = time.monotonic() + RECOVERY_DEADLINE
+    while log.read_text().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.read_text().count(text) >= count, f"{text!r} not logged {count} times in {log}"
+
+
 def _own_holder(node: KernelNode) -> str:
     return str(socket_dir_for(node.state_dir) / "holder.sock")
 
@@ -379,16 +406,19 @@ def test_session_sigkill_is_a_takeover_pods_see_no_error(knode: KernelNode, hold
     _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
 
 
-def test_daemon_sigkill_with_an_external_holder_is_a_takeover(knode: KernelNode, holder: Holder) -> None:
-    """(b) and (d): SIGKILL of the daemon (and so of its sessions), a new daemon
-    with the same state directory takes the connection over from the holder."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_daemon_death_with_an_external_holder_is_a_takeover(knode: KernelNode, holder: Holder, sig: int) -> None:
+    """(b) and (d): SIGKILL of the daemon (and so of its sessions), or SIGTERM
+    (a container stop: with an external holder the daemon leaves the
+    connections to it); a new daemon with the same state directory takes the
+    connection over from the holder."""
     first = knode.start()
     served = _serve(knode)
     before = served.mount_ids()
     session = _session_pid(knode, served.vid)
     killed = time.monotonic()
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
+    first.send_signal(sig)
+    first.wait(30)
     kill_and_wait([session])  # dies of its parent's death; make sure before we look
     assert mountinfo.is_volume_mount(mountinfo.top_mount(served.stage), served.vid)
     knode.start()
@@ -400,8 +430,48 @@ def test_daemon_sigkill_with_an_external_holder_is_a_takeover(knode: KernelNode,
     assert _remount_count(knode, served.vid) == 0
     assert knode.metric("fusefs_takeovers_total", served.vid) == 1
     _assert_fsynced_kept(knode, served)
-    print(f"daemon SIGKILL -> takeover: longest pause between fsyncs {served.pod.longest_pause():.3f}s")
+    print(f"daemon {signal.Signals(sig).name} -> takeover: longest pause between fsyncs "
+          f"{served.pod.longest_pause():.3f}s")
     _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
+
+
+def test_a_restarted_external_holder_gets_the_connections_back(knode: KernelNode, holder: Holder,
+                                                              root: Path) -> None:
+    """The external holder restarts while the daemon runs: the daemon gives the
+    new one every connection from its own copy, so a daemon SIGKILL after that
+    is still a takeover."""
+    first = knode.start()
+    served = _serve(knode)
+    before = served.mount_ids()
+    holder.proc.terminate()
+    holder.proc.wait(10)
+    holder.proc = _start_holder(holder.socket, root / "holder.log").proc
+    deadline = time.monotonic() + RECOVERY_DEADLINE
+    while not _has(holder.socket, served.vid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _has(holder.socket, served.vid), f"the new holder never got the descriptors:\n{knode.log_tail()}"
+    session = _session_pid(knode, served.vid)
+    killed = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    kill_and_wait([session])
+    knode.start()
+    _wait_new_session(knode, served.vid, session)
+    served.pod.ticks_after(TICKS_AFTER, killed)
+    assert served.pod.errors() == [], served.pod.errors()[:10]
+    assert served.mount_ids() == before
+    assert _remount_count(knode, served.vid) == 0
+    _unmount_leaves_nothing(knode, served, [holder.socket, _own_holder(knode)])
+
+
+def _has(sock: str, vid: str) -> bool:
+    try:
+        fds = handover.take(sock, vid)
+    except OSError:
+        return False
+    for fd in fds:
+        os.close(fd)
+    return bool(fds)
 
 
 def test_without_an_external_holder_a_daemon_sigkill_falls_back_to_a_fresh_mount(lone_node: KernelNode) -> None:
@@ -443,3 +513,67 @@ def test_without_an_external_holder_a_daemon_sigkill_falls_back_to_a_fresh_mount
         c.unpublish(served.vid, served.target)
         c.unmount(served.vid)
     assert not mountinfo.mounts_at(served.stage) and not mountinfo.mounts_at(served.target)
+
+
+def test_embedded_driver_on_the_kernel_engine_keeps_the_mount_across_daemon_deaths(tmp_path: Path) -> None:
+    """``fusepath-csi --fusefs=embedded --fusefs-engine=kernel`` starts a detached
+    holder beside the daemon and re-uses it after its own restart; when the
+    daemon dies, the driver's new daemon takes the connection over: a file
+    open since before the kill keeps working and the mount is the same."""
+    from csi_driver.gen import csi_pb2
+    from tests.harness import Driver, mount_cap
+
+    driver = Driver(tmp_path, "--fusefs-engine=kernel")
+    try:
+        driver.start()
+        cap = mount_cap()
+        name = f"pvc-{uuid.uuid4().hex[:12]}"
+        vol = driver.create_volume(name, size=8 * MiB, cap=cap)
+        staging = driver.kubelet_dir / "plugins" / name / "globalmount"
+        target = driver.kubelet_dir / "pods" / name / "volumes" / "mount"
+        staging.parent.mkdir(parents=True)
+        target.parent.mkdir(parents=True)
+        driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap))
+        driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap))
+        daemon_log = driver.data_dir / "fusefs.log"
+        holders = embedded.holder_pids(driver.data_dir)
+        assert len(holders) == 1, holders
+        sock = embedded.holder_socket_for(driver.data_dir)
+        for fd in handover.take(sock, vol.volume_id):
+            os.close(fd)
+        before = (_unique_mount_id(str(staging)), _unique_mount_id(str(target)))
+        held = os.open(target / "held", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(held, b"before\n")
+            # The driver restarts: the holder is re-used, not replaced.
+            driver.kill(signal.SIGKILL)
+            driver.start()
+            assert embedded.holder_pids(driver.data_dir) == holders
+            for n in (1, 2):
+                pid = embedded.daemon_pid(driver.data_dir)
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                os.write(held, b"after %d\n" % n)  # waits for the new daemon's session
+                os.fsync(held)
+                _wait_logged(daemon_log, "took over the volume's FUSE connection", n)
+            assert (_unique_mount_id(str(staging)), _unique_mount_id(str(target))) == before
+            assert embedded.holder_pids(driver.data_dir) == holders
+        finally:
+            os.close(held)
+        assert (driver.volume_dir(vol.volume_id) / "held").read_text() == "before\nafter 1\nafter 2\n"
+        assert daemon_log.read_text().count("took over the volume's FUSE connection") == 2
+        assert "re-mounted volume" not in daemon_log.read_text()
+        assert driver.log_path.read_text().count("takes over every volume's connection") == 2
+        driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vol.volume_id, target_path=str(target)))
+        driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)))
+        assert not mountinfo.mounts_at(str(staging))
+        with pytest.raises(OSError, match="not found"):
+            handover.take(sock, vol.volume_id)
+    finally:
+        driver.teardown()
+    assert not embedded.holder_pids(driver.data_dir)
