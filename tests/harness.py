@@ -175,42 +175,7 @@ class Driver:
             stop_holder(self.data_dir)  # --fusefs-engine=kernel: the connections it keeps end here
         except Exception:  # noqa: BLE001 - fusefs may not be in use by this test
             pass
-        stop_holder(self.data_dir)
         unmount_all_under(self.root)
-
-
-def stop_holder(data_dir: Path, timeout: float = 10.0) -> None:
-    """SIGTERM the descriptor holder the embedded kernel-engine daemon left
-    for ``data_dir`` (detached, so that it outlives the driver) and wait for
-    it; its pid is the peer of its socket (SO_PEERCRED)."""
-    import socket
-    import struct
-
-    from fusefs.embedded import holder_socket_for
-
-    path = holder_socket_for(data_dir)
-    if not os.path.exists(path):
-        return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            s.connect(path)
-            pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-    except OSError:
-        return
-    if pid <= 1 or pid == os.getpid():
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X"):
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
 
 
 def unmount_all_under(root: Path) -> None:
