@@ -17,13 +17,12 @@ REQUIRE_PRIVILEGED = os.environ.get("FUSEPATH_REQUIRE_PRIVILEGED") == "1"
 
 #: ``FUSEFS_TEST_ENGINE=kernel`` runs the whole suite on the kernel engine:
 #: sessions the tests start themselves take ``--engine`` from it (see
-#: tests/fusefs/conftest.py), and every daemon a test starts, directly
-#: (``fusefs serve`` reads ``FUSEFS_ENGINE``) or through a driver
-#: (``--fusefs-engine`` reads ``FUSEPATH_FUSEFS_ENGINE``), inherits it from
-#: this environment. Tests that pin an engine pass it explicitly.
+#: tests/fusefs/conftest.py), every driver a test starts inherits it as
+#: ``FUSEPATH_FUSEFS_ENGINE`` (its ``--fusefs-engine``), and daemons a test
+#: starts itself are given ``--engine`` (tests.harness.daemon_engine()).
+#: Tests that pin an engine pass it explicitly.
 TEST_ENGINE = os.environ.get("FUSEFS_TEST_ENGINE", "")
 if TEST_ENGINE:
-    os.environ.setdefault("FUSEFS_ENGINE", TEST_ENGINE)
     os.environ.setdefault("FUSEPATH_FUSEFS_ENGINE", TEST_ENGINE)
 
 

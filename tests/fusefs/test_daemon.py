@@ -28,6 +28,7 @@ import pytest
 from fusefs import bindmount, embedded, mountinfo
 from fusefs.client import FuseFSClient
 from fusefs.supervisor import PACKAGE_ROOT, find_stale_sessions, kill_and_wait, socket_dir_for
+from tests.harness import daemon_engine
 
 pytestmark = pytest.mark.privileged
 
@@ -94,12 +95,11 @@ class Node:
 
     def start(self, metrics: bool = False, engine: str | None = None) -> subprocess.Popen:
         """Start ``fusefs serve`` detached and wait until it answers; on
-        ``engine``, or on the one ``$FUSEFS_ENGINE`` names (see tests/conftest.py)."""
+        ``engine``, or on the test run's (tests.harness.daemon_engine())."""
         argv = [sys.executable, "-m", "fusefs.cli", "serve", "--endpoint", self.endpoint,
                 "--state-dir", str(self.state_dir), "--volumes-dir", str(self.volumes),
                 "--kubelet-dir", str(self.kubelet), "--log-level", "debug"]
-        if engine:
-            argv += ["--engine", engine]
+        argv += ["--engine", engine or daemon_engine()]
         if metrics:
             self.metrics_port = _free_port()
             argv += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
@@ -128,14 +128,6 @@ class Node:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
-
-
-def daemon_engine() -> str:
-    """The engine of a daemon started without ``--engine``: ``$FUSEFS_ENGINE``
-    or ``fusefs serve``'s default."""
-    from fusefs import cli
-
-    return os.environ.get("FUSEFS_ENGINE") or {f: d for f, d, _ in cli.SERVE_FLAGS}["engine"]
 
 
 def _free_port() -> int:
@@ -606,8 +598,8 @@ import sys, time
 from pathlib import Path
 from fusefs.client import FuseFSClient
 from fusefs.embedded import ensure_daemon
-data, kubelet, vid, stage, target = sys.argv[1:]
-endpoint = ensure_daemon(Path(data), Path(kubelet))
+data, kubelet, vid, stage, target, engine = sys.argv[1:]
+endpoint = ensure_daemon(Path(data), Path(kubelet), engine=engine)
 with FuseFSClient(endpoint) as c:
     c.mount(vid, stage, 1 << 20)
     c.publish(vid, target, False)
@@ -620,7 +612,8 @@ def test_killing_embedded_parent_does_not_disturb_mounts(node: Node) -> None:
     vid = node.new_volume("embedded\n")
     stage, target = node.stage(vid), node.target("pod-a")
     parent = subprocess.Popen([sys.executable, "-c", EMBEDDED_PARENT, str(node.data), str(node.kubelet),
-                               vid, stage, target], stdout=subprocess.PIPE, text=True, env=_env())
+                               vid, stage, target, daemon_engine()], stdout=subprocess.PIPE, text=True,
+                              env=_env())
     try:
         ready, _, _ = select.select([parent.stdout], [], [], 30)
         assert ready, "the embedded parent did not report its endpoint"
@@ -638,14 +631,14 @@ def test_killing_embedded_parent_does_not_disturb_mounts(node: Node) -> None:
         time.sleep(0.05)
     assert embedded.daemon_pid(node.data) == daemon_pid
     # A restarted driver re-uses the running daemon instead of starting another.
-    assert embedded.ensure_daemon(node.data, node.kubelet) == node.endpoint
+    assert embedded.ensure_daemon(node.data, node.kubelet, engine=daemon_engine()) == node.endpoint
     assert embedded.daemon_pid(node.data) == daemon_pid
     with node.client() as c:
         assert [v.remount_count for v in c.list()] == [0]
 
     # A graceful stop keeps the state; the next daemon puts everything back.
     assert embedded.stop_daemon(node.data)
-    embedded.ensure_daemon(node.data, node.kubelet)
+    embedded.ensure_daemon(node.data, node.kubelet, engine=daemon_engine())
     _wait_readable(f"{target}/file.txt", "embedded\n", RECOVERY_BUDGET)
     with node.client() as c:
         assert [v.remount_count for v in c.list()] == [1]
