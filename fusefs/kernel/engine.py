@@ -240,7 +240,7 @@ class Engine:
         """Answer ``code`` to every request the dead server recorded in
         ``path`` as being served (the kernel cannot send them again without
         FUSE_HAS_RESEND, and their callers would wait for an answer until the
-        mount ends). A request it answered just before it died is refused by
+        connection ends). A request it answered just before it died is refused by
         the kernel (ENOENT: unique numbers are never reused) and skipped.
         Returns how many the kernel took. Call before track_inflight()."""
         try:

@@ -261,7 +261,7 @@ def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
         return
     # No resend (a kernel before 6.9): what the dead session had read but
     # not answered can never come again; its callers get EIO now instead of
-    # waiting for an answer until the mount ends.
+    # waiting for an answer until the connection ends.
     failed = engine.fail_inflight(_inflight_file(kopts))
     log.warning("answered the requests in flight at the takeover with EIO (no FUSE_HAS_RESEND)",
                 extra={"fields": {"requests": failed}})

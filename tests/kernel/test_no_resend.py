@@ -5,7 +5,7 @@ FUSE_HAS_RESEND and the successor never writes FUSE_NOTIFY_RESEND).
 The requests the dead session had read but not answered cannot come again,
 so the successor answers each with EIO (the dead session recorded them in
 ``<state-file>.inflight``): the pod's process gets an error for that one
-call instead of waiting in the kernel, unkillably, until the mount ends;
+call instead of waiting in the kernel, unkillably, until the connection ends;
 everything sent after the takeover is served as usual."""
 
 from __future__ import annotations
