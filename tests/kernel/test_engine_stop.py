@@ -73,4 +73,8 @@ def test_an_interrupt_read_before_its_request_still_interrupts_it(tmp_path: Path
         assert not (tmp_path / "v" / "d").exists()
     finally:
         gate.thaw()
-        kernel.close()
+        kernel.close()  # the worker reads end-of-file and exits...
+        deadline = time.monotonic() + 10
+        while not engine.stopped.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ours.close()  # ...before its descriptor number can be reused (the next test's pipe)
