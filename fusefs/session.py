@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=float, default=10.0)
     p.add_argument("--entry-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default=os.environ.get("FUSEFS_LOG_LEVEL", "info"))
-    p.add_argument("--engine", choices=("libfuse", "kernel"), default="libfuse",
-                   help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
+    p.add_argument("--engine", choices=("libfuse", "kernel"), default="kernel",
+                   help="kernel (fusefs speaks /dev/fuse itself; the default) or libfuse (mfusepy)")
     k = p.add_argument_group("kernel engine")
     k.add_argument("--state-file", help="negotiated flags and node journal, for a takeover")
     k.add_argument("--holder-socket", action="append", default=[],

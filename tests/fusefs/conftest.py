@@ -113,8 +113,8 @@ def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
 
 def chosen_engine() -> str:
     """The engine a test run uses for sessions and daemons it does not pin:
-    ``$FUSEFS_TEST_ENGINE`` (libfuse or kernel), libfuse by default."""
-    return os.environ.get("FUSEFS_TEST_ENGINE", "libfuse")
+    ``$FUSEFS_TEST_ENGINE`` (kernel or libfuse), kernel by default."""
+    return os.environ.get("FUSEFS_TEST_ENGINE", "kernel")
 
 
 @contextlib.contextmanager
