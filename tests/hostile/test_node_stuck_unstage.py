@@ -78,9 +78,9 @@ def test_expand_of_a_stopped_session_fails_fast_and_a_retry_works(driver):
         resume(pid)
     print(f"\nexpand of a stopped volume: {expand_s:.2f} s -> "
           f"{expand_r.code() if isinstance(expand_r, grpc.RpcError) else 'ok'}")
+    assert expand_s < BOUND
     assert isinstance(expand_r, grpc.RpcError) and expand_r.code() == grpc.StatusCode.UNAVAILABLE, expand_r
     assert "stopped" in expand_r.details(), expand_r.details()
-    assert expand_s < BOUND
     assert not isinstance(other_r, grpc.RpcError) and other_s < BOUND, other_r
     assert record is not None and record.capacity_bytes == 8 * MiB  # the record is unchanged
     # Once the session runs again the CO's retry goes through.
@@ -94,6 +94,13 @@ def test_expand_of_a_stopped_session_fails_fast_and_a_retry_works(driver):
 def test_unstage_of_a_stopped_session_tears_it_down_fast(driver):
     pod, other = Pod(driver, size=8 * MiB), Pod(driver, size=8 * MiB)
     vid = pod.vol.volume_id
+    holder = holder_socket_for(driver.data_dir)
+    kernel = os.path.exists(holder)
+    if kernel:  # the kernel engine's holder keeps a copy of the connection, to be dropped at unstage
+        fds = handover.take(holder, vid)
+        for fd in fds:
+            os.close(fd)
+        assert fds
     pid = stop_session(driver, pod)
     try:
         unpub_s, unpub_r = timed(lambda: driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
@@ -115,12 +122,11 @@ def test_unstage_of_a_stopped_session_tears_it_down_fast(driver):
     assert not mountinfo.volume_mounts(vid)
     assert not pod.staging.exists()
     assert fusefs_volume(driver, vid) is None
-    holder = holder_socket_for(driver.data_dir)
-    if os.path.exists(holder):  # kernel engine: the holder dropped its copy of the connection
-        fds = handover.take(holder, vid)
-        for fd in fds:
-            os.close(fd)
-        assert not fds, "the holder still keeps the volume's FUSE connection"
+    print(f"kernel engine (a holder): {kernel}")
+    if kernel:  # the holder dropped its copy of the connection
+        with pytest.raises(OSError, match="not found"):  # its answer for a key it does not keep
+            for fd in handover.take(holder, vid):
+                os.close(fd)
     # A fresh stage of the same volume works.
     pod.staging.parent.mkdir(parents=True, exist_ok=True)
     driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
