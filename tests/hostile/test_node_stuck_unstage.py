@@ -30,7 +30,10 @@ from fusefs.client import FuseFSClient
 from fusefs.embedded import holder_socket_for
 from fusefs.kernel import handover
 from tests.harness import MiB
+from tests.hostile.node_pods import gone_within
+from tests.hostile.node_pods import pod_driver  # noqa: F401  (fixture)
 from tests.hostile.test_node_stuck_volume import CALL_TIMEOUT, stats_call, stop_session
+from tests.hostile.test_node_throttled_kill import start_writer, throttled_pod
 from tests.test_node_fusefs import Pod
 
 pytestmark = pytest.mark.privileged
@@ -132,3 +135,27 @@ def test_unstage_of_a_stopped_session_tears_it_down_fast(driver):
     driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
         volume_id=vid, staging_target_path=str(pod.staging), volume_capability=pod.cap), timeout=CALL_TIMEOUT * 3)
     assert fusefs_volume(driver, vid).pid not in (0, pid)
+
+
+def test_unstage_of_a_session_whose_workers_are_all_parked_is_prompt(pod_driver):
+    """Not stopped but saturated: every worker waits in the I/O-limit bucket.
+    The session still acts on SIGTERM (it lifts its limits first), so the
+    graceful stop is taken, and it ends within the stop's short bound."""
+    pod = throttled_pod(pod_driver)
+    vid = pod.vol.volume_id
+    writer = start_writer(pod.target, threads=160, chunk=256 * 1024)  # more writers than session workers
+    try:
+        unpub_s, unpub_r = timed(lambda: pod_driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vid, target_path=str(pod.target)), timeout=CALL_TIMEOUT * 3))
+        unstage_s, unstage_r = timed(lambda: pod_driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=str(pod.staging)), timeout=CALL_TIMEOUT * 3))
+    finally:
+        writer.kill()
+        gone = gone_within(writer, timeout=30)
+    print(f"\nparked workers: unpublish {unpub_s:.2f} s; unstage {unstage_s:.2f} s -> "
+          f"{unstage_r.code() if isinstance(unstage_r, grpc.RpcError) else 'ok'}; writer gone after {gone}")
+    assert not isinstance(unpub_r, grpc.RpcError), unpub_r
+    assert not isinstance(unstage_r, grpc.RpcError), unstage_r
+    assert unstage_s < BOUND
+    assert not mountinfo.volume_mounts(vid)
+    assert fusefs_volume(pod_driver, vid) is None
