@@ -2,13 +2,25 @@
 
     .venv/bin/python bench/data_path.py [--quick]
 
-Four directories on the same disk, each measured the same way:
+Five directories on the same disk, each measured the same way:
 
 * ``native``: a plain directory;
 * ``bind``: a volume with StorageClass ``mounter: bind``, staged and
   published through the driver (a bind mount: should equal native);
 * ``fusefs``: a volume with the default mounter, staged and published
-  through the driver, so I/O goes through the volume's FUSE session;
+  through the driver, so I/O goes through the volume's FUSE session (the
+  libfuse engine, today's default);
+* ``fusefs-kernel``: the same session on the kernel engine
+  (``python -m fusefs.session --engine=kernel``, fusefs speaking /dev/fuse
+  itself, with passthrough), started directly with a 4 GiB quota as the
+  daemon starts a session (a driver runs one engine, ``--fusefs-engine``,
+  and the bench's driver serves the libfuse target); the session's own
+  request counters show which rows were served by kernel passthrough (no
+  READ request reaches it);
+* ``fusefs-kernel-base`` (only when ``FUSEPATH_BENCH_KERNEL_BASELINE``
+  names another source tree, e.g. a ``git worktree`` of main): the kernel
+  engine of that tree, the same way, so that a change to the engine is
+  measured against its base in one run;
 * ``bindfs``: the Debian ``bindfs`` (C, libfuse) over a plain directory, the
   C FUSE reference.
 
@@ -32,8 +44,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,10 +59,19 @@ from typing import Any
 import grpc
 
 from common import (GiB, MiB, BenchDriver, Options, Section, Target, cpu_seconds, create_volume, drop_caches,
-                    fusefs_daemon_pid, fusefs_session_pids, median_of, ratio, rpc_error_text, run_quiet,
+                    parse_collapsed,
+                    fusefs_daemon_pid, fusefs_session_pids, median_of, ratio, rpc_error_text, run_quiet, REPO,
                     running_driver, sampling, stage_and_publish, standalone, top_functions)
 
-TARGETS = ("native", "bind", "fusefs", "bindfs")
+from fusefs.control import SessionClient  # noqa: E402 - common puts the repo on sys.path
+
+TARGETS = ("native", "bind", "fusefs", "fusefs-kernel", "fusefs-kernel-base", "bindfs")
+#: The kernel engine's target: its session process and control socket.
+KERNEL = "fusefs-kernel"
+#: An optional A/B target: the kernel engine from another source tree (for
+#: example ``git worktree add /tmp/base main``), named by this variable.
+BASELINE_ENV = "FUSEPATH_BENCH_KERNEL_BASELINE"
+BASELINE = "fusefs-kernel-base"
 
 
 @dataclass(frozen=True)
@@ -178,17 +201,28 @@ def profile_fusefs(driver: BenchDriver, directory: Path, plan: Plan, out: Path) 
     sessions = fusefs_session_pids(daemon) if daemon else []
     if len(sessions) != 1:
         return {"skipped": f"expected one fusefs session child, found {sessions}"}
-    child, seconds = sessions[0], 4.0
+    return profile_session(sessions[0], directory, plan, out, note=(
+        "py-spy sees a libfuse worker only while a ctypes callback runs (each gets a fresh thread "
+        "state), so sample counts are low; session_cpu_us_per_op, from /proc, is the reliable cost"))
+
+
+def profile_session(child: int, directory: Path, plan: Plan, out: Path, note: str = "",
+                    ls_l: bool = False) -> dict[str, Any]:
+    """py-spy on one FUSE session process under the workloads where Python pays most.
+
+    With ``ls_l`` (the kernel engine) the shares are of the samples where the
+    session was serving a request: py-spy counts a worker blocked reading
+    /dev/fuse as active, and those samples would bury the rest.
+    """
+    seconds = 4.0
     workloads: dict[str, Callable[[], float]] = {  # each returns how many operations it made
         "rand_write_4k_1job": lambda: run_fio(directory, "rand_write_4k_1job", plan) * plan.runtime,
         "creates": lambda: _create_until(directory / "profile-creates", seconds - 1.0),
         "stats": lambda: _stat_until(directory / "profile-creates", seconds - 1.0),
     }
-    result: dict[str, Any] = {
-        "pid": child,
-        "note": "py-spy sees a libfuse worker only while a ctypes callback runs (each gets a fresh thread "
-                "state), so sample counts are low; session_cpu_us_per_op, from /proc, is the reliable cost",
-    }
+    if ls_l:
+        workloads["ls_l"] = lambda: _ls_until(directory / "profile-creates", seconds - 1.0)
+    result: dict[str, Any] = {"pid": child, **({"note": note} if note else {})}
     for name, action in workloads.items():
         with sampling(child, seconds, out.with_name(f"{out.name}-{name}.txt")) as prof:
             cpu0, wall0 = cpu_seconds(child), time.perf_counter()
@@ -196,10 +230,31 @@ def profile_fusefs(driver: BenchDriver, directory: Path, plan: Plan, out: Path) 
             cpu, wall = cpu_seconds(child) - cpu0, time.perf_counter() - wall0
         cost = {"operations": int(ops), "session_cpu_us_per_op": round(1e6 * cpu / ops, 1) if ops else None,
                 "session_cores_busy": round(cpu / wall, 2)}
-        result[name] = {**cost, **(prof if "skipped" in prof else {**top_functions(prof["stacks"]),
-                                                                   "raw_profile": prof["raw_profile"]})}
+        if "skipped" not in prof and ls_l:
+            busy = _busy_stacks(out.with_name(prof["raw_profile"]))
+            prof = {**prof, "stacks": busy, "samples_all": sum(n for _, n in prof["stacks"])}
+        result[name] = {**cost, **(prof if "skipped" in prof else {
+            **top_functions(prof["stacks"]), "raw_profile": prof["raw_profile"],
+            **({"samples_all": prof["samples_all"]} if "samples_all" in prof else {})})}
     shutil.rmtree(directory / "profile-creates", ignore_errors=True)
     return result
+
+
+def _busy_stacks(raw_path: Path) -> list[tuple[list[str], int]]:
+    """The kernel engine's samples without those of workers waiting for a
+    request (on the lines of ``Engine._worker`` that read or poll /dev/fuse)
+    and of its watchdog."""
+    source = (REPO / "fusefs" / "kernel" / "engine.py").read_text().splitlines()
+    waits = {i + 1 for i, line in enumerate(source) if "readv(fd, [buf])" in line or "poller.poll(" in line}
+    kept = []
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        where = re.search(r"engine\.py:(\d+)\)$", leaf)
+        if "_watch (" in stack or ("_worker (" in leaf and where and int(where.group(1)) in waits):
+            continue
+        kept.append(line)
+    return parse_collapsed("\n".join(kept))
 
 
 def _create_until(box: Path, seconds: float) -> int:
@@ -209,6 +264,15 @@ def _create_until(box: Path, seconds: float) -> int:
         os.close(os.open(box / f"p{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
         i += 1
     return i
+
+
+def _ls_until(box: Path, seconds: float) -> int:
+    end, done = time.monotonic() + seconds, 0
+    count = len(os.listdir(box))
+    while time.monotonic() < end:
+        subprocess.run(["ls", "-l", str(box)], stdout=subprocess.DEVNULL, check=True)
+        done += count
+    return done
 
 
 def _stat_until(box: Path, seconds: float) -> int:
@@ -221,7 +285,62 @@ def _stat_until(box: Path, seconds: float) -> int:
     return done
 
 
-# -- the four directories ---------------------------------------------------------------------
+# -- the five directories ---------------------------------------------------------------------
+
+
+@dataclass
+class KernelSession:
+    """A volume session on the kernel engine, started as the daemon starts one."""
+
+    pid: int
+    mountpoint: Path
+    client: SessionClient
+
+    def requests(self) -> dict[str, int]:
+        """Requests served so far, by operation (the session's own counters)."""
+        return {op: v["count"] for op, v in self.client.stats()["ops"].items()}
+
+    def negotiated(self) -> dict[str, Any]:
+        return dict(self.client.stats().get("negotiated", {}))
+
+
+@contextmanager
+def kernel_session(work: Path, capacity: int = 4 * GiB, code: Path = REPO,
+                   name: str = "kernel") -> Iterator[KernelSession]:
+    """``python -m fusefs.session --engine=kernel`` (from the source tree
+    ``code``) over a plain directory; stopped on the way out."""
+    src, mnt, sock = work / f"{name}-src", work / f"{name}-mnt", work / f"{name}.sock"
+    for p in (src, mnt):
+        shutil.rmtree(p, ignore_errors=True)
+        p.mkdir(parents=True)
+    argv = [sys.executable, "-m", "fusefs.session", "--engine=kernel", "--volume-id", "bench-kernel",
+            "--source", str(src), "--mountpoint", str(mnt), "--control-socket", str(sock),
+            "--capacity", str(capacity), "--state-file", str(work / f"{name}.state"), "--log-level", "info"]
+    with open(work / f"{name}-session.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=code,
+                                env=dict(os.environ, PYTHONPATH=str(code)))
+    try:
+        client = SessionClient(str(sock), timeout=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.ping().get("ready"):
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the kernel-engine session did not come up (see {work / f'{name}-session.log'})")
+            time.sleep(0.05)
+        yield KernelSession(proc.pid, mnt, client)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
+        shutil.rmtree(src, ignore_errors=True)
 
 
 @contextmanager
@@ -253,6 +372,19 @@ def open_targets(stack: ExitStack, driver: BenchDriver, work: Path, section: Sec
             dirs[name] = stage_and_publish(driver, vol, mounter or "fusefs").target
         except grpc.RpcError as exc:
             section.notes.append(f"{name}: staging through the driver failed, skipped: {rpc_error_text(exc)}")
+    try:
+        kernel = stack.enter_context(kernel_session(work))
+        dirs[KERNEL] = kernel.mountpoint
+        section.results[f"{KERNEL}_session"] = kernel
+    except (RuntimeError, OSError) as exc:
+        section.notes.append(f"{KERNEL}: the session could not start, skipped: {exc}")
+    baseline = os.environ.get(BASELINE_ENV)
+    if baseline:
+        try:
+            dirs[BASELINE] = stack.enter_context(kernel_session(work, code=Path(baseline), name="base")).mountpoint
+            section.config["kernel_baseline_tree"] = baseline
+        except (RuntimeError, OSError) as exc:
+            section.notes.append(f"{BASELINE}: the session from {baseline} could not start, skipped: {exc}")
     if shutil.which("bindfs"):
         try:
             dirs["bindfs"] = stack.enter_context(bindfs_mount(work))
@@ -280,12 +412,17 @@ def run(opts: Options) -> dict[str, Any]:
         section.config["paths"] = {k: str(v) for k, v in dirs.items()}
         for d in dirs.values():
             lay_out_random_file(d, plan)
+        kernel: KernelSession | None = section.results.pop(f"{KERNEL}_session", None)
+        requests: dict[str, dict[str, int]] = {}
         for _ in range(plan.runs):
             for target, directory in dirs.items():
                 row = samples.setdefault(target, {})
                 for name in FIO_JOBS:
                     started = time.monotonic()
+                    before = kernel.requests() if kernel is not None and target == KERNEL else None
                     row.setdefault(name, []).append(run_fio(directory, name, plan))
+                    if before is not None:
+                        requests[name] = _delta(before, kernel.requests())  # type: ignore[union-attr]
                     _add_time(step_seconds, target, name, started)
                 started = time.monotonic()
                 for key, value in metadata_run(directory, plan, untar).items():
@@ -294,6 +431,13 @@ def run(opts: Options) -> dict[str, Any]:
         if not opts.quick and "fusefs" in dirs:
             section.results["fusefs_profile"] = profile_fusefs(driver, dirs["fusefs"], plan,
                                                                opts.out / "profile-fusefs")
+        if kernel is not None:
+            kernel_info = {"negotiated": kernel.negotiated(), "requests_per_fio_row_last_run": requests,
+                           "note": "FUSE requests the session served during each fio row (its last run): "
+                                   "a row served by passthrough sends no READ"}
+            if not opts.quick:
+                kernel_info["profile"] = profile_session(kernel.pid, dirs[KERNEL], plan,
+                                                         opts.out / "profile-fusefs-kernel", ls_l=True)
         for directory in dirs.values():
             for f in ("seq.dat", "rand.dat"):
                 (directory / f).unlink(missing_ok=True)
@@ -302,10 +446,16 @@ def run(opts: Options) -> dict[str, Any]:
     section.results = {t: {k: _rounded(median_of(v)) for k, v in rows.items()} for t, rows in samples.items()}
     if profile is not None:
         section.results["fusefs_profile"] = profile
+    if kernel is not None:
+        section.results["kernel_engine"] = kernel_info
     section.results["wall_seconds_per_step"] = step_seconds
     section.results["units"] = {**{k: UNITS[k[:3]] for k in FIO_JOBS}, "metadata": "operations per second"}
     add_targets(section)
     return section.as_dict()
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
 
 
 def _add_time(table: dict[str, dict[str, float]], target: str, step: str, started: float) -> None:
@@ -339,6 +489,37 @@ def add_targets(section: Section) -> None:
         f, b = _median(section, "fusefs", row), _median(section, "bindfs", row)
         section.targets.append(Target(f"fuse_{row}_vs_bindfs", f"fusefs {row} / bindfs (>= 1)", ratio(f, b), ">=",
                                       1.0, "ratio", detail=f"fusefs {f}, bindfs {b}"))
+    add_kernel_targets(section)
+
+
+#: Issue 9's speed targets for the kernel engine: (row, share of native) and rows against bindfs.
+KERNEL_NATIVE_TARGETS = (
+    ("rand_read_4k_1job", 0.9), ("rand_read_4k_4jobs", 0.9), ("seq_read_1m_cold", 0.9),
+    ("seq_write_1m", 0.5), ("rand_write_4k_1job", 0.4),
+)
+KERNEL_BINDFS_ROWS = ("creates_per_s", "stats_per_s", "unlinks_per_s", "ls_l_entries_per_s", "untar_files_per_s")
+PASSTHROUGH_ROWS = ("seq_read_1m_cold", "rand_read_4k_1job", "rand_read_4k_4jobs")
+
+
+def add_kernel_targets(section: Section) -> None:
+    if KERNEL not in section.results:
+        return
+    for row, share in KERNEL_NATIVE_TARGETS:
+        k, n = _median(section, KERNEL, row), _median(section, "native", row)
+        section.targets.append(Target(f"kernel_{row}_vs_native", f"{KERNEL} {row} / native (>= {share:.0%})",
+                                      ratio(k, n), ">=", share, "ratio", detail=f"{KERNEL} {k}, native {n}"))
+    for row in KERNEL_BINDFS_ROWS:
+        k, b = _median(section, KERNEL, row), _median(section, "bindfs", row)
+        section.targets.append(Target(f"kernel_{row}_vs_bindfs", f"{KERNEL} {row} / bindfs (>= 1)", ratio(k, b),
+                                      ">=", 1.0, "ratio", detail=f"{KERNEL} {k}, bindfs {b}"))
+    info = section.results.get("kernel_engine", {})
+    per_row = info.get("requests_per_fio_row_last_run", {})
+    if per_row:
+        reads = sum(per_row.get(r, {}).get("read", 0) for r in PASSTHROUGH_ROWS)
+        section.targets.append(Target(
+            "kernel_read_rows_passthrough", f"{KERNEL}: READ requests reaching the session in the read rows "
+            "(0: all served by passthrough)", float(reads), "<=", 0.0, "requests",
+            detail=f"passthrough negotiated: {info.get('negotiated', {}).get('passthrough')}"))
 
 
 if __name__ == "__main__":

@@ -82,10 +82,11 @@ def data_path(section: dict[str, Any], path: Path) -> Path | None:
     if "native" not in r:
         return None
     rows = [k for k in r["native"]]
-    kinds = [k for k in ("bind", "fusefs", "bindfs") if k in r]
+    kinds = [k for k in ("bind", "fusefs", "fusefs-kernel", "fusefs-kernel-base", "bindfs") if k in r]
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / max(1, len(kinds))
-    colours = {"bind": "tab:grey", "fusefs": "tab:blue", "bindfs": "tab:orange"}
+    colours = {"bind": "tab:grey", "fusefs": "tab:blue", "fusefs-kernel": "tab:green",
+               "fusefs-kernel-base": "tab:olive", "bindfs": "tab:orange"}
     for i, kind in enumerate(kinds):
         values = [r[kind][row]["median"] / r["native"][row]["median"] if r["native"][row]["median"] else 0
                   for row in rows]

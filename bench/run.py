@@ -279,16 +279,31 @@ def render_snapshot(section: dict[str, Any]) -> str:
 def render_data_path(section: dict[str, Any]) -> str:
     r = section["results"]
     kinds = [k for k in data_path.TARGETS if k in r]
+    engines = [k for k in ("fusefs", data_path.KERNEL, data_path.BASELINE) if k in r]
     units = r.get("units", {})
-    head = "| workload | unit | " + " | ".join(kinds) + " | fusefs / native | fusefs / bindfs |"
-    rows = ["### Data path", "", "Medians of interleaved runs (spread in the JSON); higher is better.", "",
-            head, "|" + "---|" * (len(kinds) + 4)]
+    ratios = [f"{e} / {base}" for e in engines for base in ("native", "bindfs")]
+    head = "| workload | unit | " + " | ".join(kinds) + " | " + " | ".join(ratios) + " |"
+    rows = ["### Data path", "",
+            "Medians of interleaved runs (spread in the JSON); higher is better. `fusefs` is the libfuse "
+            "engine, staged through the driver; `fusefs-kernel` the kernel engine (`--engine=kernel`, "
+            "with passthrough), a session started as the daemon starts one.", "",
+            head, "|" + "---|" * (len(kinds) + len(ratios) + 2)]
     for row in r.get("native", {}):
         values = {k: r[k][row]["median"] for k in kinds if row in r[k]}
         cells = " | ".join(_fmt(values.get(k)) for k in kinds)
-        fn = common.ratio(values.get("fusefs"), values.get("native"))
-        fb = common.ratio(values.get("fusefs"), values.get("bindfs"))
-        rows.append(f"| {row.replace('_', ' ')} | {units.get(row, 'ops/s')} | {cells} | {_fmt(fn)} | {_fmt(fb)} |")
+        shares = " | ".join(_fmt(common.ratio(values.get(e), values.get(base)))
+                            for e in engines for base in ("native", "bindfs"))
+        rows.append(f"| {row.replace('_', ' ')} | {units.get(row, 'ops/s')} | {cells} | {shares} |")
+    kernel = r.get("kernel_engine")
+    if kernel:
+        neg = kernel.get("negotiated", {})
+        rows += ["", f"Kernel engine: negotiated `{', '.join(neg.get('flags', []))}` (passthrough "
+                 f"{'on' if neg.get('passthrough') else 'off'}, write-back cache "
+                 f"{'on' if neg.get('writeback_cache') else 'off'}). FUSE requests its session served per fio row "
+                 "(last run):", ""]
+        for row, ops in kernel.get("requests_per_fio_row_last_run", {}).items():
+            top = ", ".join(f"{op} {n:,}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:4])
+            rows.append(f"- {row.replace('_', ' ')}: {top or 'none'}")
     return "\n".join(rows) + "\n"
 
 

@@ -27,6 +27,15 @@ rate (a pod can always queue more than the rate allows):
   :data:`MAX_DEBT_SECONDS` ahead: a request that finds a longer backlog
   waits (interruptibly) for it to drain before it reserves, so the debt a
   bucket carries is at most ``MAX_DEBT_SECONDS`` plus one request's cost.
+* **Write-back never waits.** Pages a pod dirtied through a shared writable
+  ``mmap`` (or any buffered write, with the write-back cache) are written by
+  the kernel, not by the pod's request: FUSE marks those WRITEs
+  ``FUSE_WRITE_CACHE`` and never interrupts them, and a killed process waits
+  at exit until they are done. So :meth:`IOLimits.charge_writeback` books
+  them in both buckets without sleeping, up to the debt bound (what lies
+  beyond it is not booked): the pod's next own data requests pay for them,
+  and a SIGKILLed process is gone as soon as its pages are written at the
+  disk's speed.
 * **Capped waiters.** At most ``max_waiters`` requests of a volume wait at
   once (the session passes half its workers), so metadata, page-cache reads
   and INTERRUPT requests always find a free worker. A data request beyond the
@@ -104,6 +113,17 @@ class RateLimiter:
             self._tat = start + cost / rate
         return max(0.0, start - now)
 
+    def charge(self, cost: float, max_debt: float) -> None:
+        """Book ``cost`` units without waiting, but never past ``max_debt``
+        seconds ahead of now (a backlog already beyond it is left as it is)."""
+        rate = self._rate
+        if rate <= 0 or cost <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._tat, now - self._burst)
+            self._tat = max(self._tat, min(start + cost / rate, now + max_debt))
+
     def refund(self, cost: float) -> None:
         """Give back an unused reservation of ``cost`` (an interrupted request's).
 
@@ -131,6 +151,8 @@ class IOLimits:
         #: Requests refused with EAGAIN (waiter cap) or EINTR (interrupted).
         self.refused = 0
         self.interrupted_requests = 0
+        #: Bytes of kernel write-back let through without a wait (charged as debt).
+        self.writeback_bytes = 0
         self._interrupted = interrupted
         self._slots = threading.BoundedSemaphore(max(1, int(max_waiters)))
         self.set(bytes_per_second, ops_per_second)
@@ -174,6 +196,19 @@ class IOLimits:
                     raise OSError(errno.EINTR, "interrupted while throttled")
         finally:
             self._slots.release()
+
+    def charge_writeback(self, nbytes: int) -> None:
+        """Charge a write the kernel makes from its page cache (FUSE_WRITE_CACHE:
+        libfuse's ``fi->writepage``) without waiting: see "Write-back never
+        waits". The debt it leaves is bounded like any other."""
+        self._ops.charge(1, MAX_DEBT_SECONDS)
+        self._bytes.charge(nbytes, MAX_DEBT_SECONDS)
+        self.writeback_bytes += nbytes  # approximate under races; a metric only
+
+    def backlog(self) -> float:
+        """Seconds the busier bucket is booked ahead of now: the longest a new
+        request would wait (bounded by MAX_DEBT_SECONDS plus one request)."""
+        return max(self._ops.backlog(), self._bytes.backlog())
 
     def _reserve_within_debt(self, nbytes: int) -> tuple[float, float]:
         """Reserve in both buckets once neither is booked beyond the debt bound.

@@ -535,7 +535,10 @@ class FusefsOperations(binding.Operations):
         w = self.gate.enter_write(offset, handle.last_end, handle.last_time, fi)
         try:
             if self.limits.active:
-                self.limits.throttle(size)
+                if fi.writepage:  # the kernel's write-back: no INTERRUPT ever comes, so never wait
+                    self.limits.charge_writeback(size)
+                else:
+                    self.limits.throttle(size)
             state = handle.state
             end = offset + size
             if end > state.size:

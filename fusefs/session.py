@@ -389,6 +389,8 @@ class Session:
             "throttled_seconds": round(self.limits.throttled_seconds, 3),
             "throttle_refused": self.limits.refused,
             "throttle_interrupted": self.limits.interrupted_requests,
+            "throttle_backlog_seconds": round(self.limits.backlog(), 3),
+            "throttle_writeback_bytes": self.limits.writeback_bytes,
             "open_files": self.ops.open_handles(),
             "open_files_max": self.ops.open_files.limit,
             "open_files_refused": self.ops.open_files.refused,

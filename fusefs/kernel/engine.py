@@ -4,9 +4,18 @@ One connection has a master descriptor (the one passed to mount(2), or
 received in a handover) and a few clones (``FUSE_DEV_IOC_CLONE``), each with
 its own processing queue in the kernel. Worker threads read a request into
 a preallocated buffer, answer it on the descriptor it came from (a reply on
-another one is refused), and read the next. Workers are added on demand, up
-to a maximum, when none is left waiting for a request, so that requests
-parked by a freeze or an I/O limit never starve the others.
+another one is refused), and read the next.
+
+How many workers: as few as keep every request moving. One worker serves a
+sequential caller fastest: with two or more waiting, the kernel hands each
+request to the longest-waiting one, and on two vCPUs the threads then pass
+the GIL back and forth (a worker preempted by the woken caller holds it
+while the next worker wakes), which cost about half of a small request's
+round trip. So a worker is added, up to a maximum, only when a request may
+wait: at once before a request parks (a freeze, an I/O limit), and by a
+watchdog when every worker has been on the same requests for a tick (a slow
+fsync, say), so that a parked or slow request never starves the others.
+Workers beyond the minimum leave after a while with nothing to do.
 
 The first request of a fresh mount is INIT, answered before any worker
 starts. A connection taken over from a dead server is already initialised:
@@ -20,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -37,6 +47,15 @@ log = logging.getLogger("fusefs.kernel.engine")
 #: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
 OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
 _NS = 1_000_000_000
+_ENTRY_OUT = p.ENTRY_OUT.pack
+_ATTR_OUT = p.ATTR_OUT.pack
+_DIRENTPLUS = p.DIRENTPLUS.pack
+_DIRENT = p.DIRENT.pack
+#: Zero bytes that pad a name to 8 bytes, by how many are needed.
+_PADS = tuple(bytes(i) for i in range(8))
+_DIRENTPLUS_SIZE = p.DIRENTPLUS.size
+#: The entry part of a READDIRPLUS record for "." and ".." (no lookup: the kernel skips them).
+_EMPTY_ENTRY = bytes(p.ENTRY_PREFIX.size + p.ATTR.size)
 
 
 @dataclass
@@ -56,7 +75,13 @@ class EngineOptions:
     #: Cloned descriptors besides the master (each worker uses one of them).
     clones: int = 2
     max_workers: int = 64
-    min_workers: int = 4
+    #: Workers that never leave (see the module docstring for why one).
+    min_workers: int = 1
+    #: The watchdog's tick: a request every worker has been on for this long
+    #: (two ticks at most) gets another worker started.
+    spawn_after: float = 0.005
+    #: A worker beyond the minimum leaves after waiting this long for a request.
+    idle_exit: float = 10.0
     negotiated: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +118,9 @@ class Engine:
         self._lock = threading.Lock()
         self._idle = 0
         self._workers = 0
+        self._served = 0  # requests taken, for the watchdog
+        self._watch_parked = False
+        self._watch_wake = threading.Event()
         self._inflight: set[int] = set()
         o = self.options
         self._entry_valid = _timeout(o.entry_timeout)
@@ -226,8 +254,10 @@ class Engine:
     def start(self) -> None:
         """Start the workers (after init() or a takeover)."""
         self.initialized.set()
+        self.fs.may_block = self.spare_worker
         for _ in range(max(1, self.options.min_workers)):
             self._spawn()
+        threading.Thread(target=self._watch, name="fuse-watch", daemon=True).start()
 
     def _spawn(self) -> None:
         with self._lock:
@@ -237,9 +267,48 @@ class Engine:
             self._workers += 1
             self._idle += 1
         fd = self.devices[index % len(self.devices)]
-        threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{index}", daemon=True).start()
+        threading.Thread(target=self._worker, args=(fd, index >= self.options.min_workers),
+                         name=f"fuse-{index}", daemon=True).start()
 
-    def _worker(self, fd: int) -> None:
+    def spare_worker(self) -> None:
+        """Called before a request parks (freeze, I/O limit): make sure another
+        worker waits for requests meanwhile."""
+        with self._lock:
+            needed = self._idle <= 0
+        if needed:
+            self._spawn()
+
+    def _watch(self) -> None:
+        """Start a worker when every worker has been on the same requests for a
+        tick; sleep until woken while some worker waits for requests."""
+        tick = self.options.spawn_after
+        quiet_ticks = max(1, int(0.1 / tick)) if tick > 0 else 1
+        quiet, last = 0, -1
+        while not self.stopped.is_set():
+            if quiet >= quiet_ticks:
+                with self._lock:
+                    park = self._idle > 0
+                    if park:
+                        self._watch_parked = True
+                        self._watch_wake.clear()
+                if park and not self._watch_wake.wait(1.0):
+                    continue  # still nothing to watch (and a look at stopped each second)
+                quiet, last = 0, -1
+                continue
+            time.sleep(tick)
+            with self._lock:
+                idle, served = self._idle, self._served
+            if idle > 0:
+                quiet, last = quiet + 1, -1
+            elif served == last:
+                self._spawn()
+                quiet, last = 0, -1
+            else:
+                quiet, last = 0, served
+
+    def _worker(self, fd: int, extra: bool = False) -> None:
+        """Serve requests from ``fd``; an ``extra`` worker (beyond the minimum)
+        leaves after ``idle_exit`` seconds without a request."""
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
         readv = os.readv
@@ -252,7 +321,22 @@ class Engine:
         interrupted = self.fs.interrupted
         lock = self._lock
         current = current_request
+        reply_error = self._reply_error
+        out_header = p.OUT_HEADER.pack
+        writev = os.writev
+        poller = None
+        if extra:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        idle_ms = int(self.options.idle_exit * 1000)
         while True:
+            if poller is not None and not poller.poll(idle_ms):
+                with lock:
+                    if self._idle > 1:  # others wait: this one may go
+                        self._idle -= 1
+                        self._workers -= 1
+                        return
+                continue
             try:
                 n = readv(fd, [buf])
             except InterruptedError:
@@ -268,9 +352,12 @@ class Engine:
                 return
             with lock:
                 self._idle -= 1
-                spawn = self._idle <= 0
-            if spawn:
-                self._spawn()
+                self._served += 1
+                wake = self._idle <= 0 and self._watch_parked
+                if wake:
+                    self._watch_parked = False
+            if wake:
+                self._watch_wake.set()
             t0 = clock()
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
@@ -290,13 +377,13 @@ class Engine:
                 err = errno.EIO
             inflight.discard(unique)
             if err:
-                self._reply_error(fd, unique, err)
+                reply_error(fd, unique, err)
             elif reply is not None:
                 try:
                     if type(reply) is list:
-                        os.writev(fd, [p.OUT_HEADER.pack(16 + sum(map(len, reply)), 0, unique), *reply])
+                        writev(fd, [out_header(16 + sum(map(len, reply)), 0, unique), *reply])
                     else:
-                        os.writev(fd, [p.OUT_HEADER.pack(16 + len(reply), 0, unique), reply])
+                        writev(fd, [out_header(16 + len(reply), 0, unique), reply])
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:  # ENOENT: the request was aborted meanwhile
                         log.error("the kernel refused a reply", extra={"fields": {
@@ -334,11 +421,19 @@ class Engine:
 
     def _entry(self, nodeid: int, st: os.stat_result) -> bytes:
         e, a = self._entry_valid, self._attr_valid
-        return p.ENTRY_PREFIX.pack(nodeid, 0, e[0], a[0], e[1], a[1]) + pack_attr(st)
+        at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return _ENTRY_OUT(nodeid, 0, e[0], a[0], e[1], a[1],
+                          st.st_ino, st.st_size, st.st_blocks, at // _NS, mt // _NS, ct // _NS,
+                          at % _NS, mt % _NS, ct % _NS, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                          st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
     def _attr(self, st: os.stat_result) -> bytes:
         a = self._attr_valid
-        return p.ATTR_OUT_PREFIX.pack(a[0], a[1], 0) + pack_attr(st)
+        at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return _ATTR_OUT(a[0], a[1], 0,
+                         st.st_ino, st.st_size, st.st_blocks, at // _NS, mt // _NS, ct // _NS,
+                         at % _NS, mt % _NS, ct % _NS, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                         st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
     @staticmethod
     def _name(body: memoryview, start: int = 0) -> bytes:
@@ -514,22 +609,29 @@ class Engine:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body, 0)
         out: list[bytes] = []
         used = 0
-        empty_entry = bytes(p.ENTRY_PREFIX.size + p.ATTR.size)
-        for off, name, ino, kind in self.fs.dir_entries(fh, nodeid, offset):
-            rec = p.ENTRY_PREFIX.size + p.ATTR.size + p.dirent_size(len(name))
+        fs = self.fs
+        lookup = fs.lookup_listed
+        (ev, ens), (av, ans) = self._entry_valid, self._attr_valid
+        for off, name, ino, kind in fs.dir_entries(fh, nodeid, offset):
+            namelen = len(name)
+            rec = _DIRENTPLUS_SIZE + ((namelen + 7) & ~7)
             if used + rec > size:
                 break
-            if name in (b".", b".."):
-                entry = empty_entry
+            if name == b"." or name == b"..":
+                out.append(_EMPTY_ENTRY + _DIRENT(ino, off, namelen, kind))
             else:
                 try:
-                    node, st = self.fs.lookup(nodeid, name)
+                    node, st = lookup(nodeid, name, ino)
                 except OSError:
                     continue  # gone since the listing was read
-                entry = self._entry(node.nodeid, st)
-                ino = st.st_ino
-            pad = bytes(p.dirent_size(len(name)) - p.DIRENT.size - len(name))
-            out.append(entry + p.DIRENT.pack(ino, off, len(name), kind) + name + pad)
+                at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+                out.append(_DIRENTPLUS(node.nodeid, 0, ev, av, ens, ans,
+                                       st.st_ino, st.st_size, st.st_blocks, at // _NS, mt // _NS, ct // _NS,
+                                       at % _NS, mt % _NS, ct % _NS, st.st_mode, st.st_nlink, st.st_uid,
+                                       st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0,
+                                       st.st_ino, off, namelen, kind))
+            out.append(name)
+            out.append(_PADS[-namelen & 7])
             used += rec
         return b"".join(out)
 

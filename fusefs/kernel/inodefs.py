@@ -58,6 +58,8 @@ log = logging.getLogger("fusefs.kernel.inodefs")
 _STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT | os.O_NOCTTY
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _CAPABILITY = b"security.capability"
+_ACL_PREFIX = b"system.posix_acl_"
+_ACL_NAME_PREFIX = "system.posix_acl_"
 #: How often a request parked by a freeze looks whether it was interrupted.
 INTERRUPT_POLL = 0.05
 _monotonic = time.monotonic
@@ -177,6 +179,9 @@ class InodeFs:
         self.interrupted: set[int] = set()
         #: Set once the connection is initialised (or taken over) and served.
         self.initialized = threading.Event()
+        #: Set by the engine: called before a request may park (a freeze, an
+        #: I/O limit), so that another worker serves requests meanwhile.
+        self.may_block: Any = lambda: None
 
     # ------------------------------------------------------------ helpers
 
@@ -196,6 +201,8 @@ class InodeFs:
     def _wait_thaw(self, unique: int) -> None:
         """While frozen, wait here where an INTERRUPT can end the wait (EINTR),
         so a pod's process parked by a freeze stays killable."""
+        if self.gate.frozen:
+            self.may_block()
         while self.gate.frozen:
             if unique and unique in self.interrupted:
                 raise OSError(errno.EINTR, "interrupted while the volume is frozen")
@@ -238,6 +245,28 @@ class InodeFs:
 
     def lookup(self, parent_id: int, name: bytes) -> tuple[Node, os.stat_result]:
         return self._lookup_fd(self.nodes.get(parent_id), name)
+
+    def lookup_listed(self, parent_id: int, name: bytes, ino: int) -> tuple[Node, os.stat_result]:
+        """lookup() of a name a directory listing just showed as inode ``ino``
+        (READDIRPLUS). When the kernel already knows that inode (a listing
+        read again, ``ls -l`` of a directory it saw), one ``stat`` by name
+        replaces open + fstat + close: the node is pinned first (see
+        :meth:`NodeTable.pin`), so a name that still shows its number on its
+        device is that very inode."""
+        parent = self.nodes.get(parent_id)
+        node = self.nodes.pin((parent.key[0], ino))
+        if node is None:
+            return self._lookup_fd(parent, name)
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except BaseException:
+            self.nodes.forget(node.nodeid, 1)
+            raise
+        if st.st_ino != ino or st.st_dev != node.key[0]:  # replaced since the listing, or a mount point
+            self.nodes.forget(node.nodeid, 1)
+            return self._lookup_fd(parent, name)
+        node.mode = st.st_mode
+        return node, st
 
     def forget(self, nodeid: int, count: int) -> None:
         self.nodes.forget(nodeid, count)
@@ -732,6 +761,7 @@ class InodeFs:
     def read(self, fh: int, nodeid: int, offset: int, size: int, flags: int) -> bytes:
         handle = self._handles.get(fh) or self.handle(fh, nodeid, flags)
         if self.limits.active:
+            self.may_block()
             self.limits.throttle(size)
         data = os.pread(handle.fd, size, offset)
         self.stats.shard().bytes_read += len(data)
@@ -748,8 +778,12 @@ class InodeFs:
                                   _WRITEPAGE if write_flags & p.WRITE_CACHE else _NOT_WRITEPAGE)
         try:
             size = len(data)
-            if self.limits.active:
-                self.limits.throttle(size)
+            if self.limits.active:  # write-back (WRITE_CACHE) has no INTERRUPT: it must not wait
+                if write_flags & p.WRITE_CACHE:
+                    self.limits.charge_writeback(size)
+                else:
+                    self.may_block()
+                    self.limits.throttle(size)
             state = handle.state
             end = offset + size
             if end > state.size:  # type: ignore[union-attr]
@@ -935,6 +969,11 @@ class InodeFs:
     # ------------------------------------------------------------ xattrs
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        if name.startswith(_ACL_PREFIX):
+            # As on a filesystem mounted noacl: the kernel does not enforce
+            # ACLs here (setxattr refuses them), and EOPNOTSUPP, unlike
+            # ENODATA, tells ls -l and friends to stop asking for every file.
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported on this mount")
         if not self.xattrs_seen or (name == _CAPABILITY and not self.capability_seen):
             raise OSError(errno.ENODATA, "no such attribute")
         return os.getxattr(self._proc(self.nodes.get(nodeid)), name)
@@ -943,12 +982,12 @@ class InodeFs:
         if not self.xattrs_seen:
             return b""
         names = os.listxattr(self._proc(self.nodes.get(nodeid)))
-        return b"".join(os.fsencode(n) + b"\0" for n in names)
+        return b"".join(os.fsencode(n) + b"\0" for n in names if not n.startswith(_ACL_NAME_PREFIX))
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int, unique: int = 0) -> None:
         """Set an attribute, charged by the model in :mod:`fusefs.quota` (see
         :func:`fusefs.charging.set_xattr`: ENOSPC past the per-inode cap)."""
-        if name.startswith(b"system.posix_acl_"):
+        if name.startswith(_ACL_PREFIX):
             raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not enforced on this mount")
         node = self.nodes.get(nodeid)
         w = self._begin_mutation(unique)
@@ -966,6 +1005,8 @@ class InodeFs:
             self.gate.leave(w)
 
     def removexattr(self, nodeid: int, name: bytes, unique: int = 0) -> None:
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported on this mount")
         node = self.nodes.get(nodeid)
         w = self._begin_mutation(unique)
         try:

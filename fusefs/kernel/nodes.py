@@ -180,6 +180,20 @@ class NodeTable:
             os.close(fd)
         return node
 
+    def pin(self, key: tuple[int, int]) -> Node | None:
+        """The node of inode ``key`` with one more lookup counted, or None if
+        the kernel does not know that inode. While pinned, the node keeps its
+        descriptor, so its inode cannot be freed and its number reused: the
+        caller may then trust a ``stat`` that shows this number. Undo with
+        ``forget(node.nodeid, 1)``."""
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is not None:
+                node.lookups += 1
+                if node.slot >= 0:  # stored before the reply, as remember() does
+                    self._counts[node.slot] = node.lookups
+            return node
+
     def forget(self, nodeid: int, count: int) -> None:
         with self._lock:
             node = self._by_id.get(nodeid)

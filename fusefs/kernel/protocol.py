@@ -151,6 +151,11 @@ FALLOCATE_IN = struct.Struct("=QQQII")
 LSEEK_IN = struct.Struct("=QQII")
 LSEEK_OUT = struct.Struct("=Q")
 DIRENT = struct.Struct("=QQII")                # ino off namelen type, then the name padded to 8
+#: Replies packed in one call on the hot paths: fuse_entry_out, fuse_attr_out,
+#: and a fuse_direntplus without its name (entry_out + dirent).
+ENTRY_OUT = struct.Struct("=QQQQII" + ATTR.format[1:])
+ATTR_OUT = struct.Struct("=QII" + ATTR.format[1:])
+DIRENTPLUS = struct.Struct("=QQQQII" + ATTR.format[1:] + "QQII")
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")
 BACKING_MAP = struct.Struct("=iIQ")            # fd flags padding
@@ -158,6 +163,7 @@ BACKING_MAP = struct.Struct("=iIQ")            # fd flags padding
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert INIT_OUT.size == 64 and SETATTR_IN.size == 88 and STATFS_OUT.size == 80
 assert READ_IN.size == 40 and ENTRY_PREFIX.size + ATTR.size == 128
+assert ENTRY_OUT.size == 128 and ATTR_OUT.size == 104 and DIRENTPLUS.size == 152
 
 
 def dirent_size(namelen: int) -> int:
