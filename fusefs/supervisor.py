@@ -61,7 +61,7 @@ class SessionSpec:
     bytes_per_second: int = 0
     ops_per_second: int = 0
     #: ``libfuse`` or ``kernel``; the rest is for the kernel engine only.
-    engine: str = "libfuse"
+    engine: str = "kernel"
     state_file: str = ""
     holder_sockets: tuple[str, ...] = ()
     #: Resume the live connection a holder keeps (no mount, no INIT).
@@ -95,6 +95,8 @@ class SessionSpec:
                 argv.append("--takeover")
             if self.orphan_dir:
                 argv += ["--orphan-dir", self.orphan_dir]
+        else:
+            argv += ["--engine", "libfuse"]  # always explicit: the session's default is kernel
         return argv
 
 

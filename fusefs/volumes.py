@@ -106,7 +106,7 @@ class DaemonConfig:
     session_timeout: float = 20.0
     watch_interval: float = 0.2
     #: ``libfuse`` or ``kernel`` (which restarts sessions by takeover).
-    engine: str = "libfuse"
+    engine: str = "kernel"
     #: An external holder (kernel engine) that outlives this daemon; "" for none.
     holder_socket: str = ""
 

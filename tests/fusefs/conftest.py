@@ -121,7 +121,7 @@ def chosen_engine() -> str:
 def session_starter(base_dir: Path, engine: str | None = None) -> Iterator[Callable[..., Mounted]]:
     """The factory behind ``start_session``, usable for any fixture scope.
     ``engine`` is the session's ``--engine`` (libfuse or kernel); by default
-    ``$FUSEFS_TEST_ENGINE`` or libfuse, so a whole suite can be run on either."""
+    ``$FUSEFS_TEST_ENGINE`` or kernel, so a whole suite can be run on either."""
     engine = engine or chosen_engine()
     started: list[Mounted] = []
 
