@@ -674,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_open_files < 1:
         log.error("invalid argument", extra={"fields": {"max_open_files": args.max_open_files}})
         return 2
+    unsupported = [flag for flag, on in (("--no-xattrs", args.no_xattrs), ("--splice", args.splice)) if on]
+    if args.engine == "kernel" and unsupported:
+        log.error("option of the libfuse engine only; the kernel engine would ignore it",
+                  extra={"fields": {"options": unsupported, "engine": "kernel"}})
+        return 2
     for name in ("capacity", "io_bytes_per_second", "io_ops_per_second"):
         if getattr(args, name) < 0:
             log.error("invalid argument", extra={"fields": {name: getattr(args, name)}})

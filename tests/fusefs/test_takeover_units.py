@@ -136,3 +136,17 @@ def test_the_embedded_daemon_always_names_its_engine(tmp_path: Path) -> None:
     for engine in ("libfuse", "kernel"):
         argv = daemon_argv(tmp_path, tmp_path, engine=engine)
         assert argv[argv.index("--engine") + 1] == engine
+
+
+@pytest.mark.parametrize("flag", ["--no-xattrs", "--splice"])
+def test_libfuse_only_options_are_refused_on_the_kernel_engine(flag: str, tmp_path: Path) -> None:
+    """The kernel engine has no such mode; accepting the flag would promise
+    what it does not do."""
+    from fusefs.session import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    argv = ["--volume-id", VID, "--source", str(tmp_path / "src"), "--mountpoint", str(tmp_path / "mnt"),
+            "--control-socket", str(tmp_path / "c.sock"), "--engine", "kernel", flag]
+    assert main(argv) == 2
+    assert not os.path.ismount(tmp_path / "mnt")
