@@ -70,14 +70,21 @@ RESERVED_FDS = 1024
 #: Scan passes the background scan makes before it gives up (a pass is
 #: repeated only when the tree moved under it).
 SCAN_PASSES = 3
+#: Descriptors the kernel engine asks for its nodes (one per inode the
+#: kernel knows; up to fs.nr_open), and the least it keeps for them when the
+#: limit is low (the open-file cap shrinks instead).
+NODE_FDS = 1 << 20
+MIN_NODES = 1024
 
 
-def raise_fd_limit(cap: int) -> int:
-    """Raise RLIMIT_NOFILE to hold ``cap`` volume files plus our own; returns
-    the cap that fits (lower only where the hard limit cannot be raised)."""
+def raise_fd_limit(cap: int, nodes: int = 0) -> int:
+    """Raise RLIMIT_NOFILE to hold ``cap`` volume files plus our own, and
+    ``nodes`` more (the kernel engine: a descriptor per inode the kernel
+    knows, see :func:`node_budget`); returns the cap that fits (lower only
+    where the hard limit cannot be raised)."""
     import resource
 
-    want = max(65536, 2 * cap + RESERVED_FDS)
+    want = max(65536, 2 * cap + RESERVED_FDS + nodes)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
@@ -92,7 +99,20 @@ def raise_fd_limit(cap: int) -> int:
         except (ValueError, OSError):
             continue
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nodes:
+        # Leave the nodes at least MIN_NODES descriptors of a low limit.
+        return max(1, min(cap, soft - RESERVED_FDS - min(nodes, MIN_NODES)))
     return max(1, min(cap, soft - RESERVED_FDS))
+
+
+def node_budget(cap: int, wanted: int = 0) -> int:
+    """Nodes the kernel engine may keep: the descriptors of RLIMIT_NOFILE
+    left after the open-file cap and our own; ``wanted`` (if not 0) lowers it."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = max(1, soft - RESERVED_FDS - cap)
+    return min(budget, wanted) if wanted > 0 else budget
 
 
 # ---------------------------------------------------------------- logging
@@ -166,6 +186,9 @@ def mount_is_live(mountpoint: str, volume_id: str, mountinfo: str = "/proc/self/
 class Session:
     """Everything one volume's process owns, and the control commands."""
 
+    #: Descriptors wanted for nodes besides the open-file cap (see raise_fd_limit).
+    node_fds = 0
+
     def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
                  capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
                  ops_per_second: int = 0, options: FsOptions | None = None,
@@ -190,7 +213,7 @@ class Session:
         self.ready = threading.Event()
 
         options = options or FsOptions()
-        options.max_open_files = raise_fd_limit(options.max_open_files)
+        options.max_open_files = raise_fd_limit(options.max_open_files, self.node_fds)
         if usage_file is None and control_socket:
             usage_file = (control_socket[:-5] if control_socket.endswith(".sock") else control_socket) + ".usage"
         self.usage_file = usage_file
@@ -629,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
     k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
+    k.add_argument("--max-nodes", type=int, default=0,
+                   help="inodes the kernel may know at once (a descriptor each; 0: what RLIMIT_NOFILE "
+                        "leaves); unused ones are pruned beyond 80%%, ENFILE beyond all")
     k.add_argument("--orphan-dir", default="",
                    help="where open files that lose their last name are kept across a takeover "
                         "(outside the volume, same filesystem)")
@@ -658,7 +684,8 @@ def session_class(args: argparse.Namespace) -> Any:
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
         state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
-        passthrough=not args.no_passthrough, clones=max(0, args.clones), orphan_dir=args.orphan_dir))
+        passthrough=not args.no_passthrough, clones=max(0, args.clones), orphan_dir=args.orphan_dir,
+        max_nodes=max(0, args.max_nodes)))
 
 
 def main(argv: list[str] | None = None) -> int:

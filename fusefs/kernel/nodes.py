@@ -66,10 +66,12 @@ journal without slots, or with the counts file missing, get
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fusefs.kernel import syscalls as ksys
@@ -85,6 +87,10 @@ COUNT_SLOTS = 4096
 #: Rewrite the journal when it has this many times more lines than live nodes.
 COMPACT_FACTOR = 4
 COMPACT_MIN_LINES = 4096
+#: With a node budget, the pruner is woken above HIGH_WATER of it and prunes
+#: down to LOW_WATER (fractions of the budget; see :meth:`NodeTable.set_budget`).
+HIGH_WATER = 0.8
+LOW_WATER = 0.6
 
 
 class Node:
@@ -141,6 +147,27 @@ class NodeTable:
         #: xattr charge) of an orphan really freed (set by the filesystem).
         self.orphan_fd = -1
         self.orphan_freed: Any = lambda size, extra: None
+        #: The node budget (0: none), its watermarks, and what to call when
+        #: the table grows past the high one (set by the engine: wakes its
+        #: pruner; it must not block). See :meth:`set_budget`.
+        self.budget = 0
+        self.high = 0
+        self.low = 0
+        self.on_pressure: Callable[[], None] = lambda: None
+        #: New nodes refused (ENFILE) because the budget was full.
+        self.refused = 0
+        self._refusal_logged = False
+        #: Nodes the kernel forgot (the pruner's measure of progress).
+        self.dropped = 0
+
+    def set_budget(self, budget: int) -> None:
+        """Keep at most ``budget`` nodes (descriptors): beyond
+        :data:`HIGH_WATER` of it the pruner asks the kernel to forget the
+        oldest unused ones (down to :data:`LOW_WATER`); a new node beyond
+        the budget is refused with ENFILE. 0: no budget."""
+        self.budget = max(0, budget)
+        self.high = int(self.budget * HIGH_WATER)
+        self.low = int(self.budget * LOW_WATER)
 
     # ------------------------------------------------------------ hot path
 
@@ -165,6 +192,8 @@ class NodeTable:
                 node.mode = st.st_mode
                 close = True
             else:
+                if self.budget and len(self._by_id) >= self.budget:
+                    self._refuse(fd)
                 node = Node(self._next, fd, key, st.st_mode)
                 self._next += 1
                 node.lookups = 1
@@ -176,9 +205,47 @@ class NodeTable:
                     self._journal_add(node)
             if node.slot >= 0:
                 self._counts[node.slot] = node.lookups
+            pressed = not close and self.high and len(self._by_id) > self.high
         if close:
             os.close(fd)
+        elif pressed:
+            self.on_pressure()
         return node
+
+    def _refuse(self, fd: int) -> None:
+        """No room for a new node (caller holds the lock): ENFILE, logged
+        once with the numbers (the pruner could not keep up, or every node
+        is in use: open, a working directory, a directory with names the
+        kernel caches)."""
+        self.refused += 1
+        self.on_pressure()
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.error("node budget exhausted: new names get ENFILE until the kernel forgets some", extra={
+                "fields": {"nodes": len(self._by_id), "budget": self.budget}})
+        os.close(fd)
+        raise OSError(errno.ENFILE, "too many inodes in use on this volume")
+
+    def prune_candidates(self, limit: int) -> list[int]:
+        """Up to ``limit`` node IDs the kernel may be asked to forget, oldest
+        first: not the root, not open (no per-inode state, passthrough
+        backing or cached open), not an orphan, with a known lookup count.
+        Each one chosen moves to the end of the order, so that nodes the
+        kernel keeps (still in use) are not asked about again before every
+        other node was."""
+        chosen: list[Node] = []
+        with self._lock:
+            for node in self._by_id.values():
+                if (node.state is None and node.backing is None and node.cached == 0 and node.orphan is None
+                        and node.nodeid != ROOT_ID and node.lookups < RESTORED_LOOKUPS):
+                    chosen.append(node)
+                    if len(chosen) >= limit:
+                        break
+            by_id = self._by_id
+            for node in chosen:
+                del by_id[node.nodeid]
+                by_id[node.nodeid] = node
+        return [node.nodeid for node in chosen]
 
     def pin(self, key: tuple[int, int]) -> Node | None:
         """The node of inode ``key`` with one more lookup counted, or None if
@@ -209,6 +276,7 @@ class NodeTable:
                 log.warning("FORGET for more lookups than the node had; released",
                             extra={"fields": {"nodeid": nodeid, "excess": -node.lookups}})
             del self._by_id[nodeid]
+            self.dropped += 1
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             if self._journal_fd >= 0:

@@ -1,0 +1,183 @@
+"""The node budget: each inode the kernel knows costs the session a
+descriptor, and the kernel forgets inodes only under memory pressure. With
+a low RLIMIT_NOFILE (as on a node whose hard limit cannot be raised), a pod
+touching many more files than the session has descriptors must not get
+EMFILE: the session asks the kernel to prune unused inodes
+(FUSE_NOTIFY_PRUNE) and its descriptors stay within the budget."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fusefs.conftest import Mounted, wait_ready
+from tests.kernel.conftest import ENV, Volume
+
+pytestmark = pytest.mark.privileged
+
+#: The session's RLIMIT_NOFILE (soft and hard): 1024 reserved, then the
+#: open-file cap gets 952 and the nodes 1024 (see fusefs.session.node_budget).
+NOFILE = 3000
+BUDGET = 1024
+#: Descriptors the session has besides its nodes (Python, sockets, /dev/fuse,
+#: the journal, the pod's few open files).
+SLACK = 256
+FILES = 4 * BUDGET
+
+POD = r"""
+import os, subprocess, sys
+mnt, n, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+d = os.path.join(mnt, "d")
+errors = []
+def check(what, fn):
+    try:
+        return fn()
+    except OSError as exc:
+        errors.append(f"{what}: {exc}")
+if phase == "create":
+    os.mkdir(d)
+    os.mkdir(os.path.join(d, "cwd"))
+held = os.open(os.path.join(d, "held"), os.O_RDWR | os.O_CREAT, 0o644)
+os.pwrite(held, b"held data", 0)
+os.chdir(os.path.join(d, "cwd"))
+for i in range(n):
+    name = f"../f{i}"
+    if phase == "create":
+        fd = check("create", lambda: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        if fd is not None:
+            os.write(fd, b"%d" % i)
+            os.close(fd)
+    check("stat", lambda: os.stat(name))
+ls = subprocess.run(["ls", "-l", ".."], capture_output=True, text=True)
+if ls.returncode != 0 or ls.stdout.count(" f") < n:
+    errors.append(f"ls -l: {ls.returncode} {ls.stderr[:200]}")
+def content(i):
+    with open(f"../f{i}", "rb") as f:
+        return f.read()
+for i in range(0, n, 7):
+    if check("read", lambda: content(i)) != b"%d" % i:
+        errors.append(f"content of f{i}")
+if os.pread(held, 9, 0) != b"held data":
+    errors.append("held file")
+check("cwd", lambda: open("here", "w").close())
+if os.getcwd() != os.path.join(d, "cwd"):
+    errors.append("getcwd")
+print("errors", len(errors), *errors[:5], flush=True)
+"""
+
+
+def _start(volume: Volume, takeover: bool = False) -> Mounted:
+    """Volume.start, with the session's RLIMIT_NOFILE at :data:`NOFILE`."""
+    n = len(volume.sessions)
+    sock = str(volume.base / f"c{n}.sock")
+    log_path = volume.base / f"s{n}.log"
+    argv = [sys.executable, "-m", "fusefs.session", "--engine=kernel", "--volume-id", volume.volume_id,
+            "--source", str(volume.source), "--mountpoint", str(volume.mountpoint), "--control-socket", sock,
+            "--capacity", str(volume.capacity), "--state-file", volume.state,
+            "--holder-socket", volume.holder.socket]
+    if takeover:
+        argv.append("--takeover")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=ENV,
+                                preexec_fn=limit)
+    mounted = Mounted(volume.volume_id, volume.source, volume.mountpoint, sock, proc, log_path)
+    volume.sessions.append(mounted)
+    wait_ready(mounted)
+    return mounted
+
+
+class _FdWatch:
+    """The most descriptors a process had, sampled while a pod works."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.most = max(self.most, len(os.listdir(f"/proc/{self.pid}/fd")))
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.most
+
+
+def _pod(volume: Volume, phase: str) -> str:
+    """Run the pod script as uid 1000; its report line."""
+    out = subprocess.run(["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
+                          sys.executable, "-c", POD, str(volume.mountpoint), str(FILES), phase],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def _journal_forgets(volume: Volume) -> int:
+    with open(f"{volume.state}.nodes", encoding="ascii") as f:
+        return sum(1 for line in f if line.startswith("- "))
+
+
+def _stats(m: Mounted) -> dict[str, Any]:
+    return m.client.stats()
+
+
+def test_many_files_stay_within_the_descriptor_budget(volume: Volume) -> None:
+    """Four times the budget of files created, stat'ed, listed and read by
+    a pod: no error; the session's descriptors stay under the budget; the
+    open file and the working directory keep working."""
+    os.chown(volume.source, 1000, 1000)
+    m = _start(volume)
+    watch = _FdWatch(m.proc.pid)
+    report = _pod(volume, "create")
+    most = watch.stop()
+    stats = _stats(m)
+    assert report == "errors 0", (report, {k: v for k, v in stats.items() if k.startswith("nodes")})
+    assert most < BUDGET + SLACK, f"the session had {most} descriptors (budget {BUDGET})"
+    assert stats["nodes_max"] == BUDGET
+    assert stats["nodes_pruned"] > 0 and stats["nodes_refused"] == 0, stats
+    assert stats["nodes"] <= BUDGET
+    # Every pruned node was journalled as forgotten (a successor must not
+    # reopen them).
+    assert _journal_forgets(volume) > FILES // 2
+
+
+def test_a_takeover_after_pruning_serves_every_file(volume: Volume) -> None:
+    """Pruned nodes are journalled as forgotten: a successor restores only
+    the nodes the kernel still holds (within the budget), and the pod's
+    files, old and new, keep working across the SIGKILL and after."""
+    os.chown(volume.source, 1000, 1000)
+    first = _start(volume)
+    assert _pod(volume, "create") == "errors 0"
+    held = os.open(volume.mountpoint / "d" / "held", os.O_RDWR)  # held across the handover
+    try:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = _start(volume, takeover=True)
+        assert _stats(second)["nodes"] <= BUDGET
+        watch = _FdWatch(second.proc.pid)
+        report = _pod(volume, "again")
+        most = watch.stop()
+        assert report == "errors 0", report
+        assert most < BUDGET + SLACK, f"the successor had {most} descriptors (budget {BUDGET})"
+        assert os.pread(held, 4, 0) == b"held"
+        assert _stats(second)["nodes_refused"] == 0
+    finally:
+        os.close(held)
