@@ -70,10 +70,11 @@ RESERVED_FDS = 1024
 #: Scan passes the background scan makes before it gives up (a pass is
 #: repeated only when the tree moved under it).
 SCAN_PASSES = 3
-#: Descriptors the kernel engine asks for its nodes (one per inode the
-#: kernel knows; up to fs.nr_open), and the least it keeps for them when the
-#: limit is low (the open-file cap shrinks instead).
-NODE_FDS = 1 << 20
+#: Nodes the kernel engine keeps at most by default (one descriptor and
+#: a few hundred bytes each), for which it raises RLIMIT_NOFILE (up to
+#: fs.nr_open); and the least it keeps for them when the limit is low (the
+#: open-file cap shrinks instead).
+NODE_FDS = 1 << 17
 MIN_NODES = 1024
 
 
@@ -106,13 +107,13 @@ def raise_fd_limit(cap: int, nodes: int = 0) -> int:
 
 
 def node_budget(cap: int, wanted: int = 0) -> int:
-    """Nodes the kernel engine may keep: the descriptors of RLIMIT_NOFILE
-    left after the open-file cap and our own; ``wanted`` (if not 0) lowers it."""
+    """Nodes the kernel engine may keep: ``wanted`` (0: :data:`NODE_FDS`),
+    or fewer, the descriptors of RLIMIT_NOFILE left after the open-file cap
+    and our own."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    budget = max(1, soft - RESERVED_FDS - cap)
-    return min(budget, wanted) if wanted > 0 else budget
+    return max(1, min(soft - RESERVED_FDS - cap, wanted if wanted > 0 else NODE_FDS))
 
 
 # ---------------------------------------------------------------- logging

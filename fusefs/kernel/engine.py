@@ -327,8 +327,6 @@ class Engine:
                 sent += len(ids)
                 self.pruned += len(ids)
             total += sent
-            log.debug("prune pass", extra={"fields": {"nodes": len(nodes), "sent": sent, "dropped": nodes.dropped,
-                                                      "t": time.monotonic()}})
             if not sent or self.stopped.wait(PRUNE_SETTLE):
                 break
         if total and nodes.dropped == start:

@@ -880,6 +880,7 @@ class InodeFs:
             self.open_files.give()
             if handle.passthrough:
                 self._drop_backing(node, handle.fh)
+            self.nodes.released()
 
     def _drop_backing(self, node: Node, fh: int) -> None:
         """Passthrough handle ``fh`` of ``node`` is released; the last one

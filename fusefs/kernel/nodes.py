@@ -67,6 +67,7 @@ journal without slots, or with the counts file missing, get
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -91,6 +92,8 @@ COMPACT_MIN_LINES = 4096
 #: down to LOW_WATER (fractions of the budget; see :meth:`NodeTable.set_budget`).
 HIGH_WATER = 0.8
 LOW_WATER = 0.6
+#: Nodes the pruner looks at per candidate it asks for, at most.
+PRUNE_SCAN = 4
 
 
 class Node:
@@ -230,22 +233,31 @@ class NodeTable:
         """Up to ``limit`` node IDs the kernel may be asked to forget, oldest
         first: not the root, not open (no per-inode state, passthrough
         backing or cached open), not an orphan, with a known lookup count.
-        Each one chosen moves to the end of the order, so that nodes the
-        kernel keeps (still in use) are not asked about again before every
-        other node was."""
-        chosen: list[Node] = []
+        At most ``PRUNE_SCAN * limit`` nodes are looked at (the lock is held),
+        and each one looked at moves to the end of the order: the nodes in
+        use, and those the kernel keeps (its dentries are in use), are not
+        looked at again before every other node was."""
+        chosen: list[int] = []
         with self._lock:
-            for node in self._by_id.values():
+            seen: list[Node] = []
+            for node in itertools.islice(self._by_id.values(), PRUNE_SCAN * limit):
+                seen.append(node)
                 if (node.state is None and node.backing is None and node.cached == 0 and node.orphan is None
                         and node.nodeid != ROOT_ID and node.lookups < RESTORED_LOOKUPS):
-                    chosen.append(node)
+                    chosen.append(node.nodeid)
                     if len(chosen) >= limit:
                         break
             by_id = self._by_id
-            for node in chosen:
+            for node in seen:
                 del by_id[node.nodeid]
                 by_id[node.nodeid] = node
-        return [node.nodeid for node in chosen]
+        return chosen
+
+    def released(self) -> None:
+        """An open file was released (its node may be prunable now): wake
+        the pruner if the table is past its high-water mark."""
+        if self.high and len(self._by_id) > self.high:
+            self.on_pressure()
 
     def pin(self, key: tuple[int, int]) -> Node | None:
         """The node of inode ``key`` with one more lookup counted, or None if

@@ -148,10 +148,9 @@ class KernelSession(Session):
     by a token kept in the state file; a takeover adopts them instead of
     rescanning before anything may grow."""
 
-    node_fds = NODE_FDS
-
     def __init__(self, *, kernel_options: KernelOptions, **kwargs: Any) -> None:
         self.kernel_options = kernel_options  # read by Session.__init__ (takeover)
+        self.node_fds = kernel_options.max_nodes or NODE_FDS  # descriptors wanted for nodes
         #: The live usage file, and the connection's token that names it.
         self.live: LiveUsage | None = None
         self.usage_token = ""
