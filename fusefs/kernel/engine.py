@@ -65,7 +65,7 @@ PRUNE_SETTLE = 0.005
 #: that freed nothing (everything in use), so that a full table of nodes in
 #: use does not keep the pruner spinning.
 PRUNE_ROUNDS = 4
-PRUNE_BACKOFF = 0.25
+PRUNE_BACKOFF = 0.05
 
 #: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
 OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
