@@ -28,7 +28,7 @@ class Config:
     mode: str = "all"
     fusefs: str = "embedded"
     #: The embedded daemon's engine (``fusefs serve --engine``).
-    fusefs_engine: str = "libfuse"
+    fusefs_engine: str = "kernel"
     metrics_address: str = ":9808"
     log_format: str = "json"
     log_level: str = "info"

@@ -41,7 +41,7 @@ RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX = 0.5, 30.0
 class FuseFSLink:
     """Lazily-connected client to the fusefs daemon."""
 
-    def __init__(self, target: str, data_dir: Path, kubelet_dir: Path, engine: str = "libfuse") -> None:
+    def __init__(self, target: str, data_dir: Path, kubelet_dir: Path, engine: str = "kernel") -> None:
         self._target = target
         self._engine = engine
         self._data_dir = data_dir

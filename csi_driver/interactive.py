@@ -4,7 +4,8 @@ SIGTERM is how the kubelet, a container runtime or a restart stops the
 driver: the embedded fusefs daemon then stays, so the next driver finds
 every FUSE mount untouched. SIGINT is a person at a terminal pressing Ctrl-C:
 they expect nothing of ours to keep running. So on SIGINT the driver also
-stops its embedded daemon (which unmounts its staging mounts), then says in
+stops its embedded daemon (which unmounts its staging mounts) and, with
+``--fusefs-engine=kernel``, its descriptor holder, then says in
 one line what is still mounted under its directories and how to clean up.
 Nothing is unmounted or deleted here: a publication left in place is the
 daemon's deliberate choice, and the next ``make run`` mounts and binds it again.
@@ -23,10 +24,13 @@ log = logging.getLogger("fusepath")
 
 def stop_embedded(config: Config) -> None:
     """Stop the embedded fusefs daemon of ``config.data_dir`` and report leftover mounts."""
-    from fusefs.embedded import stop_daemon
+    from fusefs.embedded import stop_daemon, stop_holder
 
     try:
         stopped = stop_daemon(config.data_dir)
+        # The kernel engine's holder too: nothing of ours keeps running, and
+        # the mounts it kept end as the libfuse engine's do (ENOTCONN).
+        stop_holder(config.data_dir)
     except OSError as exc:
         log.warning(f"Ctrl-C: could not stop the embedded fusefs daemon: {exc}")
         return

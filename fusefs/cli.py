@@ -23,8 +23,8 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("kubelet-dir", "/var/lib/kubelet", "staging and publish paths must be under this"),
     ("metrics-address", "", "HOST:PORT for /metrics and /healthz; empty turns it off"),
     ("node-id", "", "node name reported in Kubernetes Events (default: the hostname)"),
-    ("engine", "libfuse", "libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself; sessions are "
-                          "restarted by taking over their live connection)"),
+    ("engine", "kernel", "kernel (fusefs speaks /dev/fuse itself; sessions are restarted by taking over "
+                         "their live connection) or libfuse (mfusepy; a restart is a fresh mount)"),
     ("holder-socket", "", "kernel engine: unix socket of a descriptor holder that outlives this daemon "
                           "(fusefs holder); empty: only the daemon's own copy (a session crash is a "
                           "takeover, a daemon restart a fresh mount)"),

@@ -58,7 +58,7 @@ class ServeOptions:
     kubelet_dir: Path
     metrics_address: str = ""
     node_id: str = ""
-    engine: str = "libfuse"
+    engine: str = "kernel"
     holder_socket: str = ""
 
 

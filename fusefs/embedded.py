@@ -90,7 +90,7 @@ def ensure_holder(data_dir: Path, timeout: float = START_TIMEOUT) -> str:
     raise RuntimeError(f"fusefs holder did not answer on {sock} within {timeout:.0f}s; see {log_path}")
 
 
-def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "", engine: str = "libfuse",
+def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "", engine: str = "kernel",
                 holder_socket: str = "") -> list[str]:
     data_dir = Path(data_dir).resolve()
     argv = [
@@ -110,7 +110,7 @@ def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "", en
 
 
 def ensure_daemon(data_dir: Path, kubelet_dir: Path, log_path: Path | None = None,
-                  metrics_address: str = "", timeout: float = START_TIMEOUT, engine: str = "libfuse") -> str:
+                  metrics_address: str = "", timeout: float = START_TIMEOUT, engine: str = "kernel") -> str:
     """Return the endpoint of a running daemon for ``data_dir``, starting one if needed.
 
     The daemon logs to ``log_path`` (default ``<data_dir>/fusefs.log``), never

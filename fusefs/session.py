@@ -643,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=float, default=10.0)
     p.add_argument("--entry-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default=os.environ.get("FUSEFS_LOG_LEVEL", "info"))
-    p.add_argument("--engine", choices=("libfuse", "kernel"), default="libfuse",
-                   help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
+    p.add_argument("--engine", choices=("libfuse", "kernel"), default="kernel",
+                   help="kernel (fusefs speaks /dev/fuse itself; the default) or libfuse (mfusepy)")
     k = p.add_argument_group("kernel engine")
     k.add_argument("--state-file", help="negotiated flags and node journal, for a takeover")
     k.add_argument("--holder-socket", action="append", default=[],
@@ -652,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--takeover", action="store_true",
                    help="resume the live connection kept by --holder-socket (no mount, no INIT)")
     k.add_argument("--no-passthrough", action="store_true", help="never use kernel passthrough")
+    k.add_argument("--no-resend", action="store_true",
+                   help="do not take FUSE_HAS_RESEND (as on a kernel before 6.9: requests in flight at a "
+                        "takeover get EIO instead of being sent again)")
     k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
     k.add_argument("--max-nodes", type=int, default=0,
                    help="inodes the kernel may know at once (a descriptor each; 0: what RLIMIT_NOFILE "
@@ -685,7 +688,8 @@ def session_class(args: argparse.Namespace) -> Any:
 
     return functools.partial(KernelSession, kernel_options=KernelOptions(
         state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
-        passthrough=not args.no_passthrough, clones=max(0, args.clones), orphan_dir=args.orphan_dir,
+        passthrough=not args.no_passthrough, resend=not args.no_resend, clones=max(0, args.clones),
+        orphan_dir=args.orphan_dir,
         max_nodes=max(0, args.max_nodes)))
 
 

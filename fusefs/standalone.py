@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-ops-per-second", type=int, default=0)
     p.add_argument("--writeback-cache", action="store_true",
                    help="kernel write-back caching (faster small writes; ENOSPC and freeze act at write-back)")
-    p.add_argument("--engine", choices=("libfuse", "kernel"), default="libfuse",
-                   help="libfuse (mfusepy) or kernel (fusefs speaks /dev/fuse itself)")
+    p.add_argument("--engine", choices=("libfuse", "kernel"), default="kernel",
+                   help="kernel (fusefs speaks /dev/fuse itself; the default) or libfuse (mfusepy)")
     return p
 
 
@@ -89,8 +89,7 @@ def session_argv(args: argparse.Namespace, volume_id: str, control_socket: str) 
         argv += ["--io-ops-per-second", str(args.io_ops_per_second)]
     if args.writeback_cache:
         argv.append("--writeback-cache")
-    if args.engine != "libfuse":
-        argv.append(f"--engine={args.engine}")
+    argv.append(f"--engine={args.engine}")
     return argv
 
 

@@ -61,7 +61,7 @@ class SessionSpec:
     bytes_per_second: int = 0
     ops_per_second: int = 0
     #: ``libfuse`` or ``kernel``; the rest is for the kernel engine only.
-    engine: str = "libfuse"
+    engine: str = "kernel"
     state_file: str = ""
     holder_sockets: tuple[str, ...] = ()
     #: Resume the live connection a holder keeps (no mount, no INIT).
@@ -95,6 +95,8 @@ class SessionSpec:
                 argv.append("--takeover")
             if self.orphan_dir:
                 argv += ["--orphan-dir", self.orphan_dir]
+        else:
+            argv += ["--engine", "libfuse"]  # always explicit: the session's default is kernel
         return argv
 
 
@@ -135,6 +137,14 @@ def prepare_socket_dir(path: Path) -> None:
 #: Deadline for read-only control calls (stats, metrics, ping): a hung
 #: session must not stall a scrape or a Stats RPC for long.
 QUICK_TIMEOUT = 3.0
+#: How long a session gets to act on SIGTERM (release parked requests,
+#: unmount, persist its usage) before SIGKILL. A healthy session needs well
+#: under a second; one that takes longer is stuck, and waiting for it only
+#: holds up the Unmount (whoever unmounts detaches what it leaves).
+STOP_GRACE = 3.0
+#: /proc/<pid>/stat states of a process that runs no code until SIGCONT
+#: (SIGSTOP, SIGTSTP, or a tracer): it never acts on SIGTERM.
+STOPPED_STATES = ("T", "t")
 
 
 def session_client(socket_path: str, timeout: float | None = None) -> Any:
@@ -246,17 +256,43 @@ class SessionProcess:
             time.sleep(0.02)
         raise SessionError(f"FUSE session did not become ready within {timeout:.0f}s ({last_error}): {self.tail_text()}")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the session unmounts and exits), then SIGKILL after ``timeout``."""
+    def is_stopped(self) -> bool:
+        """True while the process is stopped (state T: SIGSTOP, or t: a tracer).
+
+        A stopped session answers neither its mount nor its control socket
+        and leaves a SIGTERM pending, so callers fail fast (or SIGKILL it)
+        instead of waiting out a timeout.
+        """
+        return self.proc.poll() is None and process_state(self.pid) in STOPPED_STATES
+
+    def stop(self, timeout: float = STOP_GRACE) -> None:
+        """SIGTERM (the session unmounts and exits), then SIGKILL after ``timeout``.
+
+        A stopped process would keep the SIGTERM pending for as long as it
+        stays stopped, so one that is stopped, or becomes so during the
+        wait, is SIGKILLed at once: waiting could only ever end in the kill.
+        """
         self.stopping = True
         if self.proc.poll() is not None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("FUSE session ignored SIGTERM; killing it", extra={"fields": {"volume_id": self.spec.volume_id}})
+        if self.is_stopped():
+            log.warning("FUSE session is stopped (SIGSTOP); killing it", extra={"fields": {
+                "volume_id": self.spec.volume_id, "pid": self.pid}})
             self.kill()
+            return
+        self.proc.terminate()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.proc.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            if self.is_stopped() or time.monotonic() >= deadline:
+                break
+        log.warning("FUSE session did not exit on SIGTERM; killing it", extra={"fields": {
+            "volume_id": self.spec.volume_id, "pid": self.pid, "stopped": self.is_stopped()}})
+        self.kill()
 
     def kill(self) -> None:
         """SIGKILL and reap."""
@@ -316,13 +352,23 @@ def find_stale_sessions(socket_dir: Path, control_socket: str = "") -> list[int]
     return found
 
 
-def _gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs (absent, or a zombie nobody reaped yet)."""
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc/<pid>/stat (R, S, D, T, Z...), "" when absent.
+
+    The command name before it is in parentheses and may hold anything, so
+    the state is the first field after the last ``)``.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+        return ""
+    fields = stat.rpartition(")")[2].split()
+    return fields[0] if fields else ""
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (absent, or a zombie nobody reaped yet)."""
+    return process_state(pid) in ("", "Z", "X")
 
 
 def kill_and_wait(pids: list[int], timeout: float = 5.0) -> None:

@@ -106,7 +106,7 @@ class DaemonConfig:
     session_timeout: float = 20.0
     watch_interval: float = 0.2
     #: ``libfuse`` or ``kernel`` (which restarts sessions by takeover).
-    engine: str = "libfuse"
+    engine: str = "kernel"
     #: An external holder (kernel engine) that outlives this daemon; "" for none.
     holder_socket: str = ""
 
@@ -852,14 +852,23 @@ class VolumeManager:
         session = volume.session
         if volume.state != MOUNTED or session is None:
             raise rpcerrors.unavailable(f"volume {volume.volume_id} is {volume.state}: {volume.problem}")
+        if session.is_stopped():
+            raise rpcerrors.unavailable(
+                f"{method}: the FUSE session of volume {volume.volume_id} (pid {session.pid}) is stopped "
+                "(SIGSTOP or a tracer) and answers nothing; nothing was changed, retry once it runs again")
         try:
-            return getattr(session.client(), method)(*args)
+            # freeze drains and syncs (its own, longer deadline); every other
+            # command is quick, so a session that stays silent past
+            # QUICK_TIMEOUT is stuck and the caller hears so then.
+            client = session.client() if method == "freeze" else session.client(QUICK_TIMEOUT)
+            return getattr(client, method)(*args)
         except RpcFailure:
             raise
         except ValueError as exc:
             raise rpcerrors.invalid(f"{method}: {exc}") from exc
-        except OSError as exc:
-            raise rpcerrors.unavailable(f"{method}: session of {volume.volume_id} does not answer: {exc}") from exc
+        except OSError as exc:  # socket.timeout included: a session that does not answer in time
+            raise rpcerrors.unavailable(f"{method}: session of {volume.volume_id} does not answer ({exc}); "
+                                        "the volume's record is unchanged, retry once it answers") from exc
         except Exception as exc:  # noqa: BLE001 - the session's error becomes the status text
             if getattr(exc, "kind", "") == "busy":  # e.g. a freeze that could not drain in time
                 raise rpcerrors.unavailable(f"{method} on volume {volume.volume_id}: {exc}") from exc

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Run csi-sanity against a freshly started local driver.
 
-    scripts/csi_sanity.py --sanity /path/to/csi-sanity [--block] [--param mounter=bind] [-- extra ginkgo flags]
+    scripts/csi_sanity.py --sanity /path/to/csi-sanity [--block] [--param mounter=bind]
+        [--engine kernel|libfuse] [-- extra ginkgo flags]
 
 csi-sanity is built separately from kubernetes-csi/csi-test (it is not part
 of this repository). This script only starts ``fusepath-csi --mode=all
 --enable-attach`` in a scratch directory with the flags the conformance run
-needs, points csi-sanity at it, prints the exact command line and the
+needs (``--engine`` picks the embedded fusefs daemon's engine, as
+``--fusefs-engine`` does for the driver; by default the driver's own default
+or ``$FUSEPATH_FUSEFS_ENGINE``), points csi-sanity at it, prints the exact command line and the
 result, and tears everything down (driver, embedded fusefs, mounts).
 """
 
@@ -32,11 +35,14 @@ def main() -> int:
     p.add_argument("--param", action="append", default=[], help="a StorageClass parameter key=value")
     p.add_argument("--volume-size", default="1073741824")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--engine", choices=("libfuse", "kernel"),
+                   help="the embedded fusefs daemon's engine (the driver's --fusefs-engine)")
     p.add_argument("extra", nargs="*", help="more csi-sanity flags (after --)")
     args = p.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="fusepath-sanity-"))
-    driver = Driver(root, "--enable-attach", "--max-volumes-per-node=3", "--log-level=info")
+    engine = [f"--fusefs-engine={args.engine}"] if args.engine else []
+    driver = Driver(root, "--enable-attach", "--max-volumes-per-node=3", "--log-level=info", *engine)
     driver.start()
     params = root / "params.yaml"
     params.write_text("".join(f"{kv.split('=', 1)[0]}: \"{kv.split('=', 1)[1]}\"\n" for kv in args.param) or "{}\n")

@@ -15,6 +15,16 @@ import pytest
 
 REQUIRE_PRIVILEGED = os.environ.get("FUSEPATH_REQUIRE_PRIVILEGED") == "1"
 
+#: ``FUSEFS_TEST_ENGINE`` picks the engine of the whole suite (kernel by
+#: default; ``FUSEFS_TEST_ENGINE=libfuse`` runs it on the libfuse engine):
+#: sessions the tests start themselves take ``--engine`` from it (see
+#: tests/fusefs/conftest.py), every driver a test starts inherits it as
+#: ``FUSEPATH_FUSEFS_ENGINE`` (its ``--fusefs-engine``), and daemons a test
+#: starts itself are given ``--engine`` (tests.harness.daemon_engine()).
+#: Tests that pin an engine pass it explicitly.
+TEST_ENGINE = os.environ.get("FUSEFS_TEST_ENGINE", "kernel")
+os.environ.setdefault("FUSEPATH_FUSEFS_ENGINE", TEST_ENGINE)
+
 
 def privileged_unavailable_reason() -> str | None:
     """Why privileged tests cannot run here, or None when they can."""

@@ -38,6 +38,15 @@ def block_cap(mode: int = AccessMode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapabi
     return cap
 
 
+def daemon_engine() -> str:
+    """The engine of the embedded fusefs daemon a test's driver starts: what
+    the driver reads (``$FUSEPATH_FUSEFS_ENGINE``, set from
+    ``$FUSEFS_TEST_ENGINE`` by tests/conftest.py), or its default."""
+    from csi_driver.config import Config
+
+    return os.environ.get("FUSEPATH_FUSEFS_ENGINE") or Config().fusefs_engine
+
+
 class Driver:
     """One ``fusepath-csi`` process and its stubs."""
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from csi_driver.gen import csi_pb2
-from tests.harness import Driver, mount_cap
+from tests.harness import Driver, daemon_engine, mount_cap
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -140,7 +140,7 @@ def scraped(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     d = Driver(tmp_path, f"--metrics-address=127.0.0.1:{driver_port}")
     d.command = lambda base=d.command: [a for a in base() if a != "--metrics-address="]  # type: ignore[method-assign]
     # The driver's embedded mode adopts a daemon already answering for its data dir.
-    ensure_daemon(d.data_dir, d.kubelet_dir, metrics_address=f"127.0.0.1:{daemon_port}")
+    ensure_daemon(d.data_dir, d.kubelet_dir, metrics_address=f"127.0.0.1:{daemon_port}", engine=daemon_engine())
     d.start()
     try:
         vol = d.create_volume(f"mon-{uuid.uuid4().hex[:8]}")

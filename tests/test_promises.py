@@ -28,7 +28,7 @@ import grpc
 import pytest
 
 from csi_driver.gen import csi_pb2
-from tests.harness import MiB, Driver, code_of, mount_cap
+from tests.harness import MiB, Driver, code_of, daemon_engine, mount_cap
 
 C = grpc.StatusCode
 RECOVERY_TIMEOUT = 30.0  # a generous bound for recovery, not a speed goal
@@ -245,7 +245,8 @@ def test_storageclass_io_limits_are_applied_at_stage(limited: Volume) -> None:
 @pytest.mark.privileged
 def test_capacity_limits_and_read_only_hold_after_the_fusefs_daemon_is_killed(limited: Volume) -> None:
     """SIGKILL of the daemon (by PID) takes every session with it; a new daemon (as the
-    fusefs container's restart would start) re-mounts and re-binds: still enforced."""
+    fusefs container's restart would start) re-mounts and re-binds (libfuse engine) or
+    takes the connections over from the holder (kernel engine): still enforced."""
     from fusefs.embedded import daemon_pid, ensure_daemon
 
     (limited.rw / "hello").write_text("hi")
@@ -253,7 +254,7 @@ def test_capacity_limits_and_read_only_hold_after_the_fusefs_daemon_is_killed(li
     assert old is not None
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: daemon_pid(limited.driver.data_dir) is None, "the killed daemon gone")
-    ensure_daemon(limited.driver.data_dir, limited.driver.kubelet_dir)
+    ensure_daemon(limited.driver.data_dir, limited.driver.kubelet_dir, engine=daemon_engine())
     assert daemon_pid(limited.driver.data_dir) not in (None, old)
 
     def serving() -> bool:
@@ -263,7 +264,10 @@ def test_capacity_limits_and_read_only_hold_after_the_fusefs_daemon_is_killed(li
             return False
 
     wait_for(serving, "both targets serving again")
-    assert limited.daemon_stats().remount_count >= 1
+    if daemon_engine() == "kernel":  # the holder kept the connection: taken over, not re-mounted
+        assert "took over" in limited.daemon_stats().message
+    else:
+        assert limited.daemon_stats().remount_count >= 1
     stats = limited.daemon_stats()
     assert (stats.bytes_per_second, stats.capacity_bytes) == (LIMIT, CAPACITY)
     limited.check_read_only_holds()

@@ -40,8 +40,10 @@ from __future__ import annotations
 import array
 import errno
 import logging
+import mmap
 import os
 import select
+import struct
 import sys
 import threading
 import time
@@ -79,6 +81,12 @@ _PADS = tuple(bytes(i) for i in range(8))
 _DIRENTPLUS_SIZE = p.DIRENTPLUS.size
 #: The entry part of a READDIRPLUS record for "." and ".." (no lookup: the kernel skips them).
 _EMPTY_ENTRY = bytes(p.ENTRY_PREFIX.size + p.ATTR.size)
+#: INTERRUPTs remembered for requests not (yet) seen being served, at most.
+MAX_EARLY_INTERRUPTS = 1024
+#: One worker's slot in the in-flight file: (descriptor index + 1, unique); 0: idle.
+INFLIGHT_SLOT = struct.Struct("=QQ")
+#: A successor reads at most this many slots (more than any --max-workers).
+MAX_INFLIGHT_SLOTS = 1 << 16
 
 
 @dataclass
@@ -94,6 +102,9 @@ class EngineOptions:
     writeback_cache: bool = False
     #: Serve read-only opens through kernel passthrough when the kernel grants it.
     passthrough: bool = True
+    #: Take FUSE_HAS_RESEND when the kernel offers it (off: behave as on a
+    #: kernel without it, see :meth:`Engine.fail_inflight`).
+    resend: bool = True
     readdirplus: bool = True
     #: Cloned descriptors besides the master (each worker uses one of them).
     clones: int = 2
@@ -150,6 +161,14 @@ class Engine:
         self._prune_wake = threading.Event()
         self.pruned = 0
         self.prune_supported = True
+        #: INTERRUPT targets read before their request was registered (_interrupt).
+        self._early: dict[int, None] = {}
+        #: Without FUSE_HAS_RESEND: the request each worker serves (track_inflight).
+        self._slots: mmap.mmap | None = None
+        #: In-flight slots of workers that left, for the next ones (so no two
+        #: live workers ever share one), and the next never-used slot.
+        self._free_slots: list[int] = []
+        self._next_slot = 0
         o = self.options
         self._entry_valid = _timeout(o.entry_timeout)
         self._attr_valid = _timeout(o.attr_timeout)
@@ -219,6 +238,8 @@ class Engine:
             want &= ~p.PASSTHROUGH  # the kernel refuses passthrough with write-back caching
         if not o.readdirplus:
             want &= ~(p.DO_READDIRPLUS | p.READDIRPLUS_AUTO)
+        if not o.resend:
+            want &= ~p.HAS_RESEND
         granted = want & kernel_flags
         max_pages = (o.max_write + 4095) // 4096
         reply = p.INIT_OUT.pack(
@@ -258,6 +279,51 @@ class Engine:
     def resend(self) -> None:
         """Ask the kernel to queue again what a dead server read but never answered."""
         os.write(self.devices[0], p.OUT_HEADER.pack(16, p.NOTIFY_RESEND, 0))
+
+    # ------------------------------------------------------------ in flight, without resend
+
+    def track_inflight(self, path: str) -> None:
+        """Record in ``path`` (a shared file mapping, one slot per worker) the
+        request each worker is serving, for a successor on a connection
+        without FUSE_HAS_RESEND (see :meth:`fail_inflight`). A store into
+        memory per request, no system call; the mapping outlives a SIGKILL
+        because it is the file's page cache. Call before start()."""
+        size = INFLIGHT_SLOT.size * max(1, self.options.max_workers)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._slots = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def fail_inflight(self, path: str, code: int = errno.EIO) -> int:
+        """Answer ``code`` to every request the dead server recorded in
+        ``path`` as being served (the kernel cannot send them again without
+        FUSE_HAS_RESEND, and their callers would wait for an answer until the
+        connection ends). A request it answered just before it died is refused by
+        the kernel (ENOENT: unique numbers are never reused) and skipped.
+        Returns how many the kernel took. Call before track_inflight()."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(INFLIGHT_SLOT.size * MAX_INFLIGHT_SLOTS)
+        except FileNotFoundError:
+            return 0
+        failed = 0
+        for i in range(len(data) // INFLIGHT_SLOT.size):
+            device, unique = INFLIGHT_SLOT.unpack_from(data, i * INFLIGHT_SLOT.size)
+            if not unique:
+                continue
+            # The request waits on the descriptor it was read from; the
+            # holder gives the descriptors back in the order they were put.
+            order = [device - 1] if 0 < device <= len(self.devices) else []
+            for index in order + [j for j in range(len(self.devices)) if j + 1 != device]:
+                try:
+                    os.write(self.devices[index], p.OUT_HEADER.pack(16, -code, unique))
+                except OSError:
+                    continue
+                failed += 1
+                break
+        return failed
 
     # ------------------------------------------------------------ notifications
 
@@ -363,8 +429,12 @@ class Engine:
             index = self._workers
             self._workers += 1
             self._idle += 1
-        fd = self.devices[index % len(self.devices)]
-        threading.Thread(target=self._worker, args=(fd, index >= self.options.min_workers),
+            slot_index = self._free_slots.pop() if self._free_slots else self._next_slot
+            if slot_index == self._next_slot:
+                self._next_slot += 1
+        device = index % len(self.devices)
+        threading.Thread(target=self._worker, args=(self.devices[device], index >= self.options.min_workers,
+                                                    slot_index, device),
                          name=f"fuse-{index}", daemon=True).start()
 
     def spare_worker(self) -> None:
@@ -403,9 +473,14 @@ class Engine:
             else:
                 quiet, last = 0, served
 
-    def _worker(self, fd: int, extra: bool = False) -> None:
+    def _worker(self, fd: int, extra: bool = False, slot_index: int = 0, device: int = 0) -> None:
         """Serve requests from ``fd``; an ``extra`` worker (beyond the minimum)
-        leaves after ``idle_exit`` seconds without a request."""
+        leaves after ``idle_exit`` seconds without a request. ``slot_index``
+        is its own slot in the in-flight file (see track_inflight), given back
+        when it leaves; ``device`` is the index of ``fd`` in ``devices``."""
+        slots = self._slots
+        slot = INFLIGHT_SLOT.size * slot_index
+        mark = INFLIGHT_SLOT.pack_into
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
         readv = os.readv
@@ -416,6 +491,7 @@ class Engine:
         clock = time.perf_counter_ns
         inflight = self._inflight
         interrupted = self.fs.interrupted
+        early = self._early
         lock = self._lock
         current = current_request
         reply_error = self._reply_error
@@ -432,6 +508,7 @@ class Engine:
                     if self._idle > 1:  # others wait: this one may go
                         self._idle -= 1
                         self._workers -= 1
+                        self._free_slots.append(slot_index)
                         return
                 continue
             try:
@@ -447,6 +524,9 @@ class Engine:
                 log.error("reading /dev/fuse failed", extra={"fields": {"error": str(exc)}})
                 self.stopped.set()
                 return
+            if n < 40:  # /dev/fuse never gives less than a header: released (close_devices)
+                self.stopped.set()
+                return
             with lock:
                 self._idle -= 1
                 self._served += 1
@@ -459,6 +539,10 @@ class Engine:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf, 0)
             handler = handlers.get(opcode)
             inflight.add(unique)
+            if early and unique in early:  # its INTERRUPT was read first (see _interrupt)
+                interrupted.add(unique)
+            if slots is not None:
+                mark(slots, slot, device + 1, unique)
             current.unique = unique
             err = 0
             reply = None
@@ -486,14 +570,33 @@ class Engine:
                         log.error("the kernel refused a reply", extra={"fields": {
                             "opcode": opcode, "error": str(exc)}})
                         self._reply_error(fd, unique, errno.EIO)
+            if slots is not None:
+                mark(slots, slot, 0, 0)
             if interrupted:
                 interrupted.discard(unique)
+            if early:
+                early.pop(unique, None)
             with lock:
                 self._idle += 1
             failed = err != 0
             i = op_index.get(opcode, -1)
             if i >= 0:
                 record(i, clock() - t0, failed)
+
+    def close_devices(self) -> None:
+        """Let go of the connection's descriptors at a stop. Each is replaced
+        by /dev/null rather than closed, so that its number stays taken until
+        the process exits: a worker between two requests then reads
+        end-of-file and exits, instead of reading a number the process has
+        reused for another file (the usage file it persists next) and
+        answering into it. A worker blocked in a read keeps its own
+        reference to the connection until the connection ends."""
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for fd in self.devices:
+                os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
 
     def drain(self, timeout: float) -> bool:
         """Wait until no request is being served (after the connection ended);
@@ -755,8 +858,24 @@ class Engine:
 
     def _interrupt(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
         target = p.INTERRUPT_IN.unpack_from(body, 0)[0]
-        if target in self._inflight:
+        inflight = self._inflight
+        if target in inflight:
             self.fs.interrupted.add(target)
+            return None
+        # The kernel sends INTERRUPT only for a request a worker has read, but
+        # that worker may not have registered it yet: remember the target, then
+        # look again, so that this worker or that one sees the other's mark.
+        # (A target answered meanwhile is never registered again; the oldest
+        # such entries are dropped beyond MAX_EARLY_INTERRUPTS.)
+        early = self._early
+        early[target] = None
+        if target in inflight:
+            self.fs.interrupted.add(target)
+        while len(early) > MAX_EARLY_INTERRUPTS:
+            try:
+                early.pop(next(iter(early)), None)
+            except (StopIteration, RuntimeError):
+                break
         return None
 
     def _fallocate(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:

@@ -64,6 +64,8 @@ class KernelOptions:
     holder_sockets: tuple[str, ...] = ()
     takeover: bool = False
     passthrough: bool = True
+    #: Take FUSE_HAS_RESEND (off: as on a kernel before 6.9, for tests).
+    resend: bool = True
     clones: int = 2
     #: Where open files that lose their last name are kept so that they
     #: survive a takeover (see fusefs.kernel.orphans); "" for nowhere.
@@ -269,7 +271,7 @@ def run(session: Any, kopts: KernelOptions) -> int:
     os.umask(0)
     fs: InodeFs = session.ops
     options = EngineOptions(max_write=fs_max_write(session), writeback_cache=session.writeback_cache,
-                            passthrough=kopts.passthrough, clones=kopts.clones,
+                            passthrough=kopts.passthrough, resend=kopts.resend, clones=kopts.clones,
                             attr_timeout=session.attr_timeout, entry_timeout=session.entry_timeout,
                             negative_timeout=session.entry_timeout, max_workers=session.max_workers)
     engine = Engine(fs, options, stats=session.stats_)
@@ -320,8 +322,7 @@ def run(session: Any, kopts: KernelOptions) -> int:
         ksys.lazy_unmount(session.mountpoint)
     except OSError as exc:
         log.warning("unmount failed", extra={"fields": {"error": str(exc)}})
-    for fd in engine.devices:
-        os.close(fd)
+    engine.close_devices()
     if not held and engine.drain(DRAIN_SECONDS):
         # The connection is gone and nothing is in flight: the usage is
         # final, and the next mount trusts it instead of rescanning.
@@ -346,7 +347,15 @@ def _fresh(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     _write_state(kopts, {"version": STATE_VERSION, "proto": neg["proto"], "flags": neg["flags_value"],
                          "max_readahead": neg["max_readahead"], "max_write": neg["max_write"],
                          "epoch": 0, "devices": len(engine.devices), "usage_token": session.usage_token})
+    if kopts.state_file and not neg["resend"]:
+        engine.track_inflight(_inflight_file(kopts))
     engine.start()
+
+
+def _inflight_file(kopts: KernelOptions) -> str:
+    """Where the requests being served are recorded, on a connection without
+    FUSE_HAS_RESEND (see Engine.track_inflight)."""
+    return f"{kopts.state_file}.inflight"
 
 
 def _take(holders: tuple[str, ...], key: str) -> list[int]:
@@ -380,5 +389,15 @@ def _take_over(session: Any, engine: Engine, kopts: KernelOptions) -> None:
     log.info("took over the connection", extra={"fields": {
         "devices": len(devices), "restored_nodes": restored, "epoch": state["epoch"],
         "negotiated": engine.negotiated}})
+    if engine.negotiated["resend"]:
+        engine.start()
+        engine.resend()
+        return
+    # No resend (a kernel before 6.9): what the dead session had read but
+    # not answered can never come again; its callers get EIO now instead of
+    # waiting for an answer until the connection ends.
+    failed = engine.fail_inflight(_inflight_file(kopts))
+    log.warning("answered the requests in flight at the takeover with EIO (no FUSE_HAS_RESEND)",
+                extra={"fields": {"requests": failed}})
+    engine.track_inflight(_inflight_file(kopts))
     engine.start()
-    engine.resend()

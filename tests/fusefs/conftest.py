@@ -70,6 +70,8 @@ class Mounted:
     socket: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    #: The session's --engine (libfuse or kernel).
+    engine: str = "libfuse"
     client: SessionClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,12 +111,18 @@ def start_session(base_dir: Path) -> Iterator[Callable[..., Mounted]]:
         yield start
 
 
+def chosen_engine() -> str:
+    """The engine a test run uses for sessions and daemons it does not pin:
+    ``$FUSEFS_TEST_ENGINE`` (kernel or libfuse), kernel by default."""
+    return os.environ.get("FUSEFS_TEST_ENGINE", "kernel")
+
+
 @contextlib.contextmanager
 def session_starter(base_dir: Path, engine: str | None = None) -> Iterator[Callable[..., Mounted]]:
     """The factory behind ``start_session``, usable for any fixture scope.
     ``engine`` is the session's ``--engine`` (libfuse or kernel); by default
-    ``$FUSEFS_TEST_ENGINE`` or libfuse, so a whole suite can be run on either."""
-    engine = engine or os.environ.get("FUSEFS_TEST_ENGINE", "libfuse")
+    ``$FUSEFS_TEST_ENGINE`` or kernel, so a whole suite can be run on either."""
+    engine = engine or chosen_engine()
     started: list[Mounted] = []
 
     def start(capacity: int = 64 << 20, read_only: bool = False, bytes_per_second: int = 0,
@@ -139,13 +147,12 @@ def session_starter(base_dir: Path, engine: str | None = None) -> Iterator[Calla
             argv += ["--io-bytes-per-second", str(bytes_per_second)]
         if ops_per_second:
             argv += ["--io-ops-per-second", str(ops_per_second)]
-        if engine != "libfuse":
-            argv.append(f"--engine={engine}")
+        argv.append(f"--engine={engine}")
         argv += extra or []
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        mounted = Mounted(volume_id, source, mountpoint, sock, proc, log_path)
+        mounted = Mounted(volume_id, source, mountpoint, sock, proc, log_path, engine)
         started.append(mounted)
         wait_ready(mounted)
         return mounted

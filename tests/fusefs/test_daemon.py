@@ -28,6 +28,7 @@ import pytest
 from fusefs import bindmount, embedded, mountinfo
 from fusefs.client import FuseFSClient
 from fusefs.supervisor import PACKAGE_ROOT, find_stale_sessions, kill_and_wait, socket_dir_for
+from tests.harness import daemon_engine
 
 pytestmark = pytest.mark.privileged
 
@@ -92,11 +93,13 @@ class Node:
         path.mkdir(parents=True, exist_ok=True)
         return str(path / "mount")
 
-    def start(self, metrics: bool = False) -> subprocess.Popen:
-        """Start ``fusefs serve`` detached and wait until it answers."""
+    def start(self, metrics: bool = False, engine: str | None = None) -> subprocess.Popen:
+        """Start ``fusefs serve`` detached and wait until it answers; on
+        ``engine``, or on the test run's (tests.harness.daemon_engine())."""
         argv = [sys.executable, "-m", "fusefs.cli", "serve", "--endpoint", self.endpoint,
                 "--state-dir", str(self.state_dir), "--volumes-dir", str(self.volumes),
                 "--kubelet-dir", str(self.kubelet), "--log-level", "debug"]
+        argv += ["--engine", engine or daemon_engine()]
         if metrics:
             self.metrics_port = _free_port()
             argv += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
@@ -167,6 +170,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
         yield n
     finally:
         embedded.stop_daemon(n.data, timeout=5)
+        embedded.stop_holder(n.data)  # an embedded kernel-engine daemon's (ensure_daemon)
         for proc in n.procs:
             if proc.poll() is None:
                 proc.kill()
@@ -571,15 +575,21 @@ def test_session_sigkill_is_remounted_while_other_volume_keeps_serving(node: Nod
         thread.join(30)
     assert failures == []
 
+    # libfuse: a's session is re-mounted (pods that did not follow it may
+    # keep ENOTCONN: unhealthy); kernel: the live connection was taken over,
+    # nothing was re-mounted or detached (healthy).
+    kernel = daemon_engine() == "kernel"
     with node.client() as c:
         infos = {v.volume_id: v for v in c.list()}
-        assert infos[a].remount_count == 1 and infos[a].pid not in (0, pid_a)
+        assert infos[a].remount_count == (0 if kernel else 1) and infos[a].pid not in (0, pid_a)
         assert infos[b].remount_count == 0
         stats = c.stats(a)
-        assert "signal SIGKILL" in stats.message and not stats.healthy
+        assert "signal SIGKILL" in stats.message and stats.healthy is kernel
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
-    assert f'fusefs_remounts_total{{volume_id="{a}"}} 1' in text
+    assert f'fusefs_remounts_total{{volume_id="{a}"}} {0 if kernel else 1}' in text
     assert f'fusefs_remounts_total{{volume_id="{b}"}} 0' in text
+    if kernel:
+        assert f'fusefs_takeovers_total{{volume_id="{a}"}} 1' in text
     # No kube config in CI: the Event on pod-a was skipped, and said so at debug level.
     assert "no kube config; skipping event" in node.log.read_text()
 
@@ -589,8 +599,8 @@ import sys, time
 from pathlib import Path
 from fusefs.client import FuseFSClient
 from fusefs.embedded import ensure_daemon
-data, kubelet, vid, stage, target = sys.argv[1:]
-endpoint = ensure_daemon(Path(data), Path(kubelet))
+data, kubelet, vid, stage, target, engine = sys.argv[1:]
+endpoint = ensure_daemon(Path(data), Path(kubelet), engine=engine)
 with FuseFSClient(endpoint) as c:
     c.mount(vid, stage, 1 << 20)
     c.publish(vid, target, False)
@@ -603,7 +613,8 @@ def test_killing_embedded_parent_does_not_disturb_mounts(node: Node) -> None:
     vid = node.new_volume("embedded\n")
     stage, target = node.stage(vid), node.target("pod-a")
     parent = subprocess.Popen([sys.executable, "-c", EMBEDDED_PARENT, str(node.data), str(node.kubelet),
-                               vid, stage, target], stdout=subprocess.PIPE, text=True, env=_env())
+                               vid, stage, target, daemon_engine()], stdout=subprocess.PIPE, text=True,
+                              env=_env())
     try:
         ready, _, _ = select.select([parent.stdout], [], [], 30)
         assert ready, "the embedded parent did not report its endpoint"
@@ -621,17 +632,22 @@ def test_killing_embedded_parent_does_not_disturb_mounts(node: Node) -> None:
         time.sleep(0.05)
     assert embedded.daemon_pid(node.data) == daemon_pid
     # A restarted driver re-uses the running daemon instead of starting another.
-    assert embedded.ensure_daemon(node.data, node.kubelet) == node.endpoint
+    assert embedded.ensure_daemon(node.data, node.kubelet, engine=daemon_engine()) == node.endpoint
     assert embedded.daemon_pid(node.data) == daemon_pid
     with node.client() as c:
         assert [v.remount_count for v in c.list()] == [0]
 
-    # A graceful stop keeps the state; the next daemon puts everything back.
+    # A graceful stop keeps the state; the next daemon puts everything back:
+    # by a re-mount (libfuse), or by taking over the connection the embedded
+    # holder kept (kernel).
     assert embedded.stop_daemon(node.data)
-    embedded.ensure_daemon(node.data, node.kubelet)
+    embedded.ensure_daemon(node.data, node.kubelet, engine=daemon_engine())
     _wait_readable(f"{target}/file.txt", "embedded\n", RECOVERY_BUDGET)
+    kernel = daemon_engine() == "kernel"
     with node.client() as c:
-        assert [v.remount_count for v in c.list()] == [1]
+        assert [v.remount_count for v in c.list()] == [0 if kernel else 1]
+        if kernel:
+            assert "took over" in c.stats(vid).message
 
 
 def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> None:
@@ -664,6 +680,13 @@ def test_volume_lost_while_daemon_was_down_is_failed_not_fatal(node: Node) -> No
         assert not mountinfo.mounts_at(node.stage(lost))
 
 
+#: The remount path (dead binds stacked on the target) needs a connection
+#: that dies with its session: on the kernel engine a killed session is a
+#: takeover and nothing is re-bound (tests/fusefs/test_daemon_takeover.py;
+#: the fresh-mount fallback without a holder is tested there too).
+LIBFUSE = "libfuse"
+
+
 def _kill_session_and_wait(c: FuseFSClient, vid: str, remounts: int) -> None:
     """SIGKILL the volume's session and wait until the daemon has counted ``remounts`` re-mounts."""
     os.kill(next(v.pid for v in c.list() if v.volume_id == vid), signal.SIGKILL)
@@ -677,7 +700,7 @@ def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node)
     """Each session restart stacks a fresh bind on the dead one; at MAX_LAYERS the dead ones go first."""
     from fusefs.volumes import MAX_LAYERS
 
-    node.start()
+    node.start(engine=LIBFUSE)  # a killed session is re-mounted only there (kernel: a takeover)
     vid = node.new_volume("stacked\n")
     stage, target = node.stage(vid), node.target("pod-a")
     with node.client() as c:
@@ -699,7 +722,7 @@ def test_dead_binds_stack_up_to_the_cap_and_unpublish_peels_them_all(node: Node)
 
 def test_publish_onto_a_dead_bind_of_the_volume_stacks_on_it(node: Node) -> None:
     """A target that already holds a dead bind of this volume (e.g. a re-bind that failed) is published on top."""
-    node.start()
+    node.start(engine=LIBFUSE)  # a killed session is re-mounted only there (kernel: a takeover)
     vid = node.new_volume("again\n")
     stage, target = node.stage(vid), node.target("pod-a")
     with node.client() as c:
@@ -725,7 +748,7 @@ def test_binds_from_older_releases_sharing_a_peer_group_never_leak_a_mode(node: 
     so the first is detached and re-bound, and the last one, alone in its
     group by then, is stacked on.
     """
-    node.start()
+    node.start(engine=LIBFUSE)  # a killed session is re-mounted only there (kernel: a takeover)
     vid = node.new_volume("legacy\n")
     stage, rw, ro = node.stage(vid), node.target("pod-rw"), node.target("pod-ro")
     with node.client() as c:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fusefs.control import ControlError, SessionClient
-from tests.fusefs.conftest import REPO, Mounted, force_unmount, is_mounted, mountinfo_entry
+from tests.fusefs.conftest import REPO, Mounted, chosen_engine, force_unmount, is_mounted, mountinfo_entry
 
 pytestmark = pytest.mark.privileged
 
@@ -28,7 +28,8 @@ def session_argv(base: Path, volume_id: str, *extra: str) -> list[str]:
     (base / "src").mkdir(exist_ok=True)
     (base / "mnt").mkdir(exist_ok=True)
     return [sys.executable, "-m", "fusefs.session", "--volume-id", volume_id, "--source", str(base / "src"),
-            "--mountpoint", str(base / "mnt"), "--control-socket", str(base / "ctl.sock"), *extra]
+            "--mountpoint", str(base / "mnt"), "--control-socket", str(base / "ctl.sock"),
+            f"--engine={chosen_engine()}", *extra]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -269,7 +269,9 @@ class NodePluginDriver(Driver):
 
 @pytest.fixture(params=["host-namespace", "own-namespace"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    driver = (Driver if request.param == "host-namespace" else NodePluginDriver)(tmp_path)
+    # What a re-mount shows the containers is the libfuse engine's recovery;
+    # on the kernel engine no restart detaches anything (tests/test_restart_matrix.py).
+    driver = (Driver if request.param == "host-namespace" else NodePluginDriver)(tmp_path, "--fusefs-engine=libfuse")
     _make_rshared(driver.kubelet_dir)
     # Container paths must be reachable by uid 1000 from /, as in a container's rootfs.
     rootfs = Path(tempfile.mkdtemp(prefix="fusefs-ctr-", dir="/tmp"))

@@ -43,6 +43,7 @@ def test_holder_needs_an_absolute_socket(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_driver_passes_the_engine_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FUSEPATH_FUSEFS_ENGINE", raising=False)  # FUSEFS_TEST_ENGINE sets it for drivers
     assert config.from_args(config.build_parser().parse_args([])).fusefs_engine == "libfuse"
     cfg = config.from_args(config.build_parser().parse_args(["--fusefs-engine", "kernel"]))
     assert cfg.fusefs_engine == "kernel"

@@ -7,8 +7,8 @@ a restage, a daemon restart or a node reboot would. ``loop_ext4`` gives a
 small dedicated ext4 filesystem so that the host's ``du`` and ``df -i`` of a
 backing directory can be compared with the volume's limits exactly.
 
-Sessions run on the engine ``$FUSEFS_TEST_ENGINE`` names (libfuse by
-default, or kernel), as in tests/fusefs, so these tests can be run on either.
+Sessions run on the engine ``$FUSEFS_TEST_ENGINE`` names (kernel by
+default, or libfuse), as in tests/fusefs, so these tests can be run on either.
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ class Volume:
         argv = [sys.executable, "-m", "fusefs.session", "--volume-id", self.volume_id,
                 "--source", str(self.source), "--mountpoint", str(self.mountpoint),
                 "--control-socket", sock, "--capacity", str(self.capacity), *self.extra]
-        engine = os.environ.get("FUSEFS_TEST_ENGINE", "libfuse")
-        if engine != "libfuse":
-            argv.append(f"--engine={engine}")
+        argv.append(f"--engine={os.environ.get('FUSEFS_TEST_ENGINE', 'kernel')}")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     env=dict(os.environ, PYTHONPATH=str(REPO)))

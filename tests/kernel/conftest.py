@@ -73,7 +73,7 @@ class Volume:
             argv.append("--takeover")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=ENV)
-        mounted = Mounted(self.volume_id, self.source, self.mountpoint, sock, proc, log_path)
+        mounted = Mounted(self.volume_id, self.source, self.mountpoint, sock, proc, log_path, "kernel")
         self.sessions.append(mounted)
         wait_ready(mounted)
         return mounted

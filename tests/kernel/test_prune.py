@@ -94,7 +94,7 @@ def _start(volume: Volume, takeover: bool = False) -> Mounted:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=ENV,
                                 preexec_fn=limit)
-    mounted = Mounted(volume.volume_id, volume.source, volume.mountpoint, sock, proc, log_path)
+    mounted = Mounted(volume.volume_id, volume.source, volume.mountpoint, sock, proc, log_path, "kernel")
     volume.sessions.append(mounted)
     wait_ready(mounted)
     return mounted
