@@ -215,6 +215,14 @@ class NodeTable:
             self.on_pressure()
         return node
 
+    def check_room(self) -> None:
+        """ENFILE now if a new node would be refused (see :meth:`_refuse`):
+        called before a new inode is made, so that a refused create, mkdir,
+        mknod or symlink leaves nothing behind."""
+        if self.budget and len(self._by_id) >= self.budget:
+            with self._lock:
+                self._refuse(-1)
+
     def _refuse(self, fd: int) -> None:
         """No room for a new node (caller holds the lock): ENFILE, logged
         once with the numbers (the pruner could not keep up, or every node
@@ -226,7 +234,8 @@ class NodeTable:
             self._refusal_logged = True
             log.error("node budget exhausted: new names get ENFILE until the kernel forgets some", extra={
                 "fields": {"nodes": len(self._by_id), "budget": self.budget}})
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise OSError(errno.ENFILE, "too many inodes in use on this volume")
 
     def prune_candidates(self, limit: int) -> list[int]:
