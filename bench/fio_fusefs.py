@@ -39,10 +39,11 @@ WORKLOADS = ("seqwrite", "seqread", "randread", "randwrite", "meta")
 TARGETS = ("native", "bind", "fusefs", "bindfs")
 #: fusefs variants: extra session flags on top of the defaults.
 VARIANTS = {
-    "fusefs": [],
-    "fusefs-noxattr": ["--no-xattrs"],
-    "fusefs-fast": ["--no-xattrs", "--writeback-cache"],
-    # The engine that speaks /dev/fuse itself (fusefs/kernel), with passthrough.
+    # The libfuse engine (mfusepy), and its opt-in fast profiles.
+    "fusefs": ["--engine=libfuse"],
+    "fusefs-noxattr": ["--engine=libfuse", "--no-xattrs"],
+    "fusefs-fast": ["--engine=libfuse", "--no-xattrs", "--writeback-cache"],
+    # The default engine, which speaks /dev/fuse itself (fusefs/kernel), with passthrough.
     "fusefs-kernel": ["--engine=kernel"],
 }
 UNITS = {"seqwrite": "MiB/s", "seqread": "MiB/s", "randread": "IOPS", "randwrite": "IOPS",

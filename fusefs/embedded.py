@@ -102,8 +102,7 @@ def daemon_argv(data_dir: Path, kubelet_dir: Path, metrics_address: str = "", en
     ]
     if metrics_address:
         argv += ["--metrics-address", metrics_address]
-    if engine != "libfuse":
-        argv += ["--engine", engine]
+    argv += ["--engine", engine]  # always explicit: a daemon's default may change
     if holder_socket:
         argv += ["--holder-socket", holder_socket]
     return argv

@@ -630,10 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writeback-cache", action="store_true",
                    help="buffer writes in the kernel (faster small writes; ENOSPC at write-back)")
     p.add_argument("--no-keep-cache", action="store_true", help="drop a file's page cache on every open")
-    p.add_argument("--splice", action="store_true", help="receive requests with splice() (zero-copy writes)")
+    p.add_argument("--splice", action="store_true", help="libfuse engine: receive requests with splice() (the kernel engine ignores it)")
     p.add_argument("--no-xattrs", action="store_true",
-                   help="no extended attributes (ENOTSUP); saves a round trip per write(2)")
-    p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="libfuse worker threads at most")
+                   help="libfuse engine: no extended attributes (ENOTSUP); saves a round trip per write(2) "
+                        "(the kernel engine ignores it)")
+    p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="worker threads at most (both engines)")
     p.add_argument("--read-ahead-kb", type=int, default=1024, help="the mount's read-ahead (0: kernel default)")
     p.add_argument("--usage-file", help="where the usage is persisted (default: beside the control socket)")
     p.add_argument("--max-open-files", type=int, default=MAX_OPEN_FILES,
@@ -700,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.volume_id, args.log_level)
     if args.max_open_files < 1:
         log.error("invalid argument", extra={"fields": {"max_open_files": args.max_open_files}})
+        return 2
+    unsupported = [flag for flag, on in (("--no-xattrs", args.no_xattrs), ("--splice", args.splice)) if on]
+    if args.engine == "kernel" and unsupported:
+        log.error("option of the libfuse engine only; the kernel engine would ignore it",
+                  extra={"fields": {"options": unsupported, "engine": "kernel"}})
         return 2
     for name in ("capacity", "io_bytes_per_second", "io_ops_per_second"):
         if getattr(args, name) < 0:

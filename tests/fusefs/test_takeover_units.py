@@ -20,8 +20,11 @@ VID = "vol-" + "a" * 32
 
 
 def test_engine_and_holder_flags_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FUSEFS_ENGINE", raising=False)
     args = cli.serve_parser().parse_args([])
-    assert (args.engine, args.holder_socket) == ("libfuse", "")
+    assert (args.engine, args.holder_socket) == ("kernel", "")
+    monkeypatch.setenv("FUSEFS_ENGINE", "libfuse")
+    assert cli.serve_parser().parse_args([]).engine == "libfuse"
     monkeypatch.setenv("FUSEFS_ENGINE", "kernel")
     monkeypatch.setenv("FUSEFS_HOLDER_SOCKET", "/run/h/holder.sock")
     args = cli.serve_parser().parse_args([])
@@ -44,18 +47,20 @@ def test_holder_needs_an_absolute_socket(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_driver_passes_the_engine_through(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FUSEPATH_FUSEFS_ENGINE", raising=False)  # FUSEFS_TEST_ENGINE sets it for drivers
-    assert config.from_args(config.build_parser().parse_args([])).fusefs_engine == "libfuse"
-    cfg = config.from_args(config.build_parser().parse_args(["--fusefs-engine", "kernel"]))
-    assert cfg.fusefs_engine == "kernel"
-    monkeypatch.setenv("FUSEPATH_FUSEFS_ENGINE", "kernel")
     assert config.from_args(config.build_parser().parse_args([])).fusefs_engine == "kernel"
+    cfg = config.from_args(config.build_parser().parse_args(["--fusefs-engine", "libfuse"]))
+    assert cfg.fusefs_engine == "libfuse"
+    monkeypatch.setenv("FUSEPATH_FUSEFS_ENGINE", "libfuse")
+    assert config.from_args(config.build_parser().parse_args([])).fusefs_engine == "libfuse"
     with pytest.raises(SystemExit):
         config.build_parser().parse_args(["--fusefs-engine", "other"])
 
 
 def test_session_command_lines() -> None:
     base = dict(volume_id=VID, source="/v", mountpoint="/k/m", control_socket="/s/x.sock")
-    assert "--engine" not in SessionSpec(**base).argv()
+    libfuse = SessionSpec(**base, engine="libfuse").argv()
+    assert libfuse[libfuse.index("--engine"):][:2] == ["--engine", "libfuse"]  # explicit: sessions default to kernel
+    assert "--state-file" not in libfuse
     argv = SessionSpec(**base, engine="kernel", state_file="/st/k", holder_sockets=("/a", "/b")).argv()
     tail = argv[argv.index("--engine"):]
     assert tail == ["--engine", "kernel", "--state-file", "/st/k", "--holder-socket", "/a", "--holder-socket", "/b"]
@@ -120,3 +125,28 @@ def test_a_holder_never_steals_a_live_holders_socket(tmp_path: Path) -> None:
     finally:
         third.terminate()
         third.wait(10)
+
+
+def test_the_embedded_daemon_always_names_its_engine(tmp_path: Path) -> None:
+    """A libfuse daemon started without ``--engine`` would run the kernel
+    engine (the default), which is what the driver's --fusefs-engine=libfuse
+    got after the default changed."""
+    from fusefs.embedded import daemon_argv
+
+    for engine in ("libfuse", "kernel"):
+        argv = daemon_argv(tmp_path, tmp_path, engine=engine)
+        assert argv[argv.index("--engine") + 1] == engine
+
+
+@pytest.mark.parametrize("flag", ["--no-xattrs", "--splice"])
+def test_libfuse_only_options_are_refused_on_the_kernel_engine(flag: str, tmp_path: Path) -> None:
+    """The kernel engine has no such mode; accepting the flag would promise
+    what it does not do."""
+    from fusefs.session import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    argv = ["--volume-id", VID, "--source", str(tmp_path / "src"), "--mountpoint", str(tmp_path / "mnt"),
+            "--control-socket", str(tmp_path / "c.sock"), "--engine", "kernel", flag]
+    assert main(argv) == 2
+    assert not os.path.ismount(tmp_path / "mnt")
