@@ -70,14 +70,22 @@ RESERVED_FDS = 1024
 #: Scan passes the background scan makes before it gives up (a pass is
 #: repeated only when the tree moved under it).
 SCAN_PASSES = 3
+#: Nodes the kernel engine keeps at most by default (one descriptor and
+#: a few hundred bytes each), for which it raises RLIMIT_NOFILE (up to
+#: fs.nr_open); and the least it keeps for them when the limit is low (the
+#: open-file cap shrinks instead).
+NODE_FDS = 1 << 17
+MIN_NODES = 1024
 
 
-def raise_fd_limit(cap: int) -> int:
-    """Raise RLIMIT_NOFILE to hold ``cap`` volume files plus our own; returns
-    the cap that fits (lower only where the hard limit cannot be raised)."""
+def raise_fd_limit(cap: int, nodes: int = 0) -> int:
+    """Raise RLIMIT_NOFILE to hold ``cap`` volume files plus our own, and
+    ``nodes`` more (the kernel engine: a descriptor per inode the kernel
+    knows, see :func:`node_budget`); returns the cap that fits (lower only
+    where the hard limit cannot be raised)."""
     import resource
 
-    want = max(65536, 2 * cap + RESERVED_FDS)
+    want = max(65536, 2 * cap + RESERVED_FDS + nodes)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
@@ -92,7 +100,20 @@ def raise_fd_limit(cap: int) -> int:
         except (ValueError, OSError):
             continue
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nodes:
+        # Leave the nodes at least MIN_NODES descriptors of a low limit.
+        return max(1, min(cap, soft - RESERVED_FDS - min(nodes, MIN_NODES)))
     return max(1, min(cap, soft - RESERVED_FDS))
+
+
+def node_budget(cap: int, wanted: int = 0) -> int:
+    """Nodes the kernel engine may keep: ``wanted`` (0: :data:`NODE_FDS`),
+    or fewer, the descriptors of RLIMIT_NOFILE left after the open-file cap
+    and our own."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(soft - RESERVED_FDS - cap, wanted if wanted > 0 else NODE_FDS))
 
 
 # ---------------------------------------------------------------- logging
@@ -166,6 +187,9 @@ def mount_is_live(mountpoint: str, volume_id: str, mountinfo: str = "/proc/self/
 class Session:
     """Everything one volume's process owns, and the control commands."""
 
+    #: Descriptors wanted for nodes besides the open-file cap (see raise_fd_limit).
+    node_fds = 0
+
     def __init__(self, *, volume_id: str, source: str, mountpoint: str, control_socket: str | None,
                  capacity: int = 0, read_only: bool = False, bytes_per_second: int = 0,
                  ops_per_second: int = 0, options: FsOptions | None = None,
@@ -190,7 +214,7 @@ class Session:
         self.ready = threading.Event()
 
         options = options or FsOptions()
-        options.max_open_files = raise_fd_limit(options.max_open_files)
+        options.max_open_files = raise_fd_limit(options.max_open_files, self.node_fds)
         if usage_file is None and control_socket:
             usage_file = (control_socket[:-5] if control_socket.endswith(".sock") else control_socket) + ".usage"
         self.usage_file = usage_file
@@ -633,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not take FUSE_HAS_RESEND (as on a kernel before 6.9: requests in flight at a "
                         "takeover get EIO instead of being sent again)")
     k.add_argument("--clones", type=int, default=2, help="cloned /dev/fuse descriptors besides the master")
+    k.add_argument("--max-nodes", type=int, default=0,
+                   help="inodes the kernel may know at once (a descriptor each; 0: what RLIMIT_NOFILE "
+                        "leaves); unused ones are pruned beyond 80%%, ENFILE beyond all")
     k.add_argument("--orphan-dir", default="",
                    help="where open files that lose their last name are kept across a takeover "
                         "(outside the volume, same filesystem)")
@@ -663,7 +690,8 @@ def session_class(args: argparse.Namespace) -> Any:
     return functools.partial(KernelSession, kernel_options=KernelOptions(
         state_file=args.state_file, holder_sockets=tuple(args.holder_socket), takeover=args.takeover,
         passthrough=not args.no_passthrough, resend=not args.no_resend, clones=max(0, args.clones),
-        orphan_dir=args.orphan_dir))
+        orphan_dir=args.orphan_dir,
+        max_nodes=max(0, args.max_nodes)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,22 @@ starts. A connection taken over from a dead server is already initialised:
 no INIT comes, and the engine writes FUSE_NOTIFY_RESEND so that the requests
 the dead server had read but not answered are queued again (with bit 63 set
 in their ``unique``; the filesystem answers them idempotently).
+
+**Pruning.** Every node holds a descriptor, and the kernel sends FORGET only
+when it evicts an inode, which it does under memory pressure: left alone,
+the node table grows with what the pod touches until the session runs out
+of descriptors. With a node budget (see :meth:`NodeTable.set_budget`), a
+pruner thread woken when the table passes its high-water mark writes
+FUSE_NOTIFY_PRUNE (Linux 6.16+) for the oldest nodes that are not open: the
+kernel drops their unused dentries and evicts the inodes nobody uses, which
+sends FORGET for them, until the table is under the low-water mark. A
+request never waits for it; a kernel without the notification refuses the
+write once, and the budget is then a hard limit (ENFILE beyond it).
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import mmap
@@ -45,6 +57,17 @@ from fusefs.kernel.inodefs import Caller, InodeFs, current_request
 from fusefs.opstats import OpStats
 
 log = logging.getLogger("fusefs.kernel.engine")
+
+#: Node IDs per FUSE_NOTIFY_PRUNE write (the kernel's own batch).
+PRUNE_BATCH = 512
+#: How long the pruner lets the FORGETs of a pass arrive before it looks
+#: again (short: a pod listing a large directory makes nodes fast).
+PRUNE_SETTLE = 0.005
+#: Node IDs sent per wake at most, in budgets; and the pause after a wake
+#: that freed nothing (everything in use), so that a full table of nodes in
+#: use does not keep the pruner spinning.
+PRUNE_ROUNDS = 4
+PRUNE_BACKOFF = 0.05
 
 #: What an engine's OpStats counts (opcode names; see protocol.OPCODE_NAMES).
 OPERATIONS = tuple(sorted(set(p.OPCODE_NAMES.values())))
@@ -133,6 +156,11 @@ class Engine:
         self._watch_parked = False
         self._watch_wake = threading.Event()
         self._inflight: set[int] = set()
+        #: The pruner (see the module docstring): its wake-up, node IDs it
+        #: asked the kernel to forget, and whether the kernel can.
+        self._prune_wake = threading.Event()
+        self.pruned = 0
+        self.prune_supported = True
         #: INTERRUPT targets read before their request was registered (_interrupt).
         self._early: dict[int, None] = {}
         #: Without FUSE_HAS_RESEND: the request each worker serves (track_inflight).
@@ -309,6 +337,69 @@ class Engine:
         body = p.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
         self._notify(p.NOTIFY_INVAL_ENTRY, body)
 
+    def notify_prune(self, nodeids: list[int]) -> bool:
+        """Ask the kernel to forget ``nodeids`` if nothing uses their inodes
+        (FUSE_NOTIFY_PRUNE); False if the kernel does not know the
+        notification (before Linux 6.16: it refuses it with EINVAL)."""
+        body = p.NOTIFY_PRUNE_OUT.pack(len(nodeids), 0, 0)
+        ids = array.array("Q", nodeids).tobytes()  # u64 in native order, as the kernel reads them
+        try:
+            os.writev(self.devices[0], [p.OUT_HEADER.pack(16 + len(body) + len(ids), p.NOTIFY_PRUNE, 0), body, ids])
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            if exc.errno != errno.ENOENT:
+                raise
+        return True
+
+    def _pruner(self) -> None:
+        """Keep the node table under its budget (see the module docstring)."""
+        nodes = self.fs.nodes
+        while not self.stopped.is_set():
+            if not self._prune_wake.wait(1.0):
+                continue
+            self._prune_wake.clear()
+            try:
+                freed = self._prune_passes(nodes)
+            except OSError as exc:
+                log.warning("prune failed", extra={"fields": {"error": str(exc)}})
+                freed = False
+            if not self.prune_supported:
+                log.warning("the kernel cannot prune nodes (FUSE_NOTIFY_PRUNE needs Linux 6.16): "
+                            "the node budget is a hard limit", extra={"fields": {"budget": nodes.budget}})
+                return
+            if not freed:
+                self.stopped.wait(PRUNE_BACKOFF)
+
+    def _prune_passes(self, nodes: Any) -> bool:
+        """Prune until under the low-water mark or :data:`PRUNE_ROUNDS`
+        budgets of IDs were sent (the nodes the kernel keeps, in use, are
+        asked about again only after every other node); False if the kernel
+        forgot none of those it was asked about (all in use: back off)."""
+        start = nodes.dropped
+        total = 0
+        while total < PRUNE_ROUNDS * nodes.budget:
+            need = len(nodes) - nodes.low
+            if need <= 0:
+                break
+            sent = 0
+            while sent < need:
+                ids = nodes.prune_candidates(min(PRUNE_BATCH, need - sent))
+                if not ids:
+                    break
+                if not self.notify_prune(ids):
+                    self.prune_supported = False
+                    return False
+                sent += len(ids)
+                self.pruned += len(ids)
+            total += sent
+            if not sent or self.stopped.wait(PRUNE_SETTLE):
+                break
+        if total and nodes.dropped == start:
+            self.stopped.wait(10 * PRUNE_SETTLE)  # the FORGETs may come late on a busy connection
+            return nodes.dropped > start
+        return True
+
     def _notify(self, code: int, body: bytes) -> None:
         try:
             os.writev(self.devices[0], [p.OUT_HEADER.pack(16 + len(body), code, 0), body])
@@ -324,6 +415,12 @@ class Engine:
         for _ in range(max(1, self.options.min_workers)):
             self._spawn()
         threading.Thread(target=self._watch, name="fuse-watch", daemon=True).start()
+        nodes = self.fs.nodes
+        if nodes.budget:
+            nodes.on_pressure = self._prune_wake.set
+            threading.Thread(target=self._pruner, name="fuse-prune", daemon=True).start()
+            if len(nodes) > nodes.high:  # restored by a takeover
+                self._prune_wake.set()
 
     def _spawn(self) -> None:
         with self._lock:
@@ -725,8 +822,16 @@ class Engine:
             else:
                 try:
                     node, st = lookup(nodeid, name, ino)
-                except OSError:
-                    continue  # gone since the listing was read
+                except OSError as exc:
+                    if exc.errno != errno.ENFILE:
+                        continue  # gone since the listing was read
+                    # No room for a node (see NodeTable.set_budget): the
+                    # name without one; the kernel looks it up when used.
+                    out.append(_EMPTY_ENTRY + _DIRENT(ino, off, namelen, kind))
+                    out.append(name)
+                    out.append(_PADS[-namelen & 7])
+                    used += rec
+                    continue
                 at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
                 out.append(_DIRENTPLUS(node.nodeid, 0, ev, av, ens, ans,
                                        st.st_ino, st.st_size, st.st_blocks, at // _NS, mt // _NS, ct // _NS,

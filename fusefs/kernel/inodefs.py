@@ -302,6 +302,7 @@ class InodeFs:
         """mknod, mkdir and symlink alike: charge an inode, ``own`` bytes and a
         block for the parent's growth; make it; settle; give it to the caller."""
         parent = self.nodes.get(parent_id)
+        self.nodes.check_room()
         w = self._begin_mutation(unique)
         try:
             try:
@@ -694,6 +695,7 @@ class InodeFs:
         for the parent's growth, settled as for any new name; the open
         counts against the open-file cap."""
         parent = self.nodes.get(parent_id)
+        self.nodes.check_room()
         w = self._begin_mutation(unique)
         try:
             try:
@@ -880,6 +882,7 @@ class InodeFs:
             self.open_files.give()
             if handle.passthrough:
                 self._drop_backing(node, handle.fh)
+            self.nodes.released()
 
     def _drop_backing(self, node: Node, fh: int) -> None:
         """Passthrough handle ``fh`` of ``node`` is released; the last one

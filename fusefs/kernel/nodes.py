@@ -66,10 +66,13 @@ journal without slots, or with the counts file missing, get
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fusefs.kernel import syscalls as ksys
@@ -85,6 +88,12 @@ COUNT_SLOTS = 4096
 #: Rewrite the journal when it has this many times more lines than live nodes.
 COMPACT_FACTOR = 4
 COMPACT_MIN_LINES = 4096
+#: With a node budget, the pruner is woken above HIGH_WATER of it and prunes
+#: down to LOW_WATER (fractions of the budget; see :meth:`NodeTable.set_budget`).
+HIGH_WATER = 0.8
+LOW_WATER = 0.6
+#: Nodes the pruner looks at per candidate it asks for, at most.
+PRUNE_SCAN = 4
 
 
 class Node:
@@ -141,6 +150,27 @@ class NodeTable:
         #: xattr charge) of an orphan really freed (set by the filesystem).
         self.orphan_fd = -1
         self.orphan_freed: Any = lambda size, extra: None
+        #: The node budget (0: none), its watermarks, and what to call when
+        #: the table grows past the high one (set by the engine: wakes its
+        #: pruner; it must not block). See :meth:`set_budget`.
+        self.budget = 0
+        self.high = 0
+        self.low = 0
+        self.on_pressure: Callable[[], None] = lambda: None
+        #: New nodes refused (ENFILE) because the budget was full.
+        self.refused = 0
+        self._refusal_logged = False
+        #: Nodes the kernel forgot (the pruner's measure of progress).
+        self.dropped = 0
+
+    def set_budget(self, budget: int) -> None:
+        """Keep at most ``budget`` nodes (descriptors): beyond
+        :data:`HIGH_WATER` of it the pruner asks the kernel to forget the
+        oldest unused ones (down to :data:`LOW_WATER`); a new node beyond
+        the budget is refused with ENFILE. 0: no budget."""
+        self.budget = max(0, budget)
+        self.high = int(self.budget * HIGH_WATER)
+        self.low = int(self.budget * LOW_WATER)
 
     # ------------------------------------------------------------ hot path
 
@@ -165,6 +195,8 @@ class NodeTable:
                 node.mode = st.st_mode
                 close = True
             else:
+                if self.budget and len(self._by_id) >= self.budget:
+                    self._refuse(fd)
                 node = Node(self._next, fd, key, st.st_mode)
                 self._next += 1
                 node.lookups = 1
@@ -176,9 +208,65 @@ class NodeTable:
                     self._journal_add(node)
             if node.slot >= 0:
                 self._counts[node.slot] = node.lookups
+            pressed = not close and self.high and len(self._by_id) > self.high
         if close:
             os.close(fd)
+        elif pressed:
+            self.on_pressure()
         return node
+
+    def check_room(self) -> None:
+        """ENFILE now if a new node would be refused (see :meth:`_refuse`):
+        called before a new inode is made, so that a refused create, mkdir,
+        mknod or symlink leaves nothing behind."""
+        if self.budget and len(self._by_id) >= self.budget:
+            with self._lock:
+                self._refuse(-1)
+
+    def _refuse(self, fd: int) -> None:
+        """No room for a new node (caller holds the lock): ENFILE, logged
+        once with the numbers (the pruner could not keep up, or every node
+        is in use: open, a working directory, a directory with names the
+        kernel caches)."""
+        self.refused += 1
+        self.on_pressure()
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.error("node budget exhausted: new names get ENFILE until the kernel forgets some", extra={
+                "fields": {"nodes": len(self._by_id), "budget": self.budget}})
+        if fd >= 0:
+            os.close(fd)
+        raise OSError(errno.ENFILE, "too many inodes in use on this volume")
+
+    def prune_candidates(self, limit: int) -> list[int]:
+        """Up to ``limit`` node IDs the kernel may be asked to forget, oldest
+        first: not the root, not open (no per-inode state, passthrough
+        backing or cached open), not an orphan, with a known lookup count.
+        At most ``PRUNE_SCAN * limit`` nodes are looked at (the lock is held),
+        and each one looked at moves to the end of the order: the nodes in
+        use, and those the kernel keeps (its dentries are in use), are not
+        looked at again before every other node was."""
+        chosen: list[int] = []
+        with self._lock:
+            seen: list[Node] = []
+            for node in itertools.islice(self._by_id.values(), PRUNE_SCAN * limit):
+                seen.append(node)
+                if (node.state is None and node.backing is None and node.cached == 0 and node.orphan is None
+                        and node.nodeid != ROOT_ID and node.lookups < RESTORED_LOOKUPS):
+                    chosen.append(node.nodeid)
+                    if len(chosen) >= limit:
+                        break
+            by_id = self._by_id
+            for node in seen:
+                del by_id[node.nodeid]
+                by_id[node.nodeid] = node
+        return chosen
+
+    def released(self) -> None:
+        """An open file was released (its node may be prunable now): wake
+        the pruner if the table is past its high-water mark."""
+        if self.high and len(self._by_id) > self.high:
+            self.on_pressure()
 
     def pin(self, key: tuple[int, int]) -> Node | None:
         """The node of inode ``key`` with one more lookup counted, or None if
@@ -209,6 +297,7 @@ class NodeTable:
                 log.warning("FORGET for more lookups than the node had; released",
                             extra={"fields": {"nodeid": nodeid, "excess": -node.lookups}})
             del self._by_id[nodeid]
+            self.dropped += 1
             if self._by_key.get(node.key) is node:
                 del self._by_key[node.key]
             if self._journal_fd >= 0:

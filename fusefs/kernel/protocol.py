@@ -106,6 +106,8 @@ NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_DELETE = 6
 NOTIFY_RESEND = 7
+#: Linux 6.16+ (7.45): forget these node IDs if nothing uses their inodes.
+NOTIFY_PRUNE = 9
 #: Bit 63 of ``unique``: the kernel sends a request again (after NOTIFY_RESEND).
 UNIQUE_RESEND = 1 << 63
 
@@ -158,6 +160,7 @@ ATTR_OUT = struct.Struct("=QII" + ATTR.format[1:])
 DIRENTPLUS = struct.Struct("=QQQQII" + ATTR.format[1:] + "QQII")
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")
+NOTIFY_PRUNE_OUT = struct.Struct("=IIQ")       # count padding spare, then count u64 node IDs
 BACKING_MAP = struct.Struct("=iIQ")            # fd flags padding
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88

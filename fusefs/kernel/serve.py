@@ -44,7 +44,7 @@ from fusefs.kernel.inodefs import InodeFs
 from fusefs.live_usage import LiveUsage, live_path, new_token
 from fusefs.opstats import OpStats
 from fusefs.quota import Quota, blocks
-from fusefs.session import Session
+from fusefs.session import NODE_FDS, Session, node_budget
 
 log = logging.getLogger("fusefs.kernel.serve")
 
@@ -70,6 +70,8 @@ class KernelOptions:
     #: Where open files that lose their last name are kept so that they
     #: survive a takeover (see fusefs.kernel.orphans); "" for nowhere.
     orphan_dir: str = ""
+    #: Nodes at most (0: what RLIMIT_NOFILE leaves; see fusefs.session.node_budget).
+    max_nodes: int = 0
 
 
 def new_stats() -> OpStats:
@@ -150,6 +152,7 @@ class KernelSession(Session):
 
     def __init__(self, *, kernel_options: KernelOptions, **kwargs: Any) -> None:
         self.kernel_options = kernel_options  # read by Session.__init__ (takeover)
+        self.node_fds = kernel_options.max_nodes or NODE_FDS  # descriptors wanted for nodes
         #: The live usage file, and the connection's token that names it.
         self.live: LiveUsage | None = None
         self.usage_token = ""
@@ -245,7 +248,19 @@ class KernelSession(Session):
         fs.options = options  # type: ignore[attr-defined]
         fs.links = _NoLinks()  # type: ignore[attr-defined]
         fs.fuse_session = None  # type: ignore[attr-defined]
+        fs.nodes.set_budget(node_budget(options.max_open_files, self.kernel_options.max_nodes))
         return fs
+
+    def stats(self) -> dict[str, Any]:
+        """The common stats, and the node table's (see NodeTable.set_budget)."""
+        out = super().stats()
+        engine = getattr(self, "engine", None)
+        nodes = self.ops.nodes
+        out["nodes"] = len(nodes)
+        out["nodes_max"] = nodes.budget
+        out["nodes_pruned"] = engine.pruned if engine is not None else 0
+        out["nodes_refused"] = nodes.refused
+        return out
 
     def run(self) -> int:
         return run(self, self.kernel_options)
