@@ -25,10 +25,11 @@ from tests.kernel.conftest import ENV, Volume, wait_for
 
 pytestmark = pytest.mark.privileged
 
-#: The session's RLIMIT_NOFILE (soft and hard): 1024 reserved, then the
-#: open-file cap gets 952 and the nodes 1024 (see fusefs.session.node_budget).
+#: The session's RLIMIT_NOFILE (soft and hard): 1024 reserved, then three
+#: quarters of the rest go to nodes (1,482) and the open-file cap gets 494
+#: (see fusefs.session.raise_fd_limit and node_budget).
 NOFILE = 3000
-BUDGET = 1024
+BUDGET = 1482
 #: Descriptors the session has besides its nodes (Python, sockets, /dev/fuse,
 #: the journal, the pod's few open files).
 SLACK = 256
@@ -269,3 +270,23 @@ def test_when_every_node_is_in_use_new_names_get_enfile_until_some_are_released(
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["20", "0"]
     assert "node budget exhausted" in m.log()
+
+
+def test_a_low_descriptor_limit_leaves_most_of_it_to_nodes() -> None:
+    """With RLIMIT_NOFILE stuck at 20,000 (a hard limit the session cannot
+    raise), the open-file cap used to take 16,384 and leave 2,592 nodes, so a
+    10,000-file tree was pruned and looked up again on every pass."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000));"
+            "from fusefs.session import raise_fd_limit, node_budget, NODE_FDS;"
+            "cap = raise_fd_limit(16384, NODE_FDS);"
+            "print(cap, node_budget(cap), resource.getrlimit(resource.RLIMIT_NOFILE)[0], NODE_FDS)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[2])).stdout.split()
+    cap, nodes, soft, wanted = (int(x) for x in out)
+    room = soft - 1024  # the session's own reserve
+    assert cap + nodes <= room, (cap, nodes, soft)
+    if soft == 20000:  # the limit could not be raised (no CAP_SYS_RESOURCE): split it
+        assert nodes >= 3 * room // 4, (cap, nodes)
+        assert cap >= 1024
+    else:  # raised: both get all they asked for
+        assert (cap, nodes) == (16384, wanted)
