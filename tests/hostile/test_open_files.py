@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fusefs.session import NODE_FDS
+
 from tests.fusefs.conftest import base_dir  # noqa: F401 - fixture
 from tests.hostile.quota_volume import Volume, as_pod, proc_number, volumes
 
@@ -75,5 +77,10 @@ def test_default_cap_is_documented_and_shown(base_dir: Path) -> None:  # noqa: F
         made.append(v)
         v.start()
         st = v.stats()
-        assert st["open_files_max"] == 16384
-        assert _limits(v.session.proc.pid) >= st["open_files_max"] + 1024
+        limit = _limits(v.session.proc.pid)
+        if st["open_files_max"] != 16384:
+            # Lowered only where the session could not raise its descriptor
+            # limit enough for the default cap and the kernel engine's nodes
+            # (fusefs.session.raise_fd_limit), as the docs say.
+            assert st["open_files_max"] < 16384 and limit < 16384 + 1024 + NODE_FDS, (st["open_files_max"], limit)
+        assert limit >= st["open_files_max"] + 1024
