@@ -513,8 +513,13 @@ class _Sink:
         return len(data)
 
 
-class _FileSink(_Sink):
-    """An uncompressed archive: data goes file to file in the kernel."""
+class _FdSink(_Sink):
+    """An archive written to a descriptor, file data copied in the kernel
+    (``_kernel_copy_call``) until the kernel says it cannot, then through
+    Python."""
+
+    #: errno values of the kernel copy that mean "not here", not a failure.
+    FALLBACK_ERRNOS: tuple[int, ...] = ()
 
     def __init__(self, out_fd: int, tracker: _Progress) -> None:
         super().__init__(tracker)
@@ -524,37 +529,36 @@ class _FileSink(_Sink):
     def _put(self, data: bytes | memoryview) -> None:
         _write_all(self._fd, data)
 
+    def _kernel_copy_call(self, fd: int, offset: int, length: int) -> int:
+        raise NotImplementedError
+
     def _copy(self, fd: int, offset: int, length: int) -> int:
         if self._kernel_copy:
             try:
-                return os.copy_file_range(fd, self._fd, length, offset)
+                return self._kernel_copy_call(fd, offset, length)
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                if exc.errno not in self.FALLBACK_ERRNOS:
                     raise
                 self._kernel_copy = False
         return super()._copy(fd, offset, length)
 
 
-class _PipeSink(_Sink):
+class _FileSink(_FdSink):
+    """An uncompressed archive: data goes file to file in the kernel."""
+
+    FALLBACK_ERRNOS = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+    def _kernel_copy_call(self, fd: int, offset: int, length: int) -> int:
+        return os.copy_file_range(fd, self._fd, length, offset)
+
+
+class _PipeSink(_FdSink):
     """A pipe to the compressor: data goes file to pipe in the kernel."""
 
-    def __init__(self, pipe_fd: int, tracker: _Progress) -> None:
-        super().__init__(tracker)
-        self._fd = pipe_fd
-        self._kernel_copy = True
+    FALLBACK_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
-    def _put(self, data: bytes | memoryview) -> None:
-        _write_all(self._fd, data)
-
-    def _copy(self, fd: int, offset: int, length: int) -> int:
-        if self._kernel_copy:
-            try:
-                return os.sendfile(self._fd, fd, offset, length)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                self._kernel_copy = False
-        return super()._copy(fd, offset, length)
+    def _kernel_copy_call(self, fd: int, offset: int, length: int) -> int:
+        return os.sendfile(self._fd, fd, offset, length)
 
 
 class _GzipSink(_Sink):
